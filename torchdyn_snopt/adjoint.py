@@ -1,0 +1,173 @@
+"""The ``"snopt"`` sensitivity: forward solve, then one backward augmented-adjoint solve.
+
+Augmented state of the backward solve (one flat vector, integrated in reversed time
+``s = -t`` with the problem's ``solver_adjoint``)::
+
+    y = [ x (numel x) | a (numel x) | μ (numel θ) ]
+
+    dx/dt = F(t, x),  da/dt = -aᵀ ∂F/∂x - ∂ℓ/∂x,  dμ/dt = -aᵀ ∂F/∂θ        (eq. 3-5, 9a)
+
+started at the last output time with ``a = ∂L/∂x`` and ``μ = 0``; at every earlier output time
+``a`` jumps by that output's gradient. ``μ(t0) = ∂L/∂θ`` and ``a(t0) = ∂L/∂x0``. The rank-1
+Gauss-Newton curvature vector ``q = a / sqrt(t1 - t0)`` (eq. 11, §3.2) is proportional to
+``a`` and needs no state of its own. With ``seminorm=True`` the step-size control measures
+only ``[x, a]`` (Kidger et al. 2020a). When the problem's sampler is armed, the accepted
+backward steps feed :class:`~torchdyn_snopt.curvature.sampler.CurvatureSampler`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+from torchdyn.core.problems import ODEProblem
+from torchdyn.numerics.odeint import odeint
+
+from torchdyn_snopt.curvature.sampler import CurvatureSampler
+from torchdyn_snopt.integrate import integrate
+
+
+def sampler_of(problem: ODEProblem) -> CurvatureSampler:
+    """The :class:`CurvatureSampler` attached to ``problem`` (created on first use)."""
+    sampler = problem.__dict__.get("_snopt_sampler")
+    if sampler is None:
+        sampler = CurvatureSampler()
+        problem.__dict__["_snopt_sampler"] = sampler
+    return sampler
+
+
+class _CountingField(nn.Module):
+    """Wraps the vector field to count forward-solve evaluations."""
+
+    def __init__(self, vf: nn.Module, sampler: CurvatureSampler) -> None:
+        super().__init__()
+        self.vf, self._sampler = vf, sampler
+
+    def forward(self, t: Tensor, x: Tensor, args: dict | None = None) -> Tensor:
+        self._sampler.nfe.forward += 1
+        return self.vf(t, x)
+
+
+class _SNOptAdjoint(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, problem: ODEProblem, x: Tensor, t_span: Tensor, save_at: Any,
+                args: dict, *params: Tensor) -> tuple[Tensor, Tensor]:
+        sampler = sampler_of(problem)
+        sampler.batch_size = x.shape[0] if x.dim() > 1 else 1
+        t_eval, sol = odeint(_CountingField(problem.vf, sampler), x, t_span, problem.solver,
+                             problem.atol, problem.rtol, interpolator=problem.interpolator,
+                             save_at=save_at, args=args)
+        ctx.problem, ctx.args, ctx.params = problem, args, params
+        ctx.save_for_backward(t_eval, sol, t_span, x)
+        return t_eval, sol
+
+    @staticmethod
+    def backward(ctx: Any, grad_t_eval: Tensor, grad_sol: Tensor) -> tuple[Any, ...]:
+        t_eval, sol, t_span, x0 = ctx.saved_tensors
+        problem: ODEProblem = ctx.problem
+        grads = _backsolve(problem, ctx.params, t_eval, sol, t_span, x0, grad_sol, ctx.args,
+                           need_t=ctx.needs_input_grad[2])
+        a0, t_grad, param_grads = grads
+        return (None, a0, t_grad, None, None, *param_grads)
+
+
+def _backsolve(problem: ODEProblem, params: tuple[Tensor, ...], t_eval: Tensor, sol: Tensor,
+               t_span: Tensor, x0: Tensor, grad_sol: Tensor, args: dict,
+               need_t: bool) -> tuple[Tensor, Tensor | None, list[Tensor]]:
+    """Solve the augmented adjoint system from the last output back to ``t_span[0]``."""
+    vf, sampler = problem.vf, sampler_of(problem)
+    integral_loss = problem.integral_loss
+    solver = problem.solver_adjoint
+    shape, n_x = x0.shape, x0.numel()
+    sizes = [p.numel() for p in params]
+
+    # Knots the backward solve restarts at: every t_span point up to the last saved output
+    # (fixed-step solvers take exactly one step between consecutive points, as forward).
+    t_last = t_eval[-1]
+    knots = [t for t in t_span if t <= t_last]
+    out_index = {float(t): i for i, t in enumerate(t_eval)}
+
+    def dynamics(s: Tensor, y: Tensor) -> Tensor:
+        """Augmented dynamics in reversed time ``s = -t``: ``dy/ds = -dy/dt``."""
+        sampler.nfe.backward += 1
+        t = -s
+        x, a = y[:n_x].reshape(shape), y[n_x : 2 * n_x].reshape(shape)
+        create_graph = y.requires_grad  # an implicit solver differentiates through us
+        with torch.enable_grad():
+            x_ = x if x.requires_grad else x.detach().requires_grad_(True)
+            dx = vf(t, x_)
+            vjp = torch.autograd.grad(dx, (x_, *params), a, allow_unused=True,
+                                      create_graph=create_graph)
+            da = vjp[0] if vjp[0] is not None else torch.zeros_like(x)
+            if integral_loss is not None:
+                dl = torch.autograd.grad(integral_loss(t, x_).sum(), x_, allow_unused=True,
+                                         create_graph=create_graph)[0]
+                if dl is not None:
+                    da = da + dl
+        dmu = [g.reshape(-1) if g is not None else torch.zeros(k, dtype=y.dtype, device=y.device)
+               for g, k in zip(vjp[1:], sizes)]
+        return torch.cat([-dx.reshape(-1), da.reshape(-1), *dmu])
+
+    def field_at(t: Tensor, x: Tensor) -> Tensor:
+        with torch.no_grad():
+            return vf(t, x)
+
+    def ell_at(t: Tensor, x: Tensor) -> Tensor:
+        if integral_loss is None:
+            return x.new_zeros(())
+        with torch.no_grad():
+            return integral_loss(t, x).sum()
+
+    x = sol[-1]
+    a = torch.zeros_like(x)
+    mu = torch.zeros(sum(sizes), dtype=x.dtype, device=x.device)
+    t_grad = torch.zeros_like(t_span) if need_t else None
+    seminorm_dim = 2 * n_x if getattr(problem, "seminorm", False) else None
+    sampling = sampler.active
+    if sampling:
+        batch = shape[0] if len(shape) > 1 else 1
+        sampler.begin(vf, float(knots[0]), float(knots[-1]), batch)
+
+    for k in range(len(knots) - 1, 0, -1):
+        t_hi, t_lo = knots[k], knots[k - 1]
+        i = out_index.get(float(t_hi))
+        if i is not None:
+            g = grad_sol[i]
+            a = a + g
+            if need_t:  # ∂L/∂t_i = ∂L/∂x(t_i) · F(t_i, x_i)  (+ ℓ at the last time)
+                t_grad[k] = (g * field_at(t_hi, x)).sum()
+                if k == len(knots) - 1:
+                    t_grad[k] += ell_at(t_hi, x)
+        if sampling:
+            sampler.node(float(t_hi), x, a)
+
+        def accepted(s: Tensor, y: Tensor) -> None:
+            sampler.node(-float(s), y[:n_x].reshape(shape), y[n_x : 2 * n_x].reshape(shape))
+
+        y = torch.cat([x.reshape(-1), a.reshape(-1), mu])
+        y = integrate(dynamics, y, -t_hi, -t_lo, solver, problem.atol_adjoint,
+                      problem.rtol_adjoint, seminorm_dim, accepted if sampling else None, args)
+        x = y[:n_x].reshape(shape)
+        a = y[n_x : 2 * n_x].reshape(shape)
+        mu = y[2 * n_x :]
+        if sampling:
+            sampler.end_interval()
+
+    i0 = out_index.get(float(knots[0]))
+    if need_t:  # ∂L/∂t0 = -a(t0⁺)·F(t0, x0) - ℓ(t0)
+        t_grad[0] = -(a * field_at(knots[0], x)).sum() - ell_at(knots[0], x)
+    if i0 is not None:
+        a = a + grad_sol[i0]
+    if sampling:
+        sampler.finish()
+    param_grads = [g.reshape(p.shape) for g, p in zip(mu.split(sizes), params)]
+    return a.reshape(shape), t_grad, param_grads
+
+
+def snopt_odeint(problem: ODEProblem, vf_params: Tensor, x: Tensor, t_span: Tensor,
+                 save_at: Any = (), args: dict | None = None) -> tuple[Tensor, Tensor]:
+    """Entry point torchdyn calls as ``problem._autograd_func()(vf_params, x, t_span, ...)``."""
+    params = tuple(p for p in problem.vf.parameters() if p.requires_grad)
+    return _SNOptAdjoint.apply(problem, x, t_span, save_at, args or {}, *params)

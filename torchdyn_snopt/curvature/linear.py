@@ -1,0 +1,48 @@
+"""Adapter for ``nn.Linear``: ``h = W z + b``, rows are the leading dimensions flattened."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+
+from torchdyn_snopt.curvature.base import LayerAdapter, append_ones
+
+
+class LinearAdapter(LayerAdapter):
+    """``A`` over inputs ``[z, 1]``, ``B`` over output gradients; weight and bias as one matrix."""
+
+    module: nn.Linear
+
+    def params(self) -> list[nn.Parameter]:
+        ps = [self.module.weight]
+        if self.module.bias is not None:
+            ps.append(self.module.bias)
+        return ps
+
+    def input_rows(self, inputs: tuple[Any, ...]) -> Tensor:
+        z = inputs[0].reshape(-1, self.module.in_features)
+        return append_ones(z) if self.module.bias is not None else z
+
+    def output_rows(self, grad_output: Tensor) -> Tensor:
+        return grad_output.reshape(-1, self.module.out_features)
+
+    def grad_matrix(self) -> Tensor:
+        m = self.module
+        if m.bias is None:
+            return m.weight.grad
+        return torch.cat([m.weight.grad, m.bias.grad[:, None]], dim=1)
+
+    def set_grad_matrix(self, matrix: Tensor) -> None:
+        m = self.module
+        m.weight.grad.copy_(matrix[:, : m.in_features])
+        if m.bias is not None:
+            m.bias.grad.copy_(matrix[:, -1])
+
+    def param_matrix(self) -> Tensor:
+        m = self.module
+        if m.bias is None:
+            return m.weight.detach()
+        return torch.cat([m.weight.detach(), m.bias.detach()[:, None]], dim=1)

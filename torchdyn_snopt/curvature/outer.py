@@ -1,0 +1,70 @@
+"""Ordinary K-FAC factors for layers outside the ODEs (``full_precond=True``).
+
+These layers (feature extractor, head) run once per forward pass, so the usual backward gives
+their factors directly: ``A = E[z̃ z̃ᵀ]`` from a forward hook and ``B = E[g gᵀ]`` with
+``g = batch · ∂L/∂h`` from a tensor hook on the output (per-sample scale, as inside the ODEs).
+The hooks only record while :attr:`OuterFactors.armed` is set and gradients are enabled.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+from torch.utils.hooks import RemovableHandle
+
+from torchdyn_snopt.curvature.base import LayerAdapter
+from torchdyn_snopt.curvature.sampler import Factors
+
+
+class OuterFactors:
+    """Hooks on outer layers; :meth:`take` returns and clears what the last backward recorded."""
+
+    def __init__(self, adapters: list[LayerAdapter]) -> None:
+        self.adapters = adapters
+        self.armed = False
+        self.batch_size: dict[LayerAdapter, int] = {}
+        self._sums: dict[LayerAdapter, list[Any]] = {}
+        self._handles: list[RemovableHandle] = [
+            a.module.register_forward_hook(self._hook(a)) for a in adapters
+        ]
+
+    def _hook(self, adapter: LayerAdapter) -> Any:
+        def hook(module: nn.Module, inputs: tuple[Any, ...], output: Tensor) -> None:
+            first = inputs[0]
+            batch = first.shape[0] if first.dim() > 1 else 1
+            self.batch_size[adapter] = batch
+            if not (self.armed and torch.is_grad_enabled() and output.requires_grad):
+                return
+            with torch.no_grad():
+                z = adapter.input_rows(inputs)
+                entry = self._sums.setdefault(adapter, [0.0, 0, 0.0, 0, 0])
+                entry[0] = entry[0] + z.t() @ z
+                entry[1] += z.shape[0]
+                entry[4] = adapter.locations(output)
+
+            def grad_hook(g: Tensor) -> None:
+                with torch.no_grad():
+                    rows = adapter.output_rows(g) * batch
+                    entry[2] = entry[2] + rows.t() @ rows
+                    entry[3] += rows.shape[0]
+
+            output.register_hook(grad_hook)
+
+        return hook
+
+    def take(self) -> dict[LayerAdapter, Factors]:
+        """Factors from the armed forward/backward, cleared afterwards (only complete ones)."""
+        out = {}
+        for adapter, (zz, nz, gg, ng, loc) in self._sums.items():
+            if nz and ng:
+                out[adapter] = Factors(zz / nz, gg / ng, loc, self.batch_size.get(adapter, 1))
+        self._sums.clear()
+        return out
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()

@@ -1,0 +1,373 @@
+"""SNOpt's preconditioned update (eq. 14) with eigen-based amortization and Tikhonov damping.
+
+Every ``update_freq`` steps the preconditioner arms the curvature sampling of the next backward
+solve; from the fresh factors it takes ``Ā = U_A diag(λ_A) U_Aᵀ`` and ``B̄ = U_B diag(λ_B) U_Bᵀ``
+and starts the second-moment estimate in the Kronecker eigenbasis at ``m = L·λ_B λ_Aᵀ``
+(``L`` spatial locations for convolutions). Every step, with the layer gradient ``G``
+(``d_out × d_in``, bias as the last column)::
+
+    G' = U_Bᵀ G U_A,   m ← α m + (1 - α)·batch·G'²,   G ← U_B [G' / (m + eps + γ)] U_Aᵀ
+
+which is eq. 14, ``B̄⁻¹ G Ā⁻ᵀ``, with the inverse taken in the eigenbasis (George et al. 2018).
+Weight decay ``γ`` enters as ``γθ`` in the gradient and ``γI`` in the damping (Remark, §3.2).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+from torchdyn.core.problems import ODEProblem
+
+from torchdyn_snopt.adjoint import sampler_of
+from torchdyn_snopt.curvature.base import LayerAdapter
+from torchdyn_snopt.curvature.capture import attach
+from torchdyn_snopt.curvature.outer import OuterFactors
+from torchdyn_snopt.curvature.registry import adapter_for
+from torchdyn_snopt.curvature.sampler import CurvatureSampler, Factors
+from torchdyn_snopt.registration import SENSITIVITIES, is_snopt_problem
+
+
+def _check_hyper(eps: float, update_freq: int, alpha: float, grid_size: int,
+                 weight_decay: float) -> None:
+    """Raise before anything changes when a curvature hyperparameter is out of range."""
+    if not (isinstance(eps, (int, float)) and math.isfinite(eps) and eps > 0):
+        raise ValueError(f"eps={eps!r} is invalid; accepted: a finite float > 0")
+    if isinstance(update_freq, bool) or not isinstance(update_freq, int):
+        raise TypeError(f"update_freq={update_freq!r} must be an int >= 1")
+    if update_freq < 1:
+        raise ValueError(f"update_freq={update_freq!r} is invalid; accepted: an int >= 1")
+    if not (isinstance(alpha, (int, float)) and 0.0 <= alpha < 1.0):
+        raise ValueError(f"alpha={alpha!r} is invalid; accepted: a float in [0, 1)")
+    if isinstance(grid_size, bool) or not isinstance(grid_size, int):
+        raise TypeError(f"grid_size={grid_size!r} must be an int >= 2")
+    if grid_size < 2:
+        raise ValueError(f"grid_size={grid_size!r} is invalid; accepted: an int >= 2")
+    if not (isinstance(weight_decay, (int, float)) and math.isfinite(weight_decay)
+            and weight_decay >= 0):
+        raise ValueError(f"weight_decay={weight_decay!r} is invalid; accepted: a float >= 0")
+
+
+@dataclass
+class _Eigen:
+    """Kronecker eigenbasis of one layer and the running second moment ``m`` in it."""
+
+    UA: Tensor
+    UB: Tensor
+    m: Tensor
+
+
+def _eigh(matrix: Tensor) -> tuple[Tensor, Tensor]:
+    """Eigen-decomposition of a symmetric PSD factor in float64, eigenvalues clamped at 0."""
+    sym = (matrix + matrix.t()).double() / 2
+    evals, evecs = torch.linalg.eigh(sym)
+    return evals.clamp(min=0).to(matrix.dtype), evecs.to(matrix.dtype)
+
+
+def eigen_from_factors(f: Factors) -> _Eigen:
+    """Fresh eigenbasis and ``m = L·λ_B λ_Aᵀ`` from sampled factors."""
+    lam_a, UA = _eigh(f.A)
+    lam_b, UB = _eigh(f.B)
+    return _Eigen(UA, UB, torch.outer(lam_b, lam_a) * f.locations)
+
+
+def project(G: Tensor, eig: _Eigen) -> Tensor:
+    """``U_Bᵀ G U_A``: a layer matrix in the Kronecker eigenbasis."""
+    return eig.UB.t() @ G @ eig.UA
+
+
+def solve_in_eigenbasis(G1: Tensor, eig: _Eigen, denom: Tensor) -> Tensor:
+    """``U_B (G' / denom) U_Aᵀ``: eq. 14's ``B̄⁻¹ G Ā⁻ᵀ`` with the damped eigenvalues ``denom``."""
+    return eig.UB @ (G1 / denom) @ eig.UA.t()
+
+
+def _all_finite(tensors: list[Tensor]) -> bool:
+    return all(bool(torch.isfinite(t).all()) for t in tensors)
+
+
+class SNOptPreconditioner:
+    """SNOpt's curvature, applied to the gradients before any torch optimizer.
+
+    Args:
+        model: module holding one or more ``NeuralODE``s with ``sensitivity`` in
+            :data:`~torchdyn_snopt.SENSITIVITIES` (and, with ``full_precond``, other layers).
+        eps: Tikhonov damping added to the curvature eigenvalues (default 0.05; per-sample
+            squared-gradient scale, see :mod:`torchdyn_snopt.curvature.sampler`).
+        update_freq: steps between curvature refreshes (eigenbases recomputed), ``>= 1``.
+        alpha: running-average weight of the eigenbasis second moment, in ``[0, 1)``.
+        full_precond: also precondition adaptable layers outside the ODEs with K-FAC factors.
+        grid_size: points of the uniform time grid of eq. 13 (``>= 2``).
+        weight_decay: ``γ``; adds ``γθ`` to the gradient and ``γ`` to the damping.
+
+    Call :meth:`step` after ``loss.backward()``: it rewrites ``.grad`` in place and returns
+    ``False`` (changing nothing) when a gradient or a factor is not finite.
+    """
+
+    def __init__(self, model: nn.Module, eps: float = 0.05, update_freq: int = 100,
+                 alpha: float = 0.75, full_precond: bool = False, grid_size: int = 100,
+                 weight_decay: float = 0.0) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model={type(model).__name__} must be a torch.nn.Module")
+        _check_hyper(eps, update_freq, alpha, grid_size, weight_decay)
+        problems = [m for m in model.modules() if is_snopt_problem(m)]
+        in_ode = {id(m) for p in model.modules() if isinstance(p, ODEProblem)
+                  for m in p.vf.modules()}
+        names = {id(m): n for n, m in model.named_modules()}
+
+        ode_adapters: dict[int, LayerAdapter] = {}
+        self._samplers: list[CurvatureSampler] = []
+        for problem in problems:
+            sampler = sampler_of(problem)
+            sampler.adapters = []
+            for module in problem.vf.modules():
+                if id(module) not in ode_adapters:
+                    adapter = adapter_for(module, names.get(id(module), type(module).__name__))
+                    if adapter is None:
+                        continue
+                    ode_adapters[id(module)] = adapter
+                sampler.adapters.append(ode_adapters[id(module)])
+            sampler.grid_size = grid_size
+            self._samplers.append(sampler)
+
+        outer: list[LayerAdapter] = []
+        if full_precond:
+            for name, module in model.named_modules():
+                if id(module) not in in_ode:
+                    adapter = adapter_for(module, name)
+                    if adapter is not None:
+                        outer.append(adapter)
+        if not ode_adapters and not outer:
+            raise ValueError(
+                f"model={type(model).__name__} holds no NeuralODE with sensitivity in "
+                f"{SENSITIVITIES} that has an adaptable layer"
+                + ("" if full_precond else ", and full_precond=False")
+                + "; build the NeuralODE with sensitivity='snopt' or pass full_precond=True"
+            )
+
+        self.eps, self.update_freq, self.alpha = float(eps), update_freq, float(alpha)
+        self.weight_decay, self.full_precond, self.grid_size = float(weight_decay), full_precond, grid_size
+        self.adapters: list[LayerAdapter] = list(ode_adapters.values()) + outer
+        self._ode_adapters = list(ode_adapters.values())
+        self._handles = [attach(a) for a in self._ode_adapters]
+        self._outer = OuterFactors(outer)
+        self._eigen: dict[LayerAdapter, _Eigen] = {}
+        self.steps = 0
+        covered = {id(p) for a in self.adapters for p in a.params()}
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.covered = covered
+        uncovered = [n for n, p in model.named_parameters()
+                     if p.requires_grad and id(p) not in covered]
+        if uncovered:
+            warnings.warn(
+                "SNOpt has no Kronecker factors for these parameters; they get the plain "
+                f"gradient: {', '.join(uncovered)}",
+                stacklevel=3,
+            )
+        self._set_armed(True)
+
+    # --- arming ---------------------------------------------------------------------------
+    @property
+    def armed(self) -> bool:
+        """Whether the next backward pass samples curvature."""
+        return self._armed
+
+    def _set_armed(self, armed: bool) -> None:
+        self._armed = armed
+        for s in self._samplers:
+            s.armed = armed
+            if not armed:
+                s.factors.clear()
+        self._outer.armed = armed
+
+    def _collect(self) -> dict[LayerAdapter, Factors]:
+        """Factors sampled since arming, summed over ODEs (and calls)."""
+        total: dict[LayerAdapter, Factors] = {}
+        for s in self._samplers:
+            for adapter, f in s.factors.items():
+                if adapter in total:
+                    total[adapter].A = total[adapter].A + f.A
+                    total[adapter].B = total[adapter].B + f.B
+                else:
+                    total[adapter] = Factors(f.A.clone(), f.B.clone(), f.locations, f.batch_size)
+            s.factors.clear()
+        total.update(self._outer.take())
+        return total
+
+    def _batch_size(self, adapter: LayerAdapter) -> int:
+        if adapter in self._outer.batch_size:
+            return self._outer.batch_size[adapter]
+        return max((s.batch_size for s in self._samplers if adapter in s.adapters), default=1)
+
+    # --- the update -----------------------------------------------------------------------
+    @torch.no_grad()
+    def step(self) -> bool:
+        """Precondition every covered gradient in place (eq. 14); ``False`` = step skipped."""
+        grads = [p.grad for p in self.params if p.grad is not None]
+        if not _all_finite(grads):
+            warnings.warn("non-finite gradient: SNOpt skipped this step", stacklevel=3)
+            self._discard_samples()
+            return False
+        fresh: dict[LayerAdapter, _Eigen] = {}
+        if self._armed:
+            factors = self._collect()
+            if not _all_finite([t for f in factors.values() for t in (f.A, f.B)]):
+                warnings.warn("non-finite curvature factor: SNOpt skipped this step",
+                              stacklevel=3)
+                return False
+            fresh = {a: eigen_from_factors(f) for a, f in factors.items()}
+        eigen = {**self._eigen, **fresh}
+        updates: dict[LayerAdapter, tuple[Tensor, Tensor]] = {}
+        for adapter, eig in eigen.items():
+            if not adapter.has_grad():
+                continue
+            G1 = project(adapter.grad_matrix(), eig)
+            m = eig.m * self.alpha + (1.0 - self.alpha) * self._batch_size(adapter) * G1.square()
+            if self.weight_decay:
+                G1 = G1 + self.weight_decay * project(adapter.param_matrix(), eig)
+            P = solve_in_eigenbasis(G1, eig, m + self.eps + self.weight_decay)
+            updates[adapter] = (P, m)
+        if not _all_finite([u for pair in updates.values() for u in pair]):
+            warnings.warn("non-finite preconditioned gradient: SNOpt skipped this step",
+                          stacklevel=3)
+            return False
+        # Everything is finite: commit.
+        self._eigen = eigen
+        for adapter, (P, m) in updates.items():
+            adapter.set_grad_matrix(P)
+            eigen[adapter].m = m
+        if self.weight_decay:
+            for p in self.params:
+                if p.grad is not None and id(p) not in self.covered:
+                    p.grad.add_(p, alpha=self.weight_decay)
+        if fresh:
+            self._set_armed(False)
+        self.steps += 1
+        if self.steps % self.update_freq == 0:
+            self._set_armed(True)
+        return True
+
+    def _discard_samples(self) -> None:
+        for s in self._samplers:
+            s.factors.clear()
+        self._outer.take()
+
+    # --- persistence ----------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Step count, arming and each layer's eigenbasis and second moment, by layer name."""
+        return {
+            "steps": self.steps,
+            "armed": self._armed,
+            "layers": {a.name: {"UA": e.UA.clone(), "UB": e.UB.clone(), "m": e.m.clone()}
+                       for a, e in self._eigen.items()},
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict` output; layer names must match this model's."""
+        by_name = {a.name: a for a in self.adapters}
+        unknown = set(state["layers"]) - set(by_name)
+        if unknown:
+            raise ValueError(f"state_dict has layers {sorted(unknown)} that this model lacks")
+        eigen = {}
+        for name, e in state["layers"].items():
+            ref = by_name[name].params()[0]
+            eigen[by_name[name]] = _Eigen(*(e[k].to(device=ref.device, dtype=ref.dtype)
+                                            for k in ("UA", "UB", "m")))
+        self._eigen, self.steps = eigen, int(state["steps"])
+        self._set_armed(bool(state["armed"]))
+
+    def remove_hooks(self) -> None:
+        """Detach every hook this preconditioner put on the model."""
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        self._outer.remove()
+        self._set_armed(False)
+
+
+class SNOpt(torch.optim.Optimizer):
+    """SNOpt (Alg. 1): the preconditioned gradient of eq. 14, then SGD with momentum.
+
+    Args:
+        model: module holding one or more snopt ``NeuralODE``s (see
+            :class:`SNOptPreconditioner`); all its trainable parameters are optimized.
+        lr: learning rate ``η > 0``.
+        momentum: heavy-ball momentum in ``[0, 1)`` (default 0.9, as in the paper's runs).
+        eps, update_freq, alpha, full_precond, grid_size, weight_decay: as in
+            :class:`SNOptPreconditioner`.
+
+    Per iteration: ``zero_grad()``, ``loss.backward()``, ``step()``; the curvature sampling
+    of the backward passes is armed by the optimizer itself.
+    """
+
+    def __init__(self, model: nn.Module, lr: float, momentum: float = 0.9, eps: float = 0.05,
+                 update_freq: int = 100, alpha: float = 0.75, weight_decay: float = 0.0,
+                 full_precond: bool = False, grid_size: int = 100) -> None:
+        if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
+            raise ValueError(f"lr={lr!r} is invalid; accepted: a finite float > 0")
+        if not (isinstance(momentum, (int, float)) and 0.0 <= momentum < 1.0):
+            raise ValueError(f"momentum={momentum!r} is invalid; accepted: a float in [0, 1)")
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model={type(model).__name__} must be a torch.nn.Module")
+        _check_hyper(eps, update_freq, alpha, grid_size, weight_decay)
+        precond = SNOptPreconditioner(model, eps, update_freq, alpha, full_precond, grid_size,
+                                      weight_decay)
+        super().__init__(precond.params, {"lr": lr, "momentum": momentum})
+        self.preconditioner = precond
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> Any:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        if not self.preconditioner.step():
+            return loss
+        for group in self.param_groups:
+            lr, mom = group["lr"], group["momentum"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                d = p.grad
+                if mom:
+                    buf = self.state[p].get("momentum_buffer")
+                    if buf is None:
+                        buf = self.state[p]["momentum_buffer"] = d.clone()
+                    else:
+                        buf.mul_(mom).add_(d)
+                    d = buf
+                p.add_(d, alpha=-lr)
+        return loss
+
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        state["preconditioner"] = self.preconditioner.state_dict()
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        state_dict = dict(state_dict)
+        precond = state_dict.pop("preconditioner")
+        super().load_state_dict(state_dict)
+        self.preconditioner.load_state_dict(precond)
+
+
+def read_nfe(model: nn.Module, reset: bool = True) -> dict[str, int]:
+    """Vector-field evaluations of the snopt ODEs in ``model`` since the last reset.
+
+    Returns ``{"forward", "backward", "curvature"}``: forward-solve, backward-solve and
+    curvature-node evaluations, summed over the model's snopt ODEs.
+    """
+    total = {"forward": 0, "backward": 0, "curvature": 0}
+    for m in model.modules():
+        if is_snopt_problem(m):
+            nfe = sampler_of(m).nfe
+            total["forward"] += nfe.forward
+            total["backward"] += nfe.backward
+            total["curvature"] += nfe.curvature
+            if reset:
+                nfe.reset()
+    return total
