@@ -13,6 +13,8 @@ Each node therefore carries the weight of the grid points in its two neighbourin
 is evaluated once, only if that weight is positive, and only when its segment is closed, so the
 memory is O(1) in the number of solver steps and no solver restart is ever forced.
 
+Rows: ``B`` uses the whole batch; ``A`` at most :data:`A_ROWS` rows (see there).
+
 Scale convention (IMPLEMENTATION-NOTES): ``A_n(t) = E[z̃ z̃ᵀ]`` and ``B_n(t) = E[g gᵀ]`` are
 means over the batch (and spatial locations for convolutions), and ``g`` is multiplied by the
 batch size so it is the per-sample, not the batch-mean, gradient. With ``t1 - t0 = 1`` the
@@ -32,6 +34,11 @@ from torch import Tensor
 
 from torchdyn_snopt.curvature.base import LayerAdapter
 from torchdyn_snopt.curvature.capture import recording
+
+#: Input rows (samples × locations) per node and layer used for ``A``; beyond it a random
+#: subset of the batch's samples is taken (the batch is already a random draw, so the first
+#: samples are one), which keeps ``A`` unbiased and its cost independent of the batch size.
+A_ROWS = 2048
 
 
 @dataclass
@@ -165,7 +172,7 @@ class CurvatureSampler:
                 if g is None:
                     g = torch.zeros_like(output)
                 zs, gs, loc = rows.setdefault(adapter, ([], [], 0))
-                zs.append(adapter.input_rows(inputs))
+                zs.append(adapter.input_rows(_subsample(inputs, adapter.locations(output))))
                 gs.append(adapter.output_rows(g))
                 rows[adapter] = (zs, gs, loc + adapter.locations(output))
             result = {}
@@ -173,3 +180,12 @@ class CurvatureSampler:
                 z, g = torch.cat(zs), torch.cat(gs)
                 result[adapter] = (z.t() @ z / z.shape[0], g.t() @ g / g.shape[0], loc)
         return result
+
+
+def _subsample(inputs: tuple, locations: int) -> tuple:
+    """The first ``ceil(A_ROWS / locations)`` samples of the module's first input."""
+    first = inputs[0]
+    keep = max(1, -(-A_ROWS // max(locations, 1)))
+    if first.dim() < 2 or first.shape[0] <= keep:
+        return inputs
+    return (first[:keep], *inputs[1:])

@@ -1,0 +1,36 @@
+"""scikit-learn's 8×8 handwritten digits (1,797 images, 10 classes; ships inside scikit-learn)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def load_digits(test_fraction: float = 0.25, seed: int = 0,
+                dtype: torch.dtype = torch.float32) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Stratified, deterministic train/test split of sklearn's digits.
+
+    Returns ``(x_train, y_train, x_test, y_test)`` with images ``(N, 1, 8, 8)`` scaled to
+    ``[0, 1]`` then standardised with the training mean and std, labels ``(N,)`` int64.
+    Raises ``ImportError`` naming the install command when scikit-learn is missing.
+    """
+    if not 0.0 < test_fraction < 1.0:
+        raise ValueError(f"test_fraction={test_fraction!r} is invalid; accepted: (0, 1)")
+    try:
+        from sklearn.datasets import load_digits as _sk_digits
+    except ImportError as err:  # pragma: no cover - exercised only without sklearn
+        raise ImportError("the digits dataset needs scikit-learn: pip install scikit-learn") from err
+    bunch = _sk_digits()
+    x = torch.tensor(bunch.images, dtype=dtype)[:, None] / 16.0
+    y = torch.tensor(bunch.target, dtype=torch.long)
+    g = torch.Generator().manual_seed(seed)
+    test_idx = []
+    for c in range(10):
+        idx = (y == c).nonzero().flatten()
+        idx = idx[torch.randperm(len(idx), generator=g)]
+        test_idx.append(idx[: round(len(idx) * test_fraction)])
+    test = torch.zeros(len(y), dtype=torch.bool)
+    test[torch.cat(test_idx)] = True
+    x_train, x_test = x[~test], x[test]
+    mean, std = x_train.mean(), x_train.std()
+    return (x_train - mean) / std, y[~test], (x_test - mean) / std, y[test]

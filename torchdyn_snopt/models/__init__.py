@@ -1,0 +1,5 @@
+"""Ready-made Neural-ODE models of the paper's experiments."""
+
+from torchdyn_snopt.models.image import ImageClassifier
+
+__all__ = ["ImageClassifier"]
