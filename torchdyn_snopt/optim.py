@@ -105,7 +105,8 @@ class SNOptPreconditioner:
         weight_decay: ``γ``; adds ``γθ`` to the gradient and ``γ`` to the damping.
 
     Call :meth:`step` after ``loss.backward()``: it rewrites ``.grad`` in place and returns
-    ``False`` (changing nothing) when a gradient or a factor is not finite.
+    ``False`` (changing nothing) when a gradient or a factor is not finite. After a refresh,
+    :attr:`last_factors` maps each layer name to the ``Factors`` (``Ā``, ``B̄``) it used.
     """
 
     def __init__(self, model: nn.Module, eps: float = 0.05, update_freq: int = 100,
@@ -120,19 +121,17 @@ class SNOptPreconditioner:
         names = {id(m): n for n, m in model.named_modules()}
 
         ode_adapters: dict[int, LayerAdapter] = {}
-        self._samplers: list[CurvatureSampler] = []
+        per_problem: list[list[LayerAdapter]] = []
         for problem in problems:
-            sampler = sampler_of(problem)
-            sampler.adapters = []
+            mine = []
             for module in problem.vf.modules():
                 if id(module) not in ode_adapters:
                     adapter = adapter_for(module, names.get(id(module), type(module).__name__))
                     if adapter is None:
                         continue
                     ode_adapters[id(module)] = adapter
-                sampler.adapters.append(ode_adapters[id(module)])
-            sampler.grid_size = grid_size
-            self._samplers.append(sampler)
+                mine.append(ode_adapters[id(module)])
+            per_problem.append(mine)
 
         outer: list[LayerAdapter] = []
         if full_precond:
@@ -149,6 +148,13 @@ class SNOptPreconditioner:
                 + "; build the NeuralODE with sensitivity='snopt' or pass full_precond=True"
             )
 
+        # Validated: from here on the model is changed (samplers configured, hooks attached).
+        self._samplers: list[CurvatureSampler] = []
+        for problem, mine in zip(problems, per_problem):
+            sampler = sampler_of(problem)
+            sampler.adapters, sampler.grid_size = mine, grid_size
+            self._samplers.append(sampler)
+        self.last_factors: dict[str, Factors] = {}
         self.eps, self.update_freq, self.alpha = float(eps), update_freq, float(alpha)
         self.weight_decay, self.full_precond, self.grid_size = float(weight_decay), full_precond, grid_size
         self.adapters: list[LayerAdapter] = list(ode_adapters.values()) + outer
@@ -213,6 +219,7 @@ class SNOptPreconditioner:
             self._discard_samples()
             return False
         fresh: dict[LayerAdapter, _Eigen] = {}
+        factors: dict[LayerAdapter, Factors] = {}
         if self._armed:
             factors = self._collect()
             if not _all_finite([t for f in factors.values() for t in (f.A, f.B)]):
@@ -245,6 +252,7 @@ class SNOptPreconditioner:
                 if p.grad is not None and id(p) not in self.covered:
                     p.grad.add_(p, alpha=self.weight_decay)
         if fresh:
+            self.last_factors = {a.name: f for a, f in factors.items()}
             self._set_armed(False)
         self.steps += 1
         if self.steps % self.update_freq == 0:

@@ -1,0 +1,267 @@
+"""Kronecker factors from the backward solve against hand computations (eq. 13, Alg. 1)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+from torchdyn.core import NeuralODE
+from torchdyn.nn import DepthCat, Fourier, GalConv2d, GalLinear
+
+import torchdyn_snopt as tds
+from torchdyn_snopt.curvature import Conv2dAdapter, GalConv2dAdapter, GalLinearAdapter
+from torchdyn_snopt.curvature.sampler import Factors
+from torchdyn_snopt.optim import eigen_from_factors, project, solve_in_eigenbasis
+
+DT = torch.float64
+
+
+class LinearField(nn.Module):
+    """``F(t, x) = W x + b``: trajectory and adjoint in closed form via matrix exponentials."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.lin = nn.Linear(dim, dim)
+
+    def forward(self, t, x, args=None):
+        return self.lin(x)
+
+
+def _closed_form_factors(W, b, x0, t1, grid):
+    """``Σ_j A(t_j)Δt`` and ``Σ_j B(t_j)Δt`` for ``L = mean_b ½‖x_b(t1)‖²``."""
+    n, d = x0.shape
+    T = t1
+    dt = T / (len(grid) - 1)
+    eye = torch.eye(d, dtype=DT)
+
+    def flow(t):
+        E = torch.linalg.matrix_exp(W * t)
+        return x0 @ E.t() + (torch.linalg.solve(W, (E - eye) @ b))[None]
+
+    xT = flow(T)
+    A = torch.zeros(d + 1, d + 1, dtype=DT)
+    B = torch.zeros(d, d, dtype=DT)
+    for t in grid:
+        x = flow(t)
+        a = (xT / n) @ torch.linalg.matrix_exp(W * (T - t))  # a(t) = e^{Wᵀ(T-t)} a(T)
+        z = torch.cat([x, torch.ones(n, 1, dtype=DT)], 1)
+        g = a * n / math.sqrt(T)  # per-sample Gauss-Newton q, ∂F/∂h = I
+        A += z.t() @ z / n * dt
+        B += g.t() @ g / n * dt
+    return A, B
+
+
+def _sample_factors(model, node, x0, t_span, **kw):
+    precond = tds.SNOptPreconditioner(model, **kw)
+    _, sol = node(x0, t_span)
+    (0.5 * sol[-1].pow(2).sum(-1).mean()).backward()
+    precond.step()
+    return precond.last_factors
+
+
+def test_factors_match_closed_form_on_linear_field():
+    torch.manual_seed(0)
+    d, n, t1, G = 3, 5, 0.7, 21
+    field = LinearField(d).double()
+    with torch.no_grad():
+        field.lin.weight.mul_(0.5)
+    node = NeuralODE(field, sensitivity="snopt", solver="rk4", return_t_eval=True)
+    x0 = torch.randn(n, d, dtype=DT)
+    t_span = torch.linspace(0, t1, G, dtype=DT)  # rk4 steps land on the grid points
+    factors = _sample_factors(node, node, x0, t_span, grid_size=G)
+    (f,) = factors.values()
+    A_ref, B_ref = _closed_form_factors(
+        field.lin.weight.detach(), field.lin.bias.detach(), x0, t1, t_span.tolist()
+    )
+    torch.testing.assert_close(f.A, A_ref, rtol=1e-6, atol=1e-9)
+    torch.testing.assert_close(f.B, B_ref, rtol=1e-6, atol=1e-9)
+    assert f.batch_size == n and f.locations == 1
+
+
+def test_adaptive_solver_interpolates_grid_close_to_closed_form():
+    torch.manual_seed(1)
+    d, n, t1, G = 3, 4, 1.0, 100
+    field = LinearField(d).double()
+    node = NeuralODE(
+        field, sensitivity="snopt", solver="dopri5", atol=1e-6, rtol=1e-6,
+        atol_adjoint=1e-6, rtol_adjoint=1e-6,
+    )
+    x0 = torch.randn(n, d, dtype=DT)
+    t_span = torch.tensor([0.0, t1], dtype=DT)
+    factors = _sample_factors(node, node, x0, t_span, grid_size=G)
+    (f,) = factors.values()
+    grid = torch.linspace(0, t1, G, dtype=DT).tolist()
+    A_ref, B_ref = _closed_form_factors(
+        field.lin.weight.detach(), field.lin.bias.detach(), x0, t1, grid
+    )
+    # Nodes are the solver's accepted steps; A(t), B(t) are linear between them.
+    assert (f.A - A_ref).norm() / A_ref.norm() < 0.05
+    assert (f.B - B_ref).norm() / B_ref.norm() < 0.05
+    nfe = tds.read_nfe(node)
+    assert 0 < nfe["curvature"] < nfe["backward"]
+
+
+def test_curvature_only_when_armed_and_sampling_keeps_gradients():
+    torch.manual_seed(2)
+    field = LinearField(3).double()
+    node = NeuralODE(field, sensitivity="snopt", solver="dopri5", atol=1e-8, rtol=1e-8,
+                     atol_adjoint=1e-8, rtol_adjoint=1e-8)
+    x0 = torch.randn(4, 3, dtype=DT)
+    t_span = torch.linspace(0, 1, 3, dtype=DT)
+
+    def grads():
+        field.zero_grad()
+        _, sol = node(x0, t_span)
+        (sol[-1].pow(2).sum() + sol[1].sum()).backward()
+        return torch.cat([p.grad.flatten() for p in field.parameters()])
+
+    g_plain = grads()
+    assert tds.read_nfe(node)["curvature"] == 0
+    precond = tds.SNOptPreconditioner(node)
+    assert precond.armed
+    g_armed = grads()
+    assert tds.read_nfe(node)["curvature"] > 0
+    torch.testing.assert_close(g_armed, g_plain)
+    precond.step()
+    assert not precond.armed  # update_freq=100: next refresh at step 100
+
+
+def test_multiple_intervals_and_multiple_odes_accumulate():
+    torch.manual_seed(3)
+    f1, f2 = LinearField(2).double(), LinearField(2).double()
+    n1 = NeuralODE(f1, sensitivity="snopt", solver="rk4", return_t_eval=False)
+    n2 = NeuralODE(f2, sensitivity="snopt_adjoint", solver="rk4", return_t_eval=False)
+    model = nn.ModuleList([n1, n2])
+    precond = tds.SNOptPreconditioner(model, grid_size=5)
+    x0 = torch.randn(3, 2, dtype=DT)
+    t = torch.linspace(0, 1, 5, dtype=DT)
+    y = n2(n1(x0, t)[-1], t)
+    (y[2].sum() + y[-1].pow(2).sum()).backward()
+    precond.step()
+    assert set(precond.last_factors) == {"0.vf.vf.lin", "1.vf.vf.lin"}
+    for f in precond.last_factors.values():
+        assert torch.isfinite(f.A).all() and f.A.shape == (3, 3)
+        assert torch.linalg.eigvalsh(f.A).min() > -1e-12
+        assert torch.linalg.eigvalsh(f.B).min() > -1e-12
+
+
+def test_eq14_direction_equals_explicit_kronecker_inverse():
+    torch.manual_seed(4)
+    d_in, d_out, eps = 4, 3, 1e-3
+    Ma, Mb = torch.randn(d_in, d_in, dtype=DT), torch.randn(d_out, d_out, dtype=DT)
+    A = Ma @ Ma.t() + 0.1 * torch.eye(d_in, dtype=DT)
+    B = Mb @ Mb.t() + 0.1 * torch.eye(d_out, dtype=DT)
+    G = torch.randn(d_out, d_in, dtype=DT)
+    eig = eigen_from_factors(Factors(A, B))
+    P = solve_in_eigenbasis(project(G, eig), eig, eig.m + eps)
+    # (A ⊗ B + eps I) vec(P) = vec(G) with column-major vec.
+    K = torch.kron(A, B) + eps * torch.eye(d_in * d_out, dtype=DT)
+    vecP = torch.linalg.solve(K, G.t().reshape(-1))
+    torch.testing.assert_close(P, vecP.reshape(d_in, d_out).t())
+    # Without damping it is eq. 14 exactly: B̄⁻¹ G Ā⁻ᵀ.
+    P0 = solve_in_eigenbasis(project(G, eig), eig, eig.m)
+    torch.testing.assert_close(P0, torch.linalg.solve(B, G) @ torch.linalg.inv(A).t())
+
+
+def _grad_matrix_roundtrip(adapter, params):
+    for p in params:
+        p.grad = torch.randn_like(p)
+    before = [p.grad.clone() for p in params]
+    G = adapter.grad_matrix().clone()
+    adapter.set_grad_matrix(G * 2)
+    for p, b in zip(params, before):
+        torch.testing.assert_close(p.grad, 2 * b)
+    return G
+
+
+def test_conv_adapter_matches_weight_gradient_as_patch_outer_products():
+    torch.manual_seed(5)
+    conv = nn.Conv2d(2, 3, 3, padding=1, stride=1).double()
+    x = torch.randn(4, 2, 5, 5, dtype=DT)
+    h = conv(x)
+    g = torch.randn_like(h)
+    (h * g).sum().backward()
+    ad = Conv2dAdapter(conv, "conv")
+    z, gr = ad.input_rows((x,)), ad.output_rows(g)
+    assert z.shape == (4 * 25, 2 * 9 + 1) and gr.shape == (4 * 25, 3)
+    torch.testing.assert_close(gr.t() @ z, ad.grad_matrix())  # Σ_l g_l z_lᵀ = ∂L/∂W
+    assert ad.locations(h) == 25
+    _grad_matrix_roundtrip(ad, [conv.weight, conv.bias])
+
+
+@pytest.mark.parametrize("layer", ["linear", "conv"])
+def test_galerkin_adapters_reproduce_coefficient_gradient(layer):
+    torch.manual_seed(6)
+    if layer == "linear":
+        mod = GalLinear(3, 2, expfunc=Fourier(3))
+        x = torch.randn(5, 3, dtype=torch.float32)
+        ad_cls = GalLinearAdapter
+    else:
+        mod = GalConv2d(2, 2, kernel_size=3, padding=1, expfunc=Fourier(3))
+        x = torch.randn(2, 2, 4, 4, dtype=torch.float32)
+        ad_cls = GalConv2dAdapter
+    nn.init.normal_(mod.coeffs)
+    inp = DepthCat(1)
+    inp.t = torch.tensor(0.3)
+    xin = inp(x)
+    h = mod(xin)
+    g = torch.randn_like(h)
+    (h * g).sum().backward()
+    ad = ad_cls(mod, "gal")
+    z, gr = ad.input_rows((xin,)), ad.output_rows(g)
+    # torchdyn's Galerkin layers only run in float32.
+    torch.testing.assert_close(gr.t() @ z, ad.grad_matrix(), rtol=1e-4, atol=1e-4)
+    h_rows = h.detach().movedim(1, -1).reshape(-1, h.shape[1])
+    torch.testing.assert_close(z @ ad.param_matrix().t(), h_rows, rtol=1e-4, atol=1e-4)
+    _grad_matrix_roundtrip(ad, [mod.coeffs])
+
+
+def test_register_adapter_open_registry_and_bad_types():
+    class Scale(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = nn.Parameter(torch.ones(2, 2))
+
+        def forward(self, x):
+            return x @ self.weight.t()
+
+    class ScaleAdapter(tds.LayerAdapter):
+        def params(self):
+            return [self.module.weight]
+
+        def input_rows(self, inputs):
+            return inputs[0].reshape(-1, 2)
+
+        def output_rows(self, g):
+            return g.reshape(-1, 2)
+
+        def grad_matrix(self):
+            return self.module.weight.grad
+
+        def set_grad_matrix(self, m):
+            self.module.weight.grad.copy_(m)
+
+        def param_matrix(self):
+            return self.module.weight.detach()
+
+    class Field(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.s = Scale()
+
+        def forward(self, t, x, args=None):
+            return torch.tanh(self.s(x))
+
+    tds.register_adapter(Scale, ScaleAdapter)
+    node = NeuralODE(Field(), sensitivity="snopt", solver="rk4")
+    precond = tds.SNOptPreconditioner(node, grid_size=3)
+    _, sol = node(torch.randn(3, 2), torch.linspace(0, 1, 3))
+    sol[-1].sum().backward()
+    assert precond.step()
+    assert list(precond.last_factors) == ["vf.vf.s"]
+    with pytest.raises(TypeError, match="module_type"):
+        tds.register_adapter(int, ScaleAdapter)
+    with pytest.raises(TypeError, match="adapter"):
+        tds.register_adapter(Scale, object)
