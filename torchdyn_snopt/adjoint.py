@@ -55,7 +55,6 @@ class _SNOptAdjoint(torch.autograd.Function):
     def forward(ctx: Any, problem: ODEProblem, x: Tensor, t_span: Tensor, save_at: Any,
                 args: dict, *params: Tensor) -> tuple[Tensor, Tensor]:
         sampler = sampler_of(problem)
-        sampler.batch_size = x.shape[0] if x.dim() > 1 else 1
         t_eval, sol = odeint(_CountingField(problem.vf, sampler), x, t_span, problem.solver,
                              problem.atol, problem.rtol, interpolator=problem.interpolator,
                              save_at=save_at, args=args)
@@ -85,14 +84,17 @@ def _backsolve(problem: ODEProblem, params: tuple[Tensor, ...], t_eval: Tensor, 
 
     # Knots the backward solve restarts at: every t_span point up to the last saved output
     # (fixed-step solvers take exactly one step between consecutive points, as forward).
-    t_last = t_eval[-1]
-    knots = [t for t in t_span if t <= t_last]
-    out_index = {float(t): i for i, t in enumerate(t_eval)}
+    # Backward "time" s runs forward: s = -σt with σ = +1 for an increasing t_span.
+    sigma = 1.0 if float(t_span[-1]) >= float(t_span[0]) else -1.0
+    t_out = t_eval * sigma  # torchdyn reports a reversed span's times negated
+    n_knots = int((t_span - t_out[-1]).abs().argmin()) + 1
+    knots = list(t_span[:n_knots])
+    out_index = {float(t): i for i, t in enumerate(t_out)}
 
     def dynamics(s: Tensor, y: Tensor) -> Tensor:
-        """Augmented dynamics in reversed time ``s = -t``: ``dy/ds = -dy/dt``."""
+        """Augmented dynamics in the backward variable ``s = -σt``: ``dy/ds = -σ dy/dt``."""
         sampler.nfe.backward += 1
-        t = -s
+        t = -sigma * s
         x, a = y[:n_x].reshape(shape), y[n_x : 2 * n_x].reshape(shape)
         create_graph = y.requires_grad  # an implicit solver differentiates through us
         with torch.enable_grad():
@@ -108,7 +110,8 @@ def _backsolve(problem: ODEProblem, params: tuple[Tensor, ...], t_eval: Tensor, 
                     da = da + dl
         dmu = [g.reshape(-1) if g is not None else torch.zeros(k, dtype=y.dtype, device=y.device)
                for g, k in zip(vjp[1:], sizes)]
-        return torch.cat([-dx.reshape(-1), da.reshape(-1), *dmu])
+        dy_dt = torch.cat([dx.reshape(-1), -da.reshape(-1), *(-m for m in dmu)])
+        return -sigma * dy_dt
 
     def field_at(t: Tensor, x: Tensor) -> Tensor:
         with torch.no_grad():
@@ -128,10 +131,10 @@ def _backsolve(problem: ODEProblem, params: tuple[Tensor, ...], t_eval: Tensor, 
     sampling = sampler.active
     if sampling:
         batch = shape[0] if len(shape) > 1 else 1
-        sampler.begin(vf, float(knots[0]), float(knots[-1]), batch)
+        sampler.begin(vf, float(knots[0]), float(knots[-1]), batch)  # any order
 
     for k in range(len(knots) - 1, 0, -1):
-        t_hi, t_lo = knots[k], knots[k - 1]
+        t_hi, t_lo = knots[k], knots[k - 1]  # "hi" = later in the forward solve
         i = out_index.get(float(t_hi))
         if i is not None:
             g = grad_sol[i]
@@ -144,10 +147,11 @@ def _backsolve(problem: ODEProblem, params: tuple[Tensor, ...], t_eval: Tensor, 
             sampler.node(float(t_hi), x, a)
 
         def accepted(s: Tensor, y: Tensor) -> None:
-            sampler.node(-float(s), y[:n_x].reshape(shape), y[n_x : 2 * n_x].reshape(shape))
+            sampler.node(-sigma * float(s), y[:n_x].reshape(shape),
+                         y[n_x : 2 * n_x].reshape(shape))
 
         y = torch.cat([x.reshape(-1), a.reshape(-1), mu])
-        y = integrate(dynamics, y, -t_hi, -t_lo, solver, problem.atol_adjoint,
+        y = integrate(dynamics, y, -sigma * t_hi, -sigma * t_lo, solver, problem.atol_adjoint,
                       problem.rtol_adjoint, seminorm_dim, accepted if sampling else None, args)
         x = y[:n_x].reshape(shape)
         a = y[n_x : 2 * n_x].reshape(shape)
@@ -170,4 +174,6 @@ def snopt_odeint(problem: ODEProblem, vf_params: Tensor, x: Tensor, t_span: Tens
                  save_at: Any = (), args: dict | None = None) -> tuple[Tensor, Tensor]:
     """Entry point torchdyn calls as ``problem._autograd_func()(vf_params, x, t_span, ...)``."""
     params = tuple(p for p in problem.vf.parameters() if p.requires_grad)
+    if torch.is_grad_enabled() and (x.requires_grad or params):  # a training call
+        sampler_of(problem).batch_size = x.shape[0] if x.dim() > 1 else 1
     return _SNOptAdjoint.apply(problem, x, t_span, save_at, args or {}, *params)

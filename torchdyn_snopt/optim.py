@@ -33,9 +33,17 @@ from torchdyn_snopt.curvature.sampler import CurvatureSampler, Factors
 from torchdyn_snopt.registration import SENSITIVITIES, is_snopt_problem
 
 
+def _check_lr(lr: float) -> None:
+    if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
+        raise ValueError(f"lr={lr!r} is invalid; accepted: a finite float > 0")
+
+
 def _check_hyper(eps: float, update_freq: int, alpha: float, grid_size: int,
-                 weight_decay: float) -> None:
+                 weight_decay: float, kl_clip: float | None) -> None:
     """Raise before anything changes when a curvature hyperparameter is out of range."""
+    if kl_clip is not None and not (isinstance(kl_clip, (int, float)) and kl_clip > 0
+                                    and math.isfinite(kl_clip)):
+        raise ValueError(f"kl_clip={kl_clip!r} is invalid; accepted: None or a float > 0")
     if not (isinstance(eps, (int, float)) and math.isfinite(eps) and eps > 0):
         raise ValueError(f"eps={eps!r} is invalid; accepted: a finite float > 0")
     if isinstance(update_freq, bool) or not isinstance(update_freq, int):
@@ -103,6 +111,10 @@ class SNOptPreconditioner:
         full_precond: also precondition adaptable layers outside the ODEs with K-FAC factors.
         grid_size: points of the uniform time grid of eq. 13 (``>= 2``).
         weight_decay: ``γ``; adds ``γθ`` to the gradient and ``γ`` to the damping.
+        kl_clip: trust region on the preconditioned step (None = off): the preconditioned
+            gradients ``P`` are scaled by ``min(1, sqrt(kl_clip / (lr² Σ⟨P, G⟩)))``, so the
+            step's predicted change of the Gauss-Newton model stays below ``kl_clip``.
+        lr: learning rate of the optimizer that follows (only used by ``kl_clip``).
 
     Call :meth:`step` after ``loss.backward()``: it rewrites ``.grad`` in place and returns
     ``False`` (changing nothing) when a gradient or a factor is not finite. After a refresh,
@@ -111,10 +123,12 @@ class SNOptPreconditioner:
 
     def __init__(self, model: nn.Module, eps: float = 0.05, update_freq: int = 100,
                  alpha: float = 0.75, full_precond: bool = False, grid_size: int = 100,
-                 weight_decay: float = 0.0) -> None:
+                 weight_decay: float = 0.0, kl_clip: float | None = None,
+                 lr: float = 1.0, _stacklevel: int = 2) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model={type(model).__name__} must be a torch.nn.Module")
-        _check_hyper(eps, update_freq, alpha, grid_size, weight_decay)
+        _check_hyper(eps, update_freq, alpha, grid_size, weight_decay, kl_clip)
+        _check_lr(lr)
         problems = [m for m in model.modules() if is_snopt_problem(m)]
         in_ode = {id(m) for p in model.modules() if isinstance(p, ODEProblem)
                   for m in p.vf.modules()}
@@ -156,6 +170,7 @@ class SNOptPreconditioner:
             self._samplers.append(sampler)
         self.last_factors: dict[str, Factors] = {}
         self.eps, self.update_freq, self.alpha = float(eps), update_freq, float(alpha)
+        self.kl_clip, self.lr = kl_clip, float(lr)
         self.weight_decay, self.full_precond, self.grid_size = float(weight_decay), full_precond, grid_size
         self.adapters: list[LayerAdapter] = list(ode_adapters.values()) + outer
         self._ode_adapters = list(ode_adapters.values())
@@ -172,7 +187,7 @@ class SNOptPreconditioner:
             warnings.warn(
                 "SNOpt has no Kronecker factors for these parameters; they get the plain "
                 f"gradient: {', '.join(uncovered)}",
-                stacklevel=3,
+                stacklevel=_stacklevel,
             )
         self._set_armed(True)
 
@@ -229,15 +244,21 @@ class SNOptPreconditioner:
             fresh = {a: eigen_from_factors(f) for a, f in factors.items()}
         eigen = {**self._eigen, **fresh}
         updates: dict[LayerAdapter, tuple[Tensor, Tensor]] = {}
+        vg = 0.0
         for adapter, eig in eigen.items():
             if not adapter.has_grad():
                 continue
-            G1 = project(adapter.grad_matrix(), eig)
+            G = adapter.grad_matrix()
+            G1 = project(G, eig)
             m = eig.m * self.alpha + (1.0 - self.alpha) * self._batch_size(adapter) * G1.square()
             if self.weight_decay:
                 G1 = G1 + self.weight_decay * project(adapter.param_matrix(), eig)
             P = solve_in_eigenbasis(G1, eig, m + self.eps + self.weight_decay)
             updates[adapter] = (P, m)
+            vg = vg + (P * G).sum()
+        if self.kl_clip is not None and updates:
+            nu = torch.clamp(torch.sqrt(self.kl_clip / (self.lr**2 * vg.abs() + 1e-30)), max=1.0)
+            updates = {a: (P * nu, m) for a, (P, m) in updates.items()}
         if not _all_finite([u for pair in updates.values() for u in pair]):
             warnings.warn("non-finite preconditioned gradient: SNOpt skipped this step",
                           stacklevel=3)
@@ -305,8 +326,8 @@ class SNOpt(torch.optim.Optimizer):
             :class:`SNOptPreconditioner`); all its trainable parameters are optimized.
         lr: learning rate ``η > 0``.
         momentum: heavy-ball momentum in ``[0, 1)`` (default 0.9, as in the paper's runs).
-        eps, update_freq, alpha, full_precond, grid_size, weight_decay: as in
-            :class:`SNOptPreconditioner`.
+        eps, update_freq, alpha, full_precond, grid_size, weight_decay, kl_clip: as in
+            :class:`SNOptPreconditioner` (``kl_clip`` uses this optimizer's ``lr``).
 
     Per iteration: ``zero_grad()``, ``loss.backward()``, ``step()``; the curvature sampling
     of the backward passes is armed by the optimizer itself.
@@ -314,16 +335,16 @@ class SNOpt(torch.optim.Optimizer):
 
     def __init__(self, model: nn.Module, lr: float, momentum: float = 0.9, eps: float = 0.05,
                  update_freq: int = 100, alpha: float = 0.75, weight_decay: float = 0.0,
-                 full_precond: bool = False, grid_size: int = 100) -> None:
-        if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
-            raise ValueError(f"lr={lr!r} is invalid; accepted: a finite float > 0")
+                 full_precond: bool = False, grid_size: int = 100,
+                 kl_clip: float | None = None) -> None:
+        _check_lr(lr)
         if not (isinstance(momentum, (int, float)) and 0.0 <= momentum < 1.0):
             raise ValueError(f"momentum={momentum!r} is invalid; accepted: a float in [0, 1)")
         if not isinstance(model, nn.Module):
             raise TypeError(f"model={type(model).__name__} must be a torch.nn.Module")
-        _check_hyper(eps, update_freq, alpha, grid_size, weight_decay)
+        _check_hyper(eps, update_freq, alpha, grid_size, weight_decay, kl_clip)
         precond = SNOptPreconditioner(model, eps, update_freq, alpha, full_precond, grid_size,
-                                      weight_decay)
+                                      weight_decay, kl_clip, lr, _stacklevel=3)
         super().__init__(precond.params, {"lr": lr, "momentum": momentum})
         self.preconditioner = precond
 
@@ -333,6 +354,7 @@ class SNOpt(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self.preconditioner.lr = self.param_groups[0]["lr"]
         if not self.preconditioner.step():
             return loss
         for group in self.param_groups:

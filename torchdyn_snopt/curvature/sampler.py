@@ -95,7 +95,8 @@ class CurvatureSampler:
         return self.armed and bool(self.adapters)
 
     def begin(self, vf: nn.Module, t0: float, t1: float, batch_size: int) -> None:
-        """Start sampling a backward solve over ``[t0, t1]`` (true time, ``t1 > t0``)."""
+        """Start sampling a backward solve between times ``t0`` and ``t1`` (either order)."""
+        t0, t1 = min(t0, t1), max(t0, t1)
         span = t1 - t0
         self._grid = [t0 + span * j / (self.grid_size - 1) for j in range(self.grid_size)]
         self._dt = span / (self.grid_size - 1)
@@ -103,15 +104,15 @@ class CurvatureSampler:
         self._batch, self._vf, self._pending = batch_size, vf, None
 
     def node(self, t: float, x: Tensor, a: Tensor) -> None:
-        """An accepted backward state at true time ``t`` (nodes arrive with decreasing t)."""
+        """An accepted backward state at true time ``t`` (consecutive nodes bound a segment)."""
         new = _Node(t, x, a)
         prev = self._pending
-        if prev is not None and prev.t > t:
-            w_lo, w_hi = self._segment_weights(t, prev.t)
-            prev.weight += w_hi
-            new.weight += w_lo
-            self._finish(prev)
-        elif prev is not None:
+        if prev is not None:
+            if prev.t != t:
+                lo, hi = (new, prev) if t < prev.t else (prev, new)
+                w_lo, w_hi = self._segment_weights(lo.t, hi.t)
+                lo.weight += w_lo
+                hi.weight += w_hi
             self._finish(prev)
         self._pending = new
 
