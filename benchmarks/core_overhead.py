@@ -121,8 +121,12 @@ def peak_memory_mb(weights: dict) -> dict:
         torch.save(weights, f.name)
         out = {}
         for variant in ("adam", "snopt"):
-            res = subprocess.run([sys.executable, "-c", _MEM_CHILD, variant, f.name],
-                                 capture_output=True, text=True, check=True)
+            res = subprocess.run(
+                [sys.executable, "-c", _MEM_CHILD, variant, f.name],
+                capture_output=True,
+                text=True,
+                check=True,
+            )
             out[variant] = float(res.stdout.strip().splitlines()[-1])
     return out
 
@@ -147,16 +151,20 @@ def main(argv: list[str] | None = None) -> dict:
         ("snopt, armed (refresh)", t["armed"], t["armed"] / t["adam"]),
         (f"snopt, amortized (update_freq={k})", amortized, amortized / t["adam"]),
     ]
-    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, "
-          f"reps {args.reps}, weights after {args.warmup_iters} Adam iterations")
+    print(
+        f"torch {torch.__version__}, threads {torch.get_num_threads()}, "
+        f"reps {args.reps}, weights after {args.warmup_iters} Adam iterations"
+    )
     print(f"NFE of the timed batch: {t['nfe']}")
     print(f"{'variant':40s} {'s/iter':>9s} {'× adam':>8s}")
     for name, s, r in rows:
         print(f"{name:40s} {s:9.4f} {r:8.2f}")
     print(f"armed / not-armed snopt iteration: {t['armed'] / t['plain']:.2f}×")
-    print(f"peak RSS growth over 3 iterations at batch 512: adam+adjoint {mem['adam']:.1f} MB, "
-          f"snopt (armed every step) {mem['snopt']:.1f} MB, "
-          f"ratio {mem['snopt'] / max(mem['adam'], 1e-9):.2f}×")
+    print(
+        f"peak RSS growth over 3 iterations at batch 512: adam+adjoint {mem['adam']:.1f} MB, "
+        f"snopt (armed every step) {mem['snopt']:.1f} MB, "
+        f"ratio {mem['snopt'] / max(mem['adam'], 1e-9):.2f}×"
+    )
     result = {"seconds_per_iter": t, "amortized": amortized, "peak_rss_growth_mb": mem}
     if args.json:
         with open(args.json, "w") as fh:

@@ -85,8 +85,13 @@ def test_adaptive_solver_interpolates_grid_close_to_closed_form():
     d, n, t1, G = 3, 4, 1.0, 100
     field = LinearField(d).double()
     node = NeuralODE(
-        field, sensitivity="snopt", solver="dopri5", atol=1e-6, rtol=1e-6,
-        atol_adjoint=1e-6, rtol_adjoint=1e-6,
+        field,
+        sensitivity="snopt",
+        solver="dopri5",
+        atol=1e-6,
+        rtol=1e-6,
+        atol_adjoint=1e-6,
+        rtol_adjoint=1e-6,
     )
     x0 = torch.randn(n, d, dtype=DT)
     t_span = torch.tensor([0.0, t1], dtype=DT)
@@ -106,8 +111,15 @@ def test_adaptive_solver_interpolates_grid_close_to_closed_form():
 def test_curvature_only_when_armed_and_sampling_keeps_gradients():
     torch.manual_seed(2)
     field = LinearField(3).double()
-    node = NeuralODE(field, sensitivity="snopt", solver="dopri5", atol=1e-8, rtol=1e-8,
-                     atol_adjoint=1e-8, rtol_adjoint=1e-8)
+    node = NeuralODE(
+        field,
+        sensitivity="snopt",
+        solver="dopri5",
+        atol=1e-8,
+        rtol=1e-8,
+        atol_adjoint=1e-8,
+        rtol_adjoint=1e-8,
+    )
     x0 = torch.randn(4, 3, dtype=DT)
     t_span = torch.linspace(0, 1, 3, dtype=DT)
 

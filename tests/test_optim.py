@@ -31,8 +31,7 @@ class Classifier(nn.Module):
     def __init__(self, sensitivity: str = "snopt") -> None:
         super().__init__()
         self.enc = nn.Linear(6, 4)
-        self.ode = NeuralODE(Field(), sensitivity=sensitivity, solver="rk4",
-                             return_t_eval=False)
+        self.ode = NeuralODE(Field(), sensitivity=sensitivity, solver="rk4", return_t_eval=False)
         self.register_buffer("t", torch.linspace(0, 1, 5))
         self.head = nn.Linear(4, 3)
 
@@ -138,7 +137,7 @@ def test_preconditioner_with_adam_and_state_dict():
     precond = tds.SNOptPreconditioner(model, update_freq=2, full_precond=True)
     adam = torch.optim.Adam(model.parameters(), lr=1e-2)
     losses = []
-    for i in range(6):
+    for _ in range(6):
         adam.zero_grad()
         loss = F.cross_entropy(model(x), y)
         loss.backward()

@@ -52,12 +52,27 @@ class _CountingField(nn.Module):
 
 class _SNOptAdjoint(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: Any, problem: ODEProblem, x: Tensor, t_span: Tensor, save_at: Any,
-                args: dict, *params: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(
+        ctx: Any,
+        problem: ODEProblem,
+        x: Tensor,
+        t_span: Tensor,
+        save_at: Any,
+        args: dict,
+        *params: Tensor,
+    ) -> tuple[Tensor, Tensor]:
         sampler = sampler_of(problem)
-        t_eval, sol = odeint(_CountingField(problem.vf, sampler), x, t_span, problem.solver,
-                             problem.atol, problem.rtol, interpolator=problem.interpolator,
-                             save_at=save_at, args=args)
+        t_eval, sol = odeint(
+            _CountingField(problem.vf, sampler),
+            x,
+            t_span,
+            problem.solver,
+            problem.atol,
+            problem.rtol,
+            interpolator=problem.interpolator,
+            save_at=save_at,
+            args=args,
+        )
         ctx.problem, ctx.args, ctx.params = problem, args, params
         ctx.save_for_backward(t_eval, sol, t_span, x)
         return t_eval, sol
@@ -66,15 +81,32 @@ class _SNOptAdjoint(torch.autograd.Function):
     def backward(ctx: Any, grad_t_eval: Tensor, grad_sol: Tensor) -> tuple[Any, ...]:
         t_eval, sol, t_span, x0 = ctx.saved_tensors
         problem: ODEProblem = ctx.problem
-        grads = _backsolve(problem, ctx.params, t_eval, sol, t_span, x0, grad_sol, ctx.args,
-                           need_t=ctx.needs_input_grad[2])
+        grads = _backsolve(
+            problem,
+            ctx.params,
+            t_eval,
+            sol,
+            t_span,
+            x0,
+            grad_sol,
+            ctx.args,
+            need_t=ctx.needs_input_grad[2],
+        )
         a0, t_grad, param_grads = grads
         return (None, a0, t_grad, None, None, *param_grads)
 
 
-def _backsolve(problem: ODEProblem, params: tuple[Tensor, ...], t_eval: Tensor, sol: Tensor,
-               t_span: Tensor, x0: Tensor, grad_sol: Tensor, args: dict,
-               need_t: bool) -> tuple[Tensor, Tensor | None, list[Tensor]]:
+def _backsolve(
+    problem: ODEProblem,
+    params: tuple[Tensor, ...],
+    t_eval: Tensor,
+    sol: Tensor,
+    t_span: Tensor,
+    x0: Tensor,
+    grad_sol: Tensor,
+    args: dict,
+    need_t: bool,
+) -> tuple[Tensor, Tensor | None, list[Tensor]]:
     """Solve the augmented adjoint system from the last output back to ``t_span[0]``."""
     vf, sampler = problem.vf, sampler_of(problem)
     integral_loss = problem.integral_loss
@@ -87,9 +119,10 @@ def _backsolve(problem: ODEProblem, params: tuple[Tensor, ...], t_eval: Tensor, 
     # Backward "time" s runs forward: s = -σt with σ = +1 for an increasing t_span.
     sigma = 1.0 if float(t_span[-1]) >= float(t_span[0]) else -1.0
     t_out = t_eval * sigma  # torchdyn reports a reversed span's times negated
-    n_knots = int((t_span - t_out[-1]).abs().argmin()) + 1
-    knots = list(t_span[:n_knots])
-    out_index = {float(t): i for i, t in enumerate(t_out)}
+    # Output i sits at the t_span point nearest to it (torchdyn matches save_at approximately).
+    knot_of_out = [int((t_span - t).abs().argmin()) for t in t_out]
+    knots = list(t_span[: knot_of_out[-1] + 1])
+    out_at_knot = {k: i for i, k in enumerate(knot_of_out)}
 
     def dynamics(s: Tensor, y: Tensor) -> Tensor:
         """Augmented dynamics in the backward variable ``s = -σt``: ``dy/ds = -σ dy/dt``."""
@@ -100,16 +133,20 @@ def _backsolve(problem: ODEProblem, params: tuple[Tensor, ...], t_eval: Tensor, 
         with torch.enable_grad():
             x_ = x if x.requires_grad else x.detach().requires_grad_(True)
             dx = vf(t, x_)
-            vjp = torch.autograd.grad(dx, (x_, *params), a, allow_unused=True,
-                                      create_graph=create_graph)
+            vjp = torch.autograd.grad(
+                dx, (x_, *params), a, allow_unused=True, create_graph=create_graph
+            )
             da = vjp[0] if vjp[0] is not None else torch.zeros_like(x)
             if integral_loss is not None:
-                dl = torch.autograd.grad(integral_loss(t, x_).sum(), x_, allow_unused=True,
-                                         create_graph=create_graph)[0]
+                dl = torch.autograd.grad(
+                    integral_loss(t, x_).sum(), x_, allow_unused=True, create_graph=create_graph
+                )[0]
                 if dl is not None:
                     da = da + dl
-        dmu = [g.reshape(-1) if g is not None else torch.zeros(k, dtype=y.dtype, device=y.device)
-               for g, k in zip(vjp[1:], sizes)]
+        dmu = [
+            g.reshape(-1) if g is not None else torch.zeros(k, dtype=y.dtype, device=y.device)
+            for g, k in zip(vjp[1:], sizes)
+        ]
         dy_dt = torch.cat([dx.reshape(-1), -da.reshape(-1), *(-m for m in dmu)])
         return -sigma * dy_dt
 
@@ -135,7 +172,7 @@ def _backsolve(problem: ODEProblem, params: tuple[Tensor, ...], t_eval: Tensor, 
 
     for k in range(len(knots) - 1, 0, -1):
         t_hi, t_lo = knots[k], knots[k - 1]  # "hi" = later in the forward solve
-        i = out_index.get(float(t_hi))
+        i = out_at_knot.get(k)
         if i is not None:
             g = grad_sol[i]
             a = a + g
@@ -147,31 +184,47 @@ def _backsolve(problem: ODEProblem, params: tuple[Tensor, ...], t_eval: Tensor, 
             sampler.node(float(t_hi), x, a)
 
         def accepted(s: Tensor, y: Tensor) -> None:
-            sampler.node(-sigma * float(s), y[:n_x].reshape(shape),
-                         y[n_x : 2 * n_x].reshape(shape))
+            sampler.node(-sigma * float(s), y[:n_x].reshape(shape), y[n_x : 2 * n_x].reshape(shape))
 
         y = torch.cat([x.reshape(-1), a.reshape(-1), mu])
-        y = integrate(dynamics, y, -sigma * t_hi, -sigma * t_lo, solver, problem.atol_adjoint,
-                      problem.rtol_adjoint, seminorm_dim, accepted if sampling else None, args)
+        y = integrate(
+            dynamics,
+            y,
+            -sigma * t_hi,
+            -sigma * t_lo,
+            solver,
+            problem.atol_adjoint,
+            problem.rtol_adjoint,
+            seminorm_dim,
+            accepted if sampling else None,
+            args,
+        )
         x = y[:n_x].reshape(shape)
         a = y[n_x : 2 * n_x].reshape(shape)
         mu = y[2 * n_x :]
         if sampling:
             sampler.end_interval()
 
-    i0 = out_index.get(float(knots[0]))
+    i0 = out_at_knot.get(0)
     if need_t:  # ∂L/∂t0 = -a(t0⁺)·F(t0, x0) - ℓ(t0)
         t_grad[0] = -(a * field_at(knots[0], x)).sum() - ell_at(knots[0], x)
     if i0 is not None:
         a = a + grad_sol[i0]
     if sampling:
         sampler.finish()
-    param_grads = [g.reshape(p.shape) for g, p in zip(mu.split(sizes), params)]
-    return a.reshape(shape), t_grad, param_grads
+    # Detached: an implicit solver_adjoint differentiates through the dynamics internally.
+    param_grads = [g.reshape(p.shape).detach() for g, p in zip(mu.split(sizes), params)]
+    return a.reshape(shape).detach(), t_grad, param_grads
 
 
-def snopt_odeint(problem: ODEProblem, vf_params: Tensor, x: Tensor, t_span: Tensor,
-                 save_at: Any = (), args: dict | None = None) -> tuple[Tensor, Tensor]:
+def snopt_odeint(
+    problem: ODEProblem,
+    vf_params: Tensor,
+    x: Tensor,
+    t_span: Tensor,
+    save_at: Any = (),
+    args: dict | None = None,
+) -> tuple[Tensor, Tensor]:
     """Entry point torchdyn calls as ``problem._autograd_func()(vf_params, x, t_span, ...)``."""
     params = tuple(p for p in problem.vf.parameters() if p.requires_grad)
     if torch.is_grad_enabled() and (x.requires_grad or params):  # a training call

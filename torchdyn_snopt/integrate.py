@@ -74,5 +74,7 @@ def integrate(
             y, k1 = y_new, f_new
             if on_accept is not None:
                 on_accept(s, y)
-        dt = adapt_step(dt, ratio, solver.safety, solver.min_factor, solver.max_factor, solver.order)
+        dt = adapt_step(
+            dt, ratio, solver.safety, solver.min_factor, solver.max_factor, solver.order
+        )
     return y

@@ -38,11 +38,18 @@ def _check_lr(lr: float) -> None:
         raise ValueError(f"lr={lr!r} is invalid; accepted: a finite float > 0")
 
 
-def _check_hyper(eps: float, update_freq: int, alpha: float, grid_size: int,
-                 weight_decay: float, kl_clip: float | None) -> None:
+def _check_hyper(
+    eps: float,
+    update_freq: int,
+    alpha: float,
+    grid_size: int,
+    weight_decay: float,
+    kl_clip: float | None,
+) -> None:
     """Raise before anything changes when a curvature hyperparameter is out of range."""
-    if kl_clip is not None and not (isinstance(kl_clip, (int, float)) and kl_clip > 0
-                                    and math.isfinite(kl_clip)):
+    if kl_clip is not None and not (
+        isinstance(kl_clip, (int, float)) and kl_clip > 0 and math.isfinite(kl_clip)
+    ):
         raise ValueError(f"kl_clip={kl_clip!r} is invalid; accepted: None or a float > 0")
     if not (isinstance(eps, (int, float)) and math.isfinite(eps) and eps > 0):
         raise ValueError(f"eps={eps!r} is invalid; accepted: a finite float > 0")
@@ -56,8 +63,9 @@ def _check_hyper(eps: float, update_freq: int, alpha: float, grid_size: int,
         raise TypeError(f"grid_size={grid_size!r} must be an int >= 2")
     if grid_size < 2:
         raise ValueError(f"grid_size={grid_size!r} is invalid; accepted: an int >= 2")
-    if not (isinstance(weight_decay, (int, float)) and math.isfinite(weight_decay)
-            and weight_decay >= 0):
+    if not (
+        isinstance(weight_decay, (int, float)) and math.isfinite(weight_decay) and weight_decay >= 0
+    ):
         raise ValueError(f"weight_decay={weight_decay!r} is invalid; accepted: a float >= 0")
 
 
@@ -121,17 +129,27 @@ class SNOptPreconditioner:
     :attr:`last_factors` maps each layer name to the ``Factors`` (``Ā``, ``B̄``) it used.
     """
 
-    def __init__(self, model: nn.Module, eps: float = 0.05, update_freq: int = 100,
-                 alpha: float = 0.75, full_precond: bool = False, grid_size: int = 100,
-                 weight_decay: float = 0.0, kl_clip: float | None = None,
-                 lr: float = 1.0, _stacklevel: int = 2) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        eps: float = 0.05,
+        update_freq: int = 100,
+        alpha: float = 0.75,
+        full_precond: bool = False,
+        grid_size: int = 100,
+        weight_decay: float = 0.0,
+        kl_clip: float | None = None,
+        lr: float = 1.0,
+        _stacklevel: int = 2,
+    ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model={type(model).__name__} must be a torch.nn.Module")
         _check_hyper(eps, update_freq, alpha, grid_size, weight_decay, kl_clip)
         _check_lr(lr)
         problems = [m for m in model.modules() if is_snopt_problem(m)]
-        in_ode = {id(m) for p in model.modules() if isinstance(p, ODEProblem)
-                  for m in p.vf.modules()}
+        in_ode = {
+            id(m) for p in model.modules() if isinstance(p, ODEProblem) for m in p.vf.modules()
+        }
         names = {id(m): n for n, m in model.named_modules()}
 
         ode_adapters: dict[int, LayerAdapter] = {}
@@ -171,7 +189,11 @@ class SNOptPreconditioner:
         self.last_factors: dict[str, Factors] = {}
         self.eps, self.update_freq, self.alpha = float(eps), update_freq, float(alpha)
         self.kl_clip, self.lr = kl_clip, float(lr)
-        self.weight_decay, self.full_precond, self.grid_size = float(weight_decay), full_precond, grid_size
+        self.weight_decay, self.full_precond, self.grid_size = (
+            float(weight_decay),
+            full_precond,
+            grid_size,
+        )
         self.adapters: list[LayerAdapter] = list(ode_adapters.values()) + outer
         self._ode_adapters = list(ode_adapters.values())
         self._handles = [attach(a) for a in self._ode_adapters]
@@ -181,8 +203,9 @@ class SNOptPreconditioner:
         covered = {id(p) for a in self.adapters for p in a.params()}
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.covered = covered
-        uncovered = [n for n, p in model.named_parameters()
-                     if p.requires_grad and id(p) not in covered]
+        uncovered = [
+            n for n, p in model.named_parameters() if p.requires_grad and id(p) not in covered
+        ]
         if uncovered:
             warnings.warn(
                 "SNOpt has no Kronecker factors for these parameters; they get the plain "
@@ -238,8 +261,7 @@ class SNOptPreconditioner:
         if self._armed:
             factors = self._collect()
             if not _all_finite([t for f in factors.values() for t in (f.A, f.B)]):
-                warnings.warn("non-finite curvature factor: SNOpt skipped this step",
-                              stacklevel=3)
+                warnings.warn("non-finite curvature factor: SNOpt skipped this step", stacklevel=3)
                 return False
             fresh = {a: eigen_from_factors(f) for a, f in factors.items()}
         eigen = {**self._eigen, **fresh}
@@ -260,8 +282,9 @@ class SNOptPreconditioner:
             nu = torch.clamp(torch.sqrt(self.kl_clip / (self.lr**2 * vg.abs() + 1e-30)), max=1.0)
             updates = {a: (P * nu, m) for a, (P, m) in updates.items()}
         if not _all_finite([u for pair in updates.values() for u in pair]):
-            warnings.warn("non-finite preconditioned gradient: SNOpt skipped this step",
-                          stacklevel=3)
+            warnings.warn(
+                "non-finite preconditioned gradient: SNOpt skipped this step", stacklevel=3
+            )
             return False
         # Everything is finite: commit.
         self._eigen = eigen
@@ -291,8 +314,10 @@ class SNOptPreconditioner:
         return {
             "steps": self.steps,
             "armed": self._armed,
-            "layers": {a.name: {"UA": e.UA.clone(), "UB": e.UB.clone(), "m": e.m.clone()}
-                       for a, e in self._eigen.items()},
+            "layers": {
+                a.name: {"UA": e.UA.clone(), "UB": e.UB.clone(), "m": e.m.clone()}
+                for a, e in self._eigen.items()
+            },
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -304,8 +329,9 @@ class SNOptPreconditioner:
         eigen = {}
         for name, e in state["layers"].items():
             ref = by_name[name].params()[0]
-            eigen[by_name[name]] = _Eigen(*(e[k].to(device=ref.device, dtype=ref.dtype)
-                                            for k in ("UA", "UB", "m")))
+            eigen[by_name[name]] = _Eigen(
+                *(e[k].to(device=ref.device, dtype=ref.dtype) for k in ("UA", "UB", "m"))
+            )
         self._eigen, self.steps = eigen, int(state["steps"])
         self._set_armed(bool(state["armed"]))
 
@@ -333,18 +359,37 @@ class SNOpt(torch.optim.Optimizer):
     of the backward passes is armed by the optimizer itself.
     """
 
-    def __init__(self, model: nn.Module, lr: float, momentum: float = 0.9, eps: float = 0.05,
-                 update_freq: int = 100, alpha: float = 0.75, weight_decay: float = 0.0,
-                 full_precond: bool = False, grid_size: int = 100,
-                 kl_clip: float | None = None) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        lr: float,
+        momentum: float = 0.9,
+        eps: float = 0.05,
+        update_freq: int = 100,
+        alpha: float = 0.75,
+        weight_decay: float = 0.0,
+        full_precond: bool = False,
+        grid_size: int = 100,
+        kl_clip: float | None = None,
+    ) -> None:
         _check_lr(lr)
         if not (isinstance(momentum, (int, float)) and 0.0 <= momentum < 1.0):
             raise ValueError(f"momentum={momentum!r} is invalid; accepted: a float in [0, 1)")
         if not isinstance(model, nn.Module):
             raise TypeError(f"model={type(model).__name__} must be a torch.nn.Module")
         _check_hyper(eps, update_freq, alpha, grid_size, weight_decay, kl_clip)
-        precond = SNOptPreconditioner(model, eps, update_freq, alpha, full_precond, grid_size,
-                                      weight_decay, kl_clip, lr, _stacklevel=3)
+        precond = SNOptPreconditioner(
+            model,
+            eps,
+            update_freq,
+            alpha,
+            full_precond,
+            grid_size,
+            weight_decay,
+            kl_clip,
+            lr,
+            _stacklevel=3,
+        )
         super().__init__(precond.params, {"lr": lr, "momentum": momentum})
         self.preconditioner = precond
 

@@ -26,7 +26,9 @@ def basis_values(layer: nn.Module, t: Tensor) -> Tensor:
     n_range = torch.linspace(0, layer.deg, layer.deg).to(device)
     s = t * layer.dilation.to(device) + layer.shift.to(device)
     basis = layer.expfunc(n_range, s)
-    cols = [torch.as_tensor(b, device=device).to(layer.coeffs.dtype).expand(layer.deg) for b in basis]
+    cols = [
+        torch.as_tensor(b, device=device).to(layer.coeffs.dtype).expand(layer.deg) for b in basis
+    ]
     return torch.stack(cols, dim=1).reshape(-1)
 
 

@@ -23,9 +23,7 @@ def register_adapter(module_type: type, adapter: type[LayerAdapter]) -> None:
     if not (isinstance(module_type, type) and issubclass(module_type, nn.Module)):
         raise TypeError(f"module_type={module_type!r} must be a subclass of torch.nn.Module")
     if not (isinstance(adapter, type) and issubclass(adapter, LayerAdapter)):
-        raise TypeError(
-            f"adapter={adapter!r} must be a subclass of torchdyn_snopt.LayerAdapter"
-        )
+        raise TypeError(f"adapter={adapter!r} must be a subclass of torchdyn_snopt.LayerAdapter")
     _REGISTRY[module_type] = adapter
 
 

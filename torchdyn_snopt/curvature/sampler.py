@@ -147,14 +147,16 @@ class CurvatureSampler:
         for adapter, (A, B, locations) in self._evaluate(node).items():
             acc = self.factors.get(adapter)
             if acc is None:
-                self.factors[adapter] = Factors(node.weight * A, node.weight * B, locations, self._batch)
+                self.factors[adapter] = Factors(
+                    node.weight * A, node.weight * B, locations, self._batch
+                )
             else:
                 acc.A += node.weight * A
                 acc.B += node.weight * B
                 acc.locations, acc.batch_size = locations, self._batch
 
     def _evaluate(self, node: _Node) -> dict[LayerAdapter, tuple[Tensor, Tensor, int]]:
-        """One evaluation of F at the node: ``A_n(t_k)``, ``B_n(t_k)`` for every adapter (eq. 13)."""
+        """One evaluation of F at the node: ``A_n(t_k)``, ``B_n(t_k)`` per adapter (eq. 13)."""
         vf = self._vf
         ours = set(self.adapters)
         t = torch.as_tensor(node.t, dtype=node.x.dtype, device=node.x.device)

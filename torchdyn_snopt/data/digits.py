@@ -6,8 +6,9 @@ import torch
 from torch import Tensor
 
 
-def load_digits(test_fraction: float = 0.25, seed: int = 0,
-                dtype: torch.dtype = torch.float32) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def load_digits(
+    test_fraction: float = 0.25, seed: int = 0, dtype: torch.dtype = torch.float32
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Stratified, deterministic train/test split of sklearn's digits.
 
     Returns ``(x_train, y_train, x_test, y_test)`` with images ``(N, 1, 8, 8)`` scaled to
@@ -19,7 +20,9 @@ def load_digits(test_fraction: float = 0.25, seed: int = 0,
     try:
         from sklearn.datasets import load_digits as _sk_digits
     except ImportError as err:  # pragma: no cover - exercised only without sklearn
-        raise ImportError("the digits dataset needs scikit-learn: pip install scikit-learn") from err
+        raise ImportError(
+            "the digits dataset needs scikit-learn: pip install scikit-learn"
+        ) from err
     bunch = _sk_digits()
     x = torch.tensor(bunch.images, dtype=dtype)[:, None] / 16.0
     y = torch.tensor(bunch.target, dtype=torch.long)

@@ -30,14 +30,29 @@ class ImageClassifier(nn.Module):
     dopri5, 1e-3 as in the paper's image experiments).
     """
 
-    def __init__(self, in_channels: int = 1, image_size: int = 8, num_classes: int = 10,
-                 channels: int = 12, sensitivity: str = "snopt", solver: str = "dopri5",
-                 tol: float = 1e-3, t1: float = 1.0) -> None:
+    def __init__(
+        self,
+        in_channels: int = 1,
+        image_size: int = 8,
+        num_classes: int = 10,
+        channels: int = 12,
+        sensitivity: str = "snopt",
+        solver: str = "dopri5",
+        tol: float = 1e-3,
+        t1: float = 1.0,
+    ) -> None:
         super().__init__()
         self.features = nn.Sequential(nn.Conv2d(in_channels, channels, 3, padding=1), nn.ReLU())
-        self.ode = NeuralODE(ConvField(channels), sensitivity=sensitivity, solver=solver,
-                             atol=tol, rtol=tol, atol_adjoint=tol, rtol_adjoint=tol,
-                             return_t_eval=False)
+        self.ode = NeuralODE(
+            ConvField(channels),
+            sensitivity=sensitivity,
+            solver=solver,
+            atol=tol,
+            rtol=tol,
+            atol_adjoint=tol,
+            rtol_adjoint=tol,
+            return_t_eval=False,
+        )
         self.register_buffer("t_span", torch.tensor([0.0, t1]))
         self.head = nn.Linear(channels * image_size * image_size, num_classes)
 

@@ -1,0 +1,245 @@
+"""Small float64 models, data and a gradient helper shared by the tests.
+
+Every builder reseeds the global RNG, so two calls give bit-identical parameters: the same
+field can be rebuilt for each sensitivity that is being compared.
+
+Solvers given by name to :func:`grads` are instantiated with a float64 Butcher tableau. torchdyn
+builds name-given solvers with ``dtype=torch.float32``, so their coefficients are float32-rounded
+even on a float64 state; with tolerances near 1e-10 the adaptive error estimate is then dominated
+by that rounding and the step count explodes (tsit5 by name needs several seconds per solve).
+The by-name path itself is exercised in ``test_registration.py``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+from torchdyn.core import NeuralODE
+from torchdyn.nn import DataControl, DepthCat, Fourier, GalLinear
+from torchdyn.numerics.solvers.ode import SOLVER_DICT
+
+DTYPE = torch.float64
+SEED = 0
+#: Forward and adjoint tolerance used for adaptive solvers.
+TOL = 1e-10
+#: Maximum relative error tolerated between two gradient computations.
+REL = 1e-5
+
+ADAPTIVE = ("dopri5", "tsit5")
+FIXED = ("euler", "midpoint", "rk4", "ieuler")
+
+FieldFn = Callable[[], nn.Module]
+LossFn = Callable[[Tensor], Tensor]
+
+
+@contextlib.contextmanager
+def single_thread() -> Iterator[None]:
+    """One intra-op thread: the tensors here are tiny, and with a second process busy on the
+    machine's other core, torch's thread pool makes small convolutions ~10x slower."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+def seeded(seed: int = SEED) -> None:
+    torch.manual_seed(seed)
+
+
+def make_solver(name: str) -> nn.Module:
+    """A fresh solver instance whose tableau is float64."""
+    return SOLVER_DICT[name](dtype=DTYPE)
+
+
+def is_fixed(solver: str | nn.Module) -> bool:
+    if isinstance(solver, str):
+        return solver in FIXED
+    return solver.stepping_class == "fixed"
+
+
+# --------------------------------------------------------------------------- fields
+
+
+def mlp_field(dim: int = 3, hidden: int = 16) -> nn.Module:
+    seeded()
+    return nn.Sequential(nn.Linear(dim, hidden), nn.Tanh(), nn.Linear(hidden, dim)).to(DTYPE)
+
+
+def conv_field(channels: int = 3) -> nn.Module:
+    seeded()
+    return nn.Sequential(
+        nn.Conv2d(channels, channels, 3, padding=1),
+        nn.Tanh(),
+        nn.Conv2d(channels, channels, 3, padding=1),
+    ).to(DTYPE)
+
+
+def depthcat_field(dim: int = 3, hidden: int = 16) -> nn.Module:
+    seeded()
+    return nn.Sequential(
+        DepthCat(1), nn.Linear(dim + 1, hidden), nn.Tanh(), nn.Linear(hidden, dim)
+    ).to(DTYPE)
+
+
+def datacontrol_field(dim: int = 3, hidden: int = 16) -> nn.Module:
+    seeded()
+    return nn.Sequential(
+        DataControl(), nn.Linear(2 * dim, hidden), nn.Tanh(), nn.Linear(hidden, dim)
+    ).to(DTYPE)
+
+
+@contextlib.contextmanager
+def default_dtype(dtype: torch.dtype) -> Iterator[None]:
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(old)
+
+
+class Float64Default(nn.Module):
+    """Runs ``inner`` with float64 as torch's default dtype.
+
+    torchdyn's ``GalLayer.calculate_weights`` builds its basis matrix with ``torch.eye`` in the
+    default dtype and index-assigns the (float64) basis into it, which raises for a float64
+    ``GalLinear`` under the float32 default.
+    """
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x: Tensor) -> Tensor:
+        with default_dtype(DTYPE):
+            return self.inner(x)
+
+
+def galerkin_field(dim: int = 3, deg: int = 3) -> nn.Module:
+    seeded()
+    layer = GalLinear(dim, dim, expfunc=Fourier(deg))
+    net = nn.Sequential(DepthCat(1), layer, nn.Tanh()).to(DTYPE)
+    with torch.no_grad():  # torchdyn zero-initialises the Galerkin coefficients
+        layer.coeffs.normal_(0.0, 0.5)
+        layer.dilation.fill_(1.3)
+        layer.shift.fill_(0.2)
+    return Float64Default(net)
+
+
+# --------------------------------------------------------------------------- data
+
+
+def mlp_data(batch: int = 8, dim: int = 3) -> Tensor:
+    seeded(SEED + 1)
+    return torch.randn(batch, dim, dtype=DTYPE)
+
+
+def conv_data(batch: int = 2, channels: int = 3, size: int = 6) -> Tensor:
+    seeded(SEED + 1)
+    return torch.randn(batch, channels, size, size, dtype=DTYPE)
+
+
+def default_t_span(solver: str | nn.Module) -> Tensor:
+    """Few points for adaptive solvers; many for fixed-step ones (one step per interval)."""
+    n = 41 if is_fixed(solver) else 5
+    return torch.linspace(0.0, 1.0, n, dtype=DTYPE)
+
+
+def trajectory_loss(sol: Tensor) -> Tensor:
+    """Weighted loss on every output (the initial one included), linear and quadratic terms."""
+    w = torch.arange(1, len(sol) + 1, dtype=sol.dtype, device=sol.device)
+    w = w.reshape(-1, *([1] * (sol.dim() - 1)))
+    return (w * (sol**2 + 0.5 * sol)).sum() / sol[0].numel()
+
+
+def last_loss(sol: Tensor) -> Tensor:
+    return (sol[-1] ** 2).sum()
+
+
+# --------------------------------------------------------------------------- models & grads
+
+
+def make_node(
+    field: nn.Module,
+    sensitivity: str,
+    solver: str | nn.Module = "dopri5",
+    *,
+    tol: float = TOL,
+    solver_adjoint: str | nn.Module | None = None,
+    integral_loss: Callable | None = None,
+    seminorm: bool = False,
+) -> NeuralODE:
+    """A NeuralODE with tight tolerances (adaptive) or torchdyn's defaults (fixed step).
+
+    Fixed-step solvers ignore tolerances; passing torchdyn's defaults avoids its warning.
+    """
+    solver = make_solver(solver) if isinstance(solver, str) else solver
+    if isinstance(solver_adjoint, str) and sensitivity.startswith("snopt"):
+        solver_adjoint = make_solver(solver_adjoint)
+    kw = {} if is_fixed(solver) else {"atol": tol, "rtol": tol}
+    return NeuralODE(
+        field,
+        sensitivity=sensitivity,
+        solver=solver,
+        solver_adjoint=solver_adjoint,
+        atol_adjoint=tol,
+        rtol_adjoint=tol,
+        integral_loss=integral_loss,
+        seminorm=seminorm,
+        **kw,
+    )
+
+
+def grads(
+    model_fn: FieldFn,
+    sensitivity: str,
+    solver: str | nn.Module = "dopri5",
+    *,
+    x0: Tensor | None = None,
+    t_span: Tensor | None = None,
+    loss_fn: LossFn = trajectory_loss,
+    save_at: Sequence | Tensor = (),
+    tol: float = TOL,
+    solver_adjoint: str | nn.Module | None = None,
+    integral_loss: Callable | None = None,
+    seminorm: bool = False,
+) -> Tensor:
+    """Flat gradient of ``loss_fn(trajectory)`` w.r.t. the field's parameters, then ``x0``."""
+    field = model_fn()
+    node = make_node(
+        field,
+        sensitivity,
+        solver,
+        tol=tol,
+        solver_adjoint=solver_adjoint,
+        integral_loss=integral_loss,
+        seminorm=seminorm,
+    )
+    x0 = mlp_data() if x0 is None else x0
+    t_span = default_t_span(node.solver) if t_span is None else t_span
+    x = x0.clone().requires_grad_(True)
+    _, sol = node(x, t_span, save_at=save_at)
+    params = [p for p in field.parameters() if p.requires_grad]
+    inputs = [*params, x]
+    g = torch.autograd.grad(loss_fn(sol), inputs, allow_unused=True)
+    g = [torch.zeros_like(i) if q is None else q for q, i in zip(g, inputs, strict=True)]
+    return torch.cat([q.reshape(-1) for q in g])
+
+
+def rel_err(a: Tensor, b: Tensor) -> float:
+    a, b = a.detach(), b.detach()
+    return float((a - b).norm() / b.norm())
+
+
+def assert_close(a: Tensor, b: Tensor, rel: float = REL) -> None:
+    assert a.shape == b.shape, (a.shape, b.shape)
+    assert torch.isfinite(a).all() and torch.isfinite(b).all()
+    assert float(b.detach().norm()) > 0.0
+    err = rel_err(a, b)
+    assert err <= rel, f"relative error {err:.3e} > {rel:.1e}"
