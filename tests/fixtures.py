@@ -243,3 +243,72 @@ def assert_close(a: Tensor, b: Tensor, rel: float = REL) -> None:
     assert float(b.detach().norm()) > 0.0
     err = rel_err(a, b)
     assert err <= rel, f"relative error {err:.3e} > {rel:.1e}"
+
+
+# --------------------------------------------------------------------------- optimizer models
+
+
+class LinearField(nn.Module):
+    """``F(t, x) = W x + b``: trajectory and adjoint in closed form via matrix exponentials."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.lin = nn.Linear(dim, dim)
+
+    def forward(self, t, x, args=None):
+        return self.lin(x)
+
+
+class TwoLayerField(nn.Module):
+    """``F(t, x) = l2(tanh(l1(x)))``."""
+
+    def __init__(self, dim: int = 4, hidden: int = 8) -> None:
+        super().__init__()
+        self.l1, self.l2 = nn.Linear(dim, hidden), nn.Linear(hidden, dim)
+
+    def forward(self, t, x, args=None):
+        return self.l2(torch.tanh(self.l1(x)))
+
+
+class OdeClassifier(nn.Module):
+    """Linear encoder → NeuralODE → linear head.
+
+    ``solver="rk4"`` uses ``t = linspace(0, 1, 5)``; adaptive solvers ``[0, 1]`` at ``tol``.
+    """
+
+    def __init__(
+        self,
+        d_in: int = 6,
+        dim: int = 4,
+        hidden: int = 8,
+        classes: int = 3,
+        sensitivity: str = "snopt",
+        solver: str = "rk4",
+        tol: float = 1e-3,
+    ) -> None:
+        super().__init__()
+        self.enc = nn.Linear(d_in, dim)
+        self.ode = NeuralODE(
+            TwoLayerField(dim, hidden),
+            sensitivity=sensitivity,
+            solver=solver,
+            atol=tol,
+            rtol=tol,
+            atol_adjoint=tol,
+            rtol_adjoint=tol,
+            return_t_eval=False,
+        )
+        t = torch.linspace(0, 1, 5) if solver == "rk4" else torch.tensor([0.0, 1.0])
+        self.register_buffer("t", t)
+        self.head = nn.Linear(dim, classes)
+
+    def forward(self, x):
+        return self.head(self.ode(torch.tanh(self.enc(x)), self.t)[-1])
+
+
+def classification_data(n: int = 64, seed: int = 0, dtype=DTYPE) -> tuple[Tensor, Tensor]:
+    """6-d Gaussian inputs with 3 classes from two half-space rules."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 6, generator=g, dtype=dtype)
+    y = (x[:, :3].sum(1) > 0).long() + (x[:, 3] > 1).long()
+    return x, y

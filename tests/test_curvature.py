@@ -11,22 +11,12 @@ from torchdyn.core import NeuralODE
 from torchdyn.nn import DepthCat, Fourier, GalConv2d, GalLinear
 
 import torchdyn_snopt as tds
+from tests.fixtures import LinearField
 from torchdyn_snopt.curvature import Conv2dAdapter, GalConv2dAdapter, GalLinearAdapter
 from torchdyn_snopt.curvature.sampler import Factors
 from torchdyn_snopt.optim import eigen_from_factors, project, solve_in_eigenbasis
 
 DT = torch.float64
-
-
-class LinearField(nn.Module):
-    """``F(t, x) = W x + b``: trajectory and adjoint in closed form via matrix exponentials."""
-
-    def __init__(self, dim: int) -> None:
-        super().__init__()
-        self.lin = nn.Linear(dim, dim)
-
-    def forward(self, t, x, args=None):
-        return self.lin(x)
 
 
 def _closed_form_factors(W, b, x0, t1, grid):

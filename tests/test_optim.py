@@ -9,46 +9,20 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torchdyn.core import NeuralODE
 
 import torchdyn_snopt as tds
+from tests.fixtures import OdeClassifier, classification_data
 
 DT = torch.float64
 
 
-class Field(nn.Module):
-    def __init__(self, dim: int = 4, hidden: int = 8) -> None:
-        super().__init__()
-        self.l1, self.l2 = nn.Linear(dim, hidden), nn.Linear(hidden, dim)
-
-    def forward(self, t, x, args=None):
-        return self.l2(torch.tanh(self.l1(x)))
-
-
-class Classifier(nn.Module):
-    """Linear encoder → snopt NeuralODE → linear head, on 6-d inputs with 3 classes."""
-
-    def __init__(self, sensitivity: str = "snopt") -> None:
-        super().__init__()
-        self.enc = nn.Linear(6, 4)
-        self.ode = NeuralODE(Field(), sensitivity=sensitivity, solver="rk4", return_t_eval=False)
-        self.register_buffer("t", torch.linspace(0, 1, 5))
-        self.head = nn.Linear(4, 3)
-
-    def forward(self, x):
-        return self.head(self.ode(self.enc(x), self.t)[-1])
-
-
 def _data(n: int = 64, seed: int = 0, dtype=DT):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, 6, generator=g, dtype=dtype)
-    y = (x[:, :3].sum(1) > 0).long() + (x[:, 3] > 1).long()
-    return x, y
+    return classification_data(n, seed, dtype)
 
 
-def _model(seed: int = 0, dtype=DT, **kw) -> Classifier:
+def _model(seed: int = 0, dtype=DT, **kw) -> OdeClassifier:
     torch.manual_seed(seed)
-    return Classifier(**kw).to(dtype)
+    return OdeClassifier(**kw).to(dtype)
 
 
 def _train(model, opt, steps, x, y, start=0):
