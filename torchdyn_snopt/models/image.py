@@ -27,7 +27,8 @@ class ImageClassifier(nn.Module):
     """Classifier for ``(N, C_in, H, W)`` images: ``channels`` maps, ODE over ``[0, t1]``.
 
     ``sensitivity``, ``solver`` and tolerances go to the ``NeuralODE`` (defaults: "snopt",
-    dopri5, 1e-3 as in the paper's image experiments).
+    dopri5, 1e-3 and the backward semi-norm, as in the paper's image experiments; torchdyn's
+    own "adjoint" always uses that semi-norm).
     """
 
     def __init__(
