@@ -79,9 +79,16 @@ class _Eigen:
 
 
 def _eigh(matrix: Tensor) -> tuple[Tensor, Tensor]:
-    """Eigen-decomposition of a symmetric PSD factor in float64, eigenvalues clamped at 0."""
-    sym = (matrix + matrix.t()).double() / 2
-    evals, evecs = torch.linalg.eigh(sym)
+    """Eigen-decomposition of a symmetric PSD factor, eigenvalues clamped at 0.
+
+    Runs in the factor's dtype (float32 halves the cost of the large head factors) and
+    falls back to float64 when LAPACK does not converge.
+    """
+    sym = (matrix + matrix.t()) / 2
+    try:
+        evals, evecs = torch.linalg.eigh(sym)
+    except torch.linalg.LinAlgError:
+        evals, evecs = torch.linalg.eigh(sym.double())
     return evals.clamp(min=0).to(matrix.dtype), evecs.to(matrix.dtype)
 
 
