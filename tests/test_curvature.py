@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -267,3 +268,43 @@ def test_register_adapter_open_registry_and_bad_types():
         tds.register_adapter(int, ScaleAdapter)
     with pytest.raises(TypeError, match="adapter"):
         tds.register_adapter(Scale, object)
+
+
+def _field_models():
+    """Vector fields built from torchdyn's layers, each inside a snopt NeuralODE."""
+    from torchdyn.nn import DataControl
+
+    dim = 3
+    depthcat = nn.Sequential(DepthCat(1), nn.Linear(dim + 1, 8), nn.Tanh(), nn.Linear(8, dim))
+    control = nn.Sequential(DataControl(), nn.Linear(2 * dim, dim))
+    galerkin = nn.Sequential(DepthCat(1), GalLinear(dim, dim, expfunc=Fourier(3)))
+    gal_conv = nn.Sequential(DepthCat(1), GalConv2d(2, 2, 3, padding=1, expfunc=Fourier(3)))
+    conv = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.Tanh(), nn.Conv2d(4, 2, 3, padding=1))
+    for m in (galerkin[1], gal_conv[1]):
+        nn.init.normal_(m.coeffs, std=0.1)
+    return {
+        "depthcat": (depthcat, (5, dim), ["1", "3"]),
+        "datacontrol": (control, (5, dim), ["1"]),
+        "gallinear": (galerkin, (5, dim), ["1"]),
+        "galconv2d": (gal_conv, (2, 2, 4, 4), ["1"]),
+        "conv": (conv, (2, 2, 4, 4), ["0", "2"]),
+    }
+
+
+@pytest.mark.parametrize("name", list(_field_models()))
+def test_sampling_with_torchdyn_layers_gives_finite_psd_factors(name):
+    torch.manual_seed(7)
+    field, shape, layers = _field_models()[name]
+    node = NeuralODE(field, sensitivity="snopt", solver="dopri5", return_t_eval=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Galerkin dilation/shift get the plain gradient
+        opt = tds.SNOpt(node, lr=1e-3, grid_size=10)
+    before = [p.detach().clone() for p in node.parameters()]
+    node(torch.randn(*shape), torch.linspace(0, 1, 3))[-1].pow(2).mean().backward()
+    assert opt.step() is None
+    assert sorted(opt.preconditioner.last_factors) == [f"vf.vf.vf.{n}" for n in layers]
+    for f in opt.preconditioner.last_factors.values():
+        assert torch.isfinite(f.A).all() and torch.isfinite(f.B).all()
+        assert torch.linalg.eigvalsh(f.A.double()).min() > -1e-5 * f.A.abs().max()
+        assert f.B.abs().sum() > 0
+    assert any(not torch.equal(p, b) for p, b in zip(node.parameters(), before))
