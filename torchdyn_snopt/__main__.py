@@ -90,7 +90,87 @@ def _add_demo(subparsers: Any) -> None:
     p.set_defaults(func=run)
 
 
-_COMMANDS: list[Callable[[Any], None]] = [_add_demo]
+def _lr_assignment(text: str) -> tuple[str, float]:
+    """argparse type: ``NAME=VALUE`` with VALUE a finite float > 0."""
+    name, sep, value = text.partition("=")
+    if not sep:
+        raise argparse.ArgumentTypeError(f"{text!r} is invalid; accepted: NAME=LR, e.g. adam=1e-3")
+    return name.strip(), positive_float(value)
+
+
+def _add_bench(subparsers: Any) -> None:
+    p = subparsers.add_parser("bench", help="equal-wall-clock benchmarks of SNOpt vs Adam and SGD")
+    groups = p.add_subparsers(dest="bench", metavar="BENCH", required=True)
+    _add_bench_image(groups)
+
+
+def _add_bench_image(groups: Any) -> None:
+    from torchdyn_snopt.bench import image
+
+    p = groups.add_parser(
+        "image",
+        help="conv Neural-ODE image classifier (Fig. 1/7, Table 4, Fig. 9 with --sweep)",
+        description=image.__doc__.split("\n\n")[1] if image.__doc__ else None,
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--dataset", default="digits", help="digits, mnist or fashion-mnist")
+    p.add_argument(
+        "--budget-s",
+        type=positive_float,
+        default=60.0,
+        help="training wall-clock per optimizer and seed (evaluations excluded)",
+    )
+    p.add_argument("--seeds", type=positive_int, default=1, help="number of seeds (0, 1, ...)")
+    p.add_argument(
+        "--optimizers",
+        default=",".join(image.OPTIMIZERS),
+        help="comma-separated subset of " + ", ".join(image.OPTIMIZERS),
+    )
+    p.add_argument(
+        "--lr",
+        type=_lr_assignment,
+        action="append",
+        default=[],
+        metavar="NAME=LR",
+        help="learning rate of one optimizer (repeatable); default: the dataset's "
+        "sweep-best values",
+    )
+    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, ...")
+    p.add_argument("--out", default="runs/image", help="folder for the PNG, JSON and CSV")
+    p.add_argument("--batch-size", type=positive_int, default=128, help="minibatch size")
+    p.add_argument(
+        "--baseline-sensitivity",
+        choices=("snopt", "adjoint"),
+        default="snopt",
+        help="backward solver of Adam/SGD: ours (never armed) or torchdyn's adjoint",
+    )
+    p.add_argument(
+        "--sweep",
+        action="store_true",
+        help="learning-rate sweep per optimizer (and eps for SNOpt), seed 0",
+    )
+    p.add_argument("--quiet", action="store_true", help="no progress bars or tables")
+
+    def run(args: argparse.Namespace) -> int:
+        image.bench_image(
+            dataset=args.dataset,
+            budget_s=args.budget_s,
+            seeds=args.seeds,
+            optimizers=tuple(o.strip() for o in args.optimizers.split(",") if o.strip()),
+            lrs=dict(args.lr),
+            device=args.device,
+            out=args.out,
+            quiet=args.quiet,
+            batch_size=args.batch_size,
+            baseline_sensitivity=args.baseline_sensitivity,
+            sweep=args.sweep,
+        )
+        return 0
+
+    p.set_defaults(func=run)
+
+
+_COMMANDS: list[Callable[[Any], None]] = [_add_demo, _add_bench]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,103 @@
+"""``torchdyn-snopt bench image``: CLI smoke runs, output files, summary arithmetic."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+
+import pytest
+
+from torchdyn_snopt.__main__ import main
+from torchdyn_snopt.bench.common import Point, RunResult, format_table, summary_rows
+
+
+def _run(optimizer: str, seed: int, accs: list[float], dt: float = 1.0) -> RunResult:
+    r = RunResult(optimizer, 0.1, seed, iterations=10 * len(accs), seconds=dt * len(accs))
+    r.points = [
+        Point(dt * (i + 1), 10 * (i + 1), 1.0 / (i + 1), 1.0, a) for i, a in enumerate(accs)
+    ]
+    return r
+
+
+def test_summary_times_to_reference_best():
+    runs = [
+        _run("adam", 0, [0.5, 0.8, 0.9, 0.85]),  # best 0.9 reached at 3 s
+        _run("snopt", 0, [0.9, 0.95, 0.95, 0.95]),  # reaches 0.9 at 1 s
+        _run("sgd", 0, [0.5, 0.6, 0.7, 0.7]),  # never
+    ]
+    rows = {r["optimizer"]: r for r in summary_rows(runs)}
+    assert rows["adam"]["s_to_adam_best"] == 3.0
+    assert rows["snopt"]["s_to_adam_best"] == 1.0
+    assert rows["snopt"]["x_adam_time"] == pytest.approx(1 / 3)
+    assert math.isinf(rows["sgd"]["s_to_adam_best"])
+    assert rows["snopt"]["final_acc"] == 0.95 and rows["adam"]["best_acc"] == 0.9
+    table = format_table(list(rows.values()))
+    assert "never" in table and "snopt" in table
+
+
+def test_cli_bench_image_smoke(tmp_path, capsys):
+    out = tmp_path / "out"
+    status = main(
+        ["bench", "image", "--budget-s", "1.5", "--out", str(out), "--quiet", "--batch-size", "64"]
+    )
+    assert status == 0
+    data = json.loads((out / "image_digits.json").read_text())
+    names = [row["optimizer"] for row in data["summary"]]
+    assert names == ["adam", "sgd", "snopt"]
+    for row in data["summary"]:
+        assert 0.0 <= row["final_acc"] <= 1.0 and row["s_per_iter"] > 0
+        assert row["peak_memory_mb"] == row["peak_memory_mb"]  # measured, not NaN
+        assert row["reg_total"] > 0 and row["nfe_eval"] > 0  # Table 6 columns
+    assert all(row["nfe_forward"] > 0 for row in data["summary"])
+    with open(out / "image_digits.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert {r["optimizer"] for r in rows} == {"adam", "sgd", "snopt"}
+    assert all(0.0 <= float(r["test_acc"]) <= 1.0 for r in rows)
+    assert (out / "image_digits.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert capsys.readouterr().out == ""
+
+
+def test_cli_bench_image_sweep_and_lr_override(tmp_path, capsys):
+    out = tmp_path / "sweep"
+    main(
+        [
+            "bench",
+            "image",
+            "--sweep",
+            "--optimizers",
+            "snopt",
+            "--budget-s",
+            "0.5",
+            "--out",
+            str(out),
+            "--lr",
+            "snopt=0.002",
+        ]
+    )
+    rows = json.loads((out / "sweep_digits.json").read_text())
+    lrs = [r["lr"] for r in rows if r["eps"] != r["eps"]]  # NaN eps: the lr grid
+    assert lrs == [1e-3, 3e-3, 1e-2]
+    assert [r["eps"] for r in rows if r["eps"] == r["eps"]] == [0.01, 0.05, 0.2]
+    assert all(r["lr"] == 0.002 for r in rows if r["eps"] == r["eps"])
+    assert (out / "sweep_digits.png").stat().st_size > 1000
+    printed = capsys.readouterr().out
+    assert "learning rates: snopt=0.002" in printed
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--dataset", "cifar"], "dataset"),
+        (["--optimizers", "adam,lbfgs"], "optimizers"),
+    ],
+)
+def test_cli_bench_image_bad_arguments(argv, message, tmp_path):
+    with pytest.raises(ValueError, match=message):
+        main(["bench", "image", "--budget-s", "0.1", "--out", str(tmp_path), "--quiet", *argv])
+
+
+def test_cli_bench_image_rejects_bad_lr(capsys):
+    with pytest.raises(SystemExit):
+        main(["bench", "image", "--lr", "adam"])
+    assert "NAME=LR" in capsys.readouterr().err

@@ -1,0 +1,303 @@
+"""Equal-wall-clock training runs, their logs, tables, files and plots (shared by benches).
+
+A run trains one model with one optimizer for ``budget_s`` seconds of *training* time
+(forward, backward, optimizer step); test evaluations pause the clock. Every optimizer of a
+comparison gets the same initial weights (same seed) and the same minibatch stream.
+"""
+
+from __future__ import annotations
+
+import csv
+import gc
+import json
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+from torchdyn_snopt.optim import read_nfe
+from torchdyn_snopt.registration import is_snopt_problem
+
+
+@dataclass
+class Point:
+    """One logged evaluation: training seconds so far, iterations, losses, accuracy."""
+
+    seconds: float
+    iteration: int
+    train_loss: float
+    test_loss: float
+    test_acc: float
+
+
+@dataclass
+class RunResult:
+    """Everything one (optimizer, lr, seed) run produced."""
+
+    optimizer: str
+    lr: float
+    seed: int
+    points: list[Point] = field(default_factory=list)
+    iterations: int = 0
+    seconds: float = 0.0
+    nfe_forward: float = float("nan")
+    nfe_backward: float = float("nan")
+    peak_memory_mb: float = float("nan")
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def final_acc(self) -> float:
+        return self.points[-1].test_acc if self.points else float("nan")
+
+    @property
+    def best_acc(self) -> float:
+        return max((p.test_acc for p in self.points), default=float("nan"))
+
+    @property
+    def final_train_loss(self) -> float:
+        return self.points[-1].train_loss if self.points else float("nan")
+
+    @property
+    def seconds_per_iter(self) -> float:
+        return self.seconds / max(self.iterations, 1)
+
+    def time_to(self, acc: float) -> float:
+        """Training seconds at the first evaluation with test accuracy ``>= acc`` (inf: never)."""
+        return next((p.seconds for p in self.points if p.test_acc >= acc), math.inf)
+
+
+def _nfe_of(model: nn.Module) -> tuple[int, int] | None:
+    """(forward, backward) evaluations since the last read, or None if not countable."""
+    if any(is_snopt_problem(m) for m in model.modules()):
+        n = read_nfe(model)
+        return n["forward"], n["backward"]
+    return None
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, x: Tensor, y: Tensor, batch: int = 1000) -> tuple[float, float]:
+    """Mean cross-entropy and accuracy of ``model`` on ``(x, y)``."""
+    was_training = model.training
+    model.eval()
+    loss, correct = 0.0, 0
+    for i in range(0, len(x), batch):
+        out = model(x[i : i + batch])
+        loss += F.cross_entropy(out, y[i : i + batch], reduction="sum").item()
+        correct += (out.argmax(1) == y[i : i + batch]).sum().item()
+    model.train(was_training)
+    return loss / len(x), correct / len(x)
+
+
+def train_for(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    data: tuple[Tensor, Tensor, Tensor, Tensor],
+    budget_s: float,
+    *,
+    name: str,
+    lr: float,
+    seed: int,
+    batch_size: int = 128,
+    n_evals: int = 30,
+    progress: Callable[[float], None] | None = None,
+) -> RunResult:
+    """Train for ``budget_s`` seconds of training time; evaluate ``n_evals`` times evenly."""
+    x_train, y_train, x_test, y_test = data
+    result = RunResult(name, lr, seed)
+    g = torch.Generator().manual_seed(seed)
+    perm, cursor = torch.randperm(len(x_train), generator=g), 0
+    next_eval, spent, window = budget_s / n_evals, 0.0, []
+    nfe_f = nfe_b = 0
+    _nfe_of(model)  # reset counters
+    while spent < budget_s:
+        if cursor + batch_size > len(perm):
+            perm, cursor = torch.randperm(len(x_train), generator=g), 0
+        idx = perm[cursor : cursor + batch_size]
+        cursor += batch_size
+        start = time.perf_counter()
+        optimizer.zero_grad()
+        loss = F.cross_entropy(model(x_train[idx]), y_train[idx])
+        loss.backward()
+        optimizer.step()
+        spent += time.perf_counter() - start
+        result.iterations += 1
+        window.append(loss.item())
+        counts = _nfe_of(model)
+        if counts is not None:
+            nfe_f, nfe_b = nfe_f + counts[0], nfe_b + counts[1]
+        if progress is not None:
+            progress(min(spent, budget_s))
+        if spent >= next_eval or spent >= budget_s:
+            test_loss, acc = evaluate(model, x_test, y_test)
+            train_loss = sum(window) / len(window) if window else float("nan")
+            result.points.append(Point(spent, result.iterations, train_loss, test_loss, acc))
+            window, next_eval = [], next_eval + budget_s / n_evals
+            if not math.isfinite(train_loss):
+                break
+    result.seconds = spent
+    if result.iterations and nfe_f:
+        result.nfe_forward = nfe_f / result.iterations
+        result.nfe_backward = nfe_b / result.iterations
+    return result
+
+
+def peak_memory_mb(step: Callable[[], None], model: nn.Module, device: torch.device) -> float:
+    """Peak memory growth of ``step()`` over 2 calls: CUDA allocator stats on a GPU, else
+    anonymous resident memory sampled at every module call (Linux ``/proc/self/statm``)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        for _ in range(2):
+            step()
+        torch.cuda.synchronize(device)
+        return (torch.cuda.max_memory_allocated(device) - base) / 2**20
+    try:
+        statm = open("/proc/self/statm", "rb", buffering=0)
+    except OSError:
+        return float("nan")
+    page = os.sysconf("SC_PAGE_SIZE")
+
+    def anon() -> int:
+        statm.seek(0)
+        _, resident, shared = (int(v) for v in statm.read().split()[:3])
+        return (resident - shared) * page
+
+    peak = [0]
+
+    def sample(*_: Any) -> None:
+        peak[0] = max(peak[0], anon())
+
+    handles = [m.register_forward_hook(sample) for m in model.modules()]
+    try:
+        step()  # warm-up
+        gc.collect()
+        base = anon()
+        peak[0] = base
+        for _ in range(2):
+            step()
+            sample()
+    finally:
+        for h in handles:
+            h.remove()
+        statm.close()
+    return (peak[0] - base) / 2**20
+
+
+# --------------------------------------------------------------------------- reporting
+
+
+def summary_rows(runs: list[RunResult], reference: str = "adam") -> list[dict[str, Any]]:
+    """Mean over seeds per optimizer; time to the reference optimizer's best accuracy."""
+    by_opt: dict[str, list[RunResult]] = {}
+    for r in runs:
+        by_opt.setdefault(r.optimizer, []).append(r)
+    ref_best = {r.seed: r.best_acc for r in by_opt.get(reference, [])}
+    rows = []
+    for name, rs in by_opt.items():
+        times = [r.time_to(ref_best[r.seed]) for r in rs if r.seed in ref_best]
+        ref_times = [
+            ref.time_to(ref.best_acc) for ref in by_opt.get(reference, []) if ref.seed in ref_best
+        ]
+
+        def mean(v: list[float]) -> float:
+            return sum(v) / len(v) if v else float("nan")
+
+        rows.append(
+            {
+                "optimizer": name,
+                "lr": rs[0].lr,
+                "seeds": len(rs),
+                "final_acc": mean([r.final_acc for r in rs]),
+                "best_acc": mean([r.best_acc for r in rs]),
+                "final_train_loss": mean([r.final_train_loss for r in rs]),
+                f"s_to_{reference}_best": mean(times),
+                f"x_{reference}_time": mean(times) / mean(ref_times) if ref_times else math.nan,
+                "s_per_iter": mean([r.seconds_per_iter for r in rs]),
+                "iterations": mean([float(r.iterations) for r in rs]),
+                "nfe_forward": mean([r.nfe_forward for r in rs]),
+                "nfe_backward": mean([r.nfe_backward for r in rs]),
+                "peak_memory_mb": mean([r.peak_memory_mb for r in rs]),
+                **{k: mean([r.extra.get(k, math.nan) for r in rs]) for k in rs[0].extra},
+            }
+        )
+    return rows
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    """Aligned plain-text table of :func:`summary_rows`."""
+    if not rows:
+        return ""
+    cols = list(rows[0])
+    cells = [[_fmt(row.get(c)) for c in cols] for row in rows]
+    widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(cols)]
+    lines = ["  ".join(c.rjust(w) for c, w in zip(cols, widths))]
+    lines.append("  ".join("-" * w for w in widths))
+    lines += ["  ".join(v.rjust(w) for v, w in zip(r, widths)) for r in cells]
+    return "\n".join(lines)
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        if math.isnan(v):
+            return "-"
+        if math.isinf(v):
+            return "never"
+        return f"{v:.4g}" if abs(v) < 1e4 else f"{v:.0f}"
+    return str(v)
+
+
+def write_outputs(
+    runs: list[RunResult], rows: list[dict[str, Any]], out: Path, stem: str, title: str
+) -> list[Path]:
+    """JSON (everything), CSV (every logged point) and a PNG of the curves under ``out``."""
+    out.mkdir(parents=True, exist_ok=True)
+    paths = [out / f"{stem}.json", out / f"{stem}.csv", out / f"{stem}.png"]
+    with open(paths[0], "w") as fh:
+        json.dump({"summary": rows, "runs": [asdict(r) for r in runs]}, fh, indent=1, default=float)
+    with open(paths[1], "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["optimizer", "lr", "seed", *Point.__dataclass_fields__])
+        for r in runs:
+            for p in r.points:
+                w.writerow([r.optimizer, r.lr, r.seed, *asdict(p).values()])
+    plot_curves(runs, paths[2], title)
+    return paths
+
+
+def plot_curves(runs: list[RunResult], path: Path, title: str) -> None:
+    """Training loss and test accuracy against training wall-clock (Fig. 1/7 analogue)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_l, ax_a) = plt.subplots(1, 2, figsize=(10, 3.8))
+    colors: dict[str, str] = {}
+    for r in runs:
+        c = colors.setdefault(r.optimizer, f"C{len(colors)}")
+        t = [p.seconds for p in r.points]
+        label = f"{r.optimizer} (lr {r.lr:g})" if r.seed == min(x.seed for x in runs) else None
+        ax_l.plot(t, [p.train_loss for p in r.points], color=c, label=label, alpha=0.85)
+        ax_a.plot(t, [p.test_acc for p in r.points], color=c, label=label, alpha=0.85)
+    ax_l.set_yscale("log")
+    ax_l.set_xlabel("training wall-clock (s)")
+    ax_l.set_ylabel("training loss")
+    ax_a.set_xlabel("training wall-clock (s)")
+    ax_a.set_ylabel("test accuracy")
+    accs = [p.test_acc for r in runs for p in r.points]
+    if accs:
+        ax_a.set_ylim(max(0.0, sorted(accs)[len(accs) // 10] - 0.05), 1.0)
+    ax_a.legend(loc="lower right")
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
