@@ -107,7 +107,7 @@ def kinetic_jacobian(
     (``torchdyn.numerics.odeint(node.vf, ...)``) on a uniform grid of ``n_points`` times over
     ``[t_span[0], t_span[-1]]``; at each grid point takes per-sample ``‖F‖²`` and
     ``‖∇ₓF‖²_F`` (norms over all non-batch dimensions) and integrates them over time with the
-    trapezoid rule (over ``|t1 - t0|``, so a reversed span gives the same non-negative values).
+    trapezoid rule over ``|t1 - t0|`` (both terms stay non-negative for a reversed span).
 
     The Frobenius norm is Hutchinson's estimate ``mean_k ‖ε_kᵀ ∇ₓF‖²``, ``ε_k ~ N(0, I)``,
     with ``hutchinson_samples`` draws from ``generator`` (one batched VJP per draw), or exact
