@@ -12,10 +12,9 @@ same ODE with the same number of steps:
   amortized at ``update_freq = 10`` as the demo runs it.
 
 The weights are restored after every timed step so all repetitions see the same ODE.
-Peak memory is the growth of the process's anonymous resident memory (``/proc/self/statm``
-resident - shared, sampled at every layer call and around each step) over three training
-iterations at batch 512 after a warm-up iteration, each variant in a fresh subprocess; SNOpt
-runs with ``full_precond=True`` and refreshes its curvature on every one of them.
+Peak memory is the growth of live heap memory (glibc ``mallinfo2``, sampled at every layer
+call) during a training step at batch 512 above its starting level, after a warm-up step;
+SNOpt runs with ``full_precond=True`` and refreshes its curvature on every step.
 
     python benchmarks/core_overhead.py [--warmup-iters 60] [--reps 15] [--update-freq 100]
 """
@@ -26,8 +25,6 @@ import argparse
 import copy
 import json
 import statistics
-import subprocess
-import sys
 import time
 import warnings
 
@@ -35,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 import torchdyn_snopt as tds
+from torchdyn_snopt.bench.common import peak_memory_mb
 from torchdyn_snopt.data import load_digits
 from torchdyn_snopt.models import ImageClassifier
 
@@ -105,57 +103,28 @@ def timing(weights: dict, reps: int, seed: int) -> dict:
     return out
 
 
-_MEM_CHILD = r"""
-import gc, os, sys, warnings, torch, torch.nn.functional as F
-torch.set_num_threads(1)  # one allocator arena: repeatable peaks
-import torchdyn_snopt as tds
-from torchdyn_snopt.data import load_digits
-from torchdyn_snopt.models import ImageClassifier
-variant, path = sys.argv[1], sys.argv[2]
-PAGE = os.sysconf("SC_PAGE_SIZE")
-statm = open("/proc/self/statm", "rb", buffering=0)
-def anon():  # resident - shared: the anonymous memory tensors live in (not paged out)
-    statm.seek(0)
-    _, resident, shared = (int(v) for v in statm.read().split()[:3])
-    return (resident - shared) * PAGE
-peak = [0]
-def sample(*_):
-    peak[0] = max(peak[0], anon())
-model = ImageClassifier(sensitivity="adjoint" if variant == "adam" else "snopt")
-model.load_state_dict(torch.load(path))
-for m in model.modules():
-    m.register_forward_hook(sample)  # every layer call, in every forward and backward solve
-x, y, _, _ = load_digits()
-xb, yb = x[:512], y[:512]
-with warnings.catch_warnings():
-    warnings.simplefilter("ignore")
-    opt = (torch.optim.Adam(model.parameters(), lr=1e-3) if variant == "adam"
-           else tds.SNOpt(model, lr=1e-3, update_freq=1, full_precond=True))
-def step():
-    opt.zero_grad(); F.cross_entropy(model(xb), yb).backward(); sample(); opt.step(); sample()
-step()  # warm-up: allocator, kernels, optimizer state
-gc.collect()
-base = anon(); peak[0] = base
-for _ in range(3):
-    step()
-print((peak[0] - base) / 2**20)
-"""
-
-
-def peak_memory_mb(weights: dict) -> dict:
-    import tempfile
-
-    with tempfile.NamedTemporaryFile(suffix=".pt") as f:
-        torch.save(weights, f.name)
-        out = {}
-        for variant in ("adam", "snopt"):
-            res = subprocess.run(
-                [sys.executable, "-c", _MEM_CHILD, variant, f.name],
-                capture_output=True,
-                text=True,
-                check=True,
+def peak_memory(weights: dict) -> dict:
+    """Peak live-heap growth of a training step at batch 512 (see ``peak_memory_mb``)."""
+    x, y, _, _ = load_digits()
+    xb, yb = x[:512], y[:512]
+    out = {}
+    for variant in ("adam", "snopt"):
+        model = ImageClassifier(sensitivity="adjoint" if variant == "adam" else "snopt")
+        model.load_state_dict(weights)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            opt = (
+                torch.optim.Adam(model.parameters(), lr=1e-3)
+                if variant == "adam"
+                else tds.SNOpt(model, lr=1e-3, update_freq=1, full_precond=True)
             )
-            out[variant] = float(res.stdout.strip().splitlines()[-1])
+
+        def step(model=model, opt=opt) -> None:
+            opt.zero_grad()
+            F.cross_entropy(model(xb), yb).backward()
+            opt.step()
+
+        out[variant] = peak_memory_mb(step, model, torch.device("cpu"))
     return out
 
 
@@ -172,7 +141,7 @@ def main(argv: list[str] | None = None) -> dict:
     t = timing(copy.deepcopy(weights), args.reps, args.seed)
     k = args.update_freq
     amortized = (t["armed"] + (k - 1) * t["plain"]) / k
-    mem = peak_memory_mb(weights)
+    mem = peak_memory(weights)
     amortized_full = (t["armed_full"] + 9 * t["plain_full"]) / 10
     rows = [
         ("adam + torchdyn adjoint", t["adam"], 1.0),
@@ -196,7 +165,7 @@ def main(argv: list[str] | None = None) -> dict:
         f"(full_precond: {t['armed_full'] / t['plain_full']:.2f}×)"
     )
     print(
-        f"peak memory growth over 3 iterations at batch 512: adam+adjoint {mem['adam']:.1f} MB, "
+        f"peak memory growth of a training step at batch 512: adam+adjoint {mem['adam']:.1f} MB, "
         f"snopt (full_precond, armed every step) {mem['snopt']:.1f} MB, "
         f"ratio {mem['snopt'] / max(mem['adam'], 1e-9):.2f}×"
     )
