@@ -146,28 +146,28 @@ def run_one(
     return result
 
 
-def _progress_bar(total: float, desc: str, quiet: bool) -> Any:
+def _with_bar(
+    desc: str,
+    budget_s: float,
+    quiet: bool,
+    run: Callable[[Callable[[float], None] | None], RunResult],
+) -> RunResult:
+    """Call ``run(progress)`` under a tqdm bar of the training seconds (none when quiet)."""
     if quiet:
-        return None
+        return run(None)
     from tqdm.auto import tqdm
 
-    return tqdm(
-        total=round(total, 1),
+    bar = tqdm(
+        total=round(budget_s, 1),
         desc=desc,
         unit="s",
         leave=False,
         bar_format="{desc}: {percentage:3.0f}%|{bar}| {n:.0f}/{total:.0f} s",
     )
-
-
-def _runner(bar: Any) -> Callable[[float], None] | None:
-    if bar is None:
-        return None
-
-    def update(spent: float) -> None:
-        bar.update(round(spent, 1) - bar.n)
-
-    return update
+    try:
+        return run(lambda spent: bar.update(round(spent, 1) - bar.n))
+    finally:
+        bar.close()
 
 
 def bench_image(
@@ -203,13 +203,9 @@ def bench_image(
             f"baseline_sensitivity={baseline_sensitivity!r} is invalid; "
             "accepted: 'snopt', 'adjoint'"
         )
-    dev = torch.device(
-        "cuda"
-        if device == "auto" and torch.cuda.is_available()
-        else "cpu"
-        if device == "auto"
-        else device
-    )
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    dev = torch.device(device)
     chosen = {**DEFAULT_LRS[dataset], **(lrs or {})}
     log = (lambda *a: None) if quiet else print
     data = tuple(t.to(dev) for t in load_image_dataset(dataset))
@@ -218,31 +214,29 @@ def bench_image(
         f"{budget_s:g} s of training per run, device {dev}"
     )
 
+    common = {
+        "dataset": dataset,
+        "data": data,
+        "budget_s": budget_s,
+        "device": dev,
+        "batch_size": batch_size,
+        "baseline_sensitivity": baseline_sensitivity,
+    }
     runs: list[RunResult] = []
     if sweep:
         grid = [(o, lr, None) for o in optimizers for lr in SWEEP_LRS[o]]
         if "snopt" in optimizers:
             grid += [("snopt", chosen["snopt"], e) for e in SWEEP_EPS]
         for name, lr, eps in grid:
-            bar = _progress_bar(
-                budget_s, f"{name} lr={lr:g}" + (f" eps={eps:g}" if eps else ""), quiet
-            )
-            r = run_one(
-                name,
-                lr,
-                0,
-                dataset,
-                data,
+            desc = f"{name} lr={lr:g}" + (f" eps={eps:g}" if eps else "")
+            r = _with_bar(
+                desc,
                 budget_s,
-                dev,
-                batch_size,
-                baseline_sensitivity,
-                eps,
-                _runner(bar),
-                measure=False,
+                quiet,
+                lambda p, n=name, lr=lr, e=eps: run_one(
+                    n, lr, 0, eps=e, progress=p, measure=False, **common
+                ),
             )
-            if bar is not None:
-                bar.close()
             runs.append(r)
             log(
                 f"  {name:5s} lr={lr:<7g}{'' if eps is None else f' eps={eps:<5g}'} "
@@ -254,21 +248,13 @@ def bench_image(
     else:
         for seed in range(seeds):
             for name in optimizers:
-                bar = _progress_bar(budget_s, f"seed {seed} {name} lr={chosen[name]:g}", quiet)
-                r = run_one(
-                    name,
-                    chosen[name],
-                    seed,
-                    dataset,
-                    data,
+                desc = f"seed {seed} {name} lr={chosen[name]:g}"
+                r = _with_bar(
+                    desc,
                     budget_s,
-                    dev,
-                    batch_size,
-                    baseline_sensitivity,
-                    progress=_runner(bar),
+                    quiet,
+                    lambda p, n=name, s=seed: run_one(n, chosen[n], s, progress=p, **common),
                 )
-                if bar is not None:
-                    bar.close()
                 runs.append(r)
                 log(
                     f"  seed {seed} {name:5s} lr={r.lr:g}: final acc {r.final_acc:.4f}, "

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from torchdyn_snopt.data._split import stratified_split
+
 
 def load_digits(
     test_fraction: float = 0.25, seed: int = 0, dtype: torch.dtype = torch.float32
@@ -26,14 +28,4 @@ def load_digits(
     bunch = _sk_digits()
     x = torch.tensor(bunch.images, dtype=dtype)[:, None] / 16.0
     y = torch.tensor(bunch.target, dtype=torch.long)
-    g = torch.Generator().manual_seed(seed)
-    test_idx = []
-    for c in range(10):
-        idx = (y == c).nonzero().flatten()
-        idx = idx[torch.randperm(len(idx), generator=g)]
-        test_idx.append(idx[: round(len(idx) * test_fraction)])
-    test = torch.zeros(len(y), dtype=torch.bool)
-    test[torch.cat(test_idx)] = True
-    x_train, x_test = x[~test], x[test]
-    mean, std = x_train.mean(), x_train.std()
-    return (x_train - mean) / std, y[~test], (x_test - mean) / std, y[test]
+    return stratified_split(x, y, test_fraction, seed)

