@@ -31,6 +31,7 @@ def test_summary_times_to_reference_best():
     assert rows["snopt"]["s_to_adam_best"] == 1.0
     assert rows["snopt"]["x_adam_time"] == pytest.approx(1 / 3)
     assert math.isinf(rows["sgd"]["s_to_adam_best"])
+    assert rows["snopt"]["s_to_sgd_best"] == 1.0 and rows["sgd"]["s_to_sgd_best"] == 3.0
     assert rows["snopt"]["final_acc"] == 0.95 and rows["adam"]["best_acc"] == 0.9
     table = format_table(list(rows.values()))
     assert "never" in table and "snopt" in table

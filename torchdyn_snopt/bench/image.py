@@ -260,8 +260,7 @@ def bench_image(
                     f"  seed {seed} {name:5s} lr={r.lr:g}: final acc {r.final_acc:.4f}, "
                     f"best {r.best_acc:.4f}, {r.iterations} iterations"
                 )
-        reference = "adam" if "adam" in optimizers else optimizers[0]
-        rows = summary_rows(runs, reference)
+        rows = summary_rows(runs)
         files = write_outputs(
             runs,
             rows,
