@@ -4,6 +4,8 @@ Importing the package registers the ``"snopt"`` and ``"snopt_adjoint"`` sensitiv
 torchdyn's ``NeuralODE``/``ODEProblem``.
 """
 
+from importlib import metadata as _metadata
+
 from torchdyn_snopt.registration import SENSITIVITIES, register
 
 register()
@@ -11,7 +13,10 @@ register()
 from torchdyn_snopt.curvature import LayerAdapter, register_adapter  # noqa: E402
 from torchdyn_snopt.optim import SNOpt, SNOptPreconditioner, read_nfe  # noqa: E402
 
-__version__ = "0.1.0"
+try:  # pyproject.toml is the one place for the version
+    __version__ = _metadata.version("torchdyn-snopt")
+except _metadata.PackageNotFoundError:  # pragma: no cover - running from an uninstalled tree
+    __version__ = "0+unknown"
 
 __all__ = [
     "SENSITIVITIES",
