@@ -61,6 +61,14 @@ class LayerAdapter(ABC):
         return all(p.grad is not None for p in self.params())
 
 
+class WeightBiasAdapter(LayerAdapter):
+    """Base for modules whose parameters are ``weight`` and an optional ``bias``."""
+
+    def params(self) -> list[nn.Parameter]:
+        bias = getattr(self.module, "bias", None)
+        return [self.module.weight] + ([bias] if bias is not None else [])
+
+
 def second_moment(rows: Tensor) -> Tensor:
     """``E[r rᵀ]`` over the rows of an ``(n, d)`` matrix."""
     rows = rows.detach()

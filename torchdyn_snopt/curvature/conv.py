@@ -14,7 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from torchdyn_snopt.curvature.base import LayerAdapter, append_ones
+from torchdyn_snopt.curvature.base import WeightBiasAdapter, append_ones
 
 
 def conv_padding(module: nn.Conv2d) -> tuple[int, int]:
@@ -51,7 +51,7 @@ def channel_rows(grad_output: Tensor) -> Tensor:
     return grad_output.permute(0, 2, 3, 1).reshape(-1, grad_output.shape[1])
 
 
-class Conv2dAdapter(LayerAdapter):
+class Conv2dAdapter(WeightBiasAdapter):
     """KFC factors for a 2-D convolution; weight ``(C_out, C_in, kh, kw)`` flattened per row."""
 
     module: nn.Conv2d
@@ -59,12 +59,6 @@ class Conv2dAdapter(LayerAdapter):
     def __init__(self, module: nn.Module, name: str) -> None:
         super().__init__(module, name)
         self._padding = conv_padding(module)
-
-    def params(self) -> list[nn.Parameter]:
-        ps = [self.module.weight]
-        if self.module.bias is not None:
-            ps.append(self.module.bias)
-        return ps
 
     def input_rows(self, inputs: tuple[Any, ...]) -> Tensor:
         rows = unfold_patches(inputs[0], self.module, self._padding)

@@ -8,19 +8,13 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from torchdyn_snopt.curvature.base import LayerAdapter, append_ones
+from torchdyn_snopt.curvature.base import WeightBiasAdapter, append_ones
 
 
-class LinearAdapter(LayerAdapter):
+class LinearAdapter(WeightBiasAdapter):
     """``A`` over inputs ``[z, 1]``, ``B`` over output gradients; weight and bias as one matrix."""
 
     module: nn.Linear
-
-    def params(self) -> list[nn.Parameter]:
-        ps = [self.module.weight]
-        if self.module.bias is not None:
-            ps.append(self.module.bias)
-        return ps
 
     def input_rows(self, inputs: tuple[Any, ...]) -> Tensor:
         z = inputs[0].reshape(-1, self.module.in_features)

@@ -32,7 +32,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from torchdyn_snopt.curvature.base import LayerAdapter
+from torchdyn_snopt.curvature.base import LayerAdapter, second_moment
 from torchdyn_snopt.curvature.capture import recording
 
 #: Input rows (samples × locations) per node and layer used for ``A``; beyond it a random
@@ -181,7 +181,7 @@ class CurvatureSampler:
             result = {}
             for adapter, (zs, gs, loc) in rows.items():
                 z, g = torch.cat(zs), torch.cat(gs)
-                result[adapter] = (z.t() @ z / z.shape[0], g.t() @ g / g.shape[0], loc)
+                result[adapter] = (second_moment(z), second_moment(g), loc)
         return result
 
 
