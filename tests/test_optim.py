@@ -182,3 +182,21 @@ def test_nan_gradient_skips_step_and_training_continues():
     _train(model, opt, 2, x, y, start=3)
     assert all(torch.isfinite(p).all() for p in model.parameters())
     assert opt.preconditioner.steps == 5
+
+
+def test_second_optimizer_on_same_model_replaces_hooks():
+    model = _model()
+    x, y = _data()
+    tds.SNOpt(model, lr=0.05, full_precond=True)
+    opt = tds.SNOpt(model, lr=0.05, full_precond=True)
+    for m in (model.enc, model.head, model.ode.vf.vf.l1, model.ode.vf.vf.l2):
+        assert len(m._forward_hooks) == 1
+    F.cross_entropy(model(x), y).backward()
+    opt.step()
+    single = _model()
+    ref = tds.SNOpt(single, lr=0.05, full_precond=True)
+    F.cross_entropy(single(x), y).backward()
+    ref.step()
+    for name, f in ref.preconditioner.last_factors.items():
+        torch.testing.assert_close(opt.preconditioner.last_factors[name].A, f.A)
+        torch.testing.assert_close(opt.preconditioner.last_factors[name].B, f.B)

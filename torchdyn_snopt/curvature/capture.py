@@ -39,4 +39,15 @@ def attach(adapter: LayerAdapter) -> RemovableHandle:
         if _ACTIVE:
             _ACTIVE[-1].append((adapter, inputs, output))
 
-    return adapter.module.register_forward_hook(hook)
+    return replace_hook(adapter.module, "_snopt_capture_hook", hook)
+
+
+def replace_hook(module: nn.Module, key: str, hook: Any) -> RemovableHandle:
+    """Register ``hook`` on ``module``, removing the one a previous optimizer left under ``key``
+    (building a second SNOpt on the same model must not record every call twice)."""
+    old = module.__dict__.get(key)
+    if old is not None:
+        old.remove()
+    handle = module.register_forward_hook(hook)
+    module.__dict__[key] = handle
+    return handle

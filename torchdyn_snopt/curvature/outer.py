@@ -16,6 +16,7 @@ from torch import Tensor
 from torch.utils.hooks import RemovableHandle
 
 from torchdyn_snopt.curvature.base import LayerAdapter
+from torchdyn_snopt.curvature.capture import replace_hook
 from torchdyn_snopt.curvature.sampler import Factors
 
 
@@ -28,7 +29,7 @@ class OuterFactors:
         self.batch_size: dict[LayerAdapter, int] = {}
         self._sums: dict[LayerAdapter, list[Any]] = {}
         self._handles: list[RemovableHandle] = [
-            a.module.register_forward_hook(self._hook(a)) for a in adapters
+            replace_hook(a.module, "_snopt_outer_hook", self._hook(a)) for a in adapters
         ]
 
     def _hook(self, adapter: LayerAdapter) -> Any:
