@@ -11,6 +11,7 @@ from torchdyn_snopt.registration import SENSITIVITIES, register
 register()
 
 from torchdyn_snopt.curvature import LayerAdapter, register_adapter  # noqa: E402
+from torchdyn_snopt.horizon import FreeHorizon  # noqa: E402
 from torchdyn_snopt.optim import SNOpt, SNOptPreconditioner, read_nfe  # noqa: E402
 
 try:  # pyproject.toml is the one place for the version
@@ -20,6 +21,7 @@ except _metadata.PackageNotFoundError:  # pragma: no cover - running from an uni
 
 __all__ = [
     "SENSITIVITIES",
+    "FreeHorizon",
     "LayerAdapter",
     "SNOpt",
     "SNOptPreconditioner",

@@ -50,6 +50,34 @@ class _CountingField(nn.Module):
         return self.vf(t, x)
 
 
+def _can_resolve(problem: ODEProblem, sol: Tensor, t_span: Tensor, save_at: Any) -> bool:
+    """Whether a short forward solve can be redone by :func:`_solve_by_intervals`."""
+    increasing = bool((t_span[1:] > t_span[:-1]).all())
+    plain = problem.interpolator is None and not len(save_at)
+    return plain and increasing and bool(torch.isfinite(sol).all())
+
+
+def _solve_by_intervals(
+    vf: nn.Module, x: Tensor, t_span: Tensor, problem: ODEProblem, args: dict
+) -> tuple[Tensor, Tensor]:
+    """Forward solve between consecutive ``t_span`` points; outputs at every point."""
+    sol = [x]
+    for k in range(len(t_span) - 1):
+        sol.append(
+            integrate(
+                vf,
+                sol[-1],
+                t_span[k],
+                t_span[k + 1],
+                problem.solver,
+                problem.atol,
+                problem.rtol,
+                args=args,
+            )
+        )
+    return t_span, torch.stack(sol)
+
+
 class _SNOptAdjoint(torch.autograd.Function):
     @staticmethod
     def forward(
@@ -73,6 +101,22 @@ class _SNOptAdjoint(torch.autograd.Function):
             save_at=save_at,
             args=args,
         )
+        expected = len(save_at) if len(save_at) else len(t_span)
+        if len(t_eval) < expected and _can_resolve(problem, sol, t_span, save_at):
+            # torchdyn's adaptive loop saves an output only when ``t + dt == t_span[i]`` holds
+            # in floating point; for a last step ``dt = T - t`` that can fail by one ulp and
+            # the solve ends without its outputs (frequent once t_span is learned, e.g. by
+            # FreeHorizon). Redo it with our loop, which lands on every point exactly.
+            t_eval, sol = _solve_by_intervals(
+                _CountingField(problem.vf, sampler), x, t_span, problem, args
+            )
+        if len(t_eval) < expected:  # torchdyn's adaptive loop stops silently on NaN/underflow
+            raise RuntimeError(
+                f"the forward ODE solve returned {len(t_eval)} of {expected} requested outputs "
+                f"(last time reached: {float(t_eval[-1]):.6g} of t_span ending at "
+                f"{float(t_span[-1]):.6g}): its state became non-finite or the adaptive step "
+                "size underflowed; lower the learning rate, or tighten/loosen atol and rtol"
+            )
         ctx.problem, ctx.args, ctx.params = problem, args, params
         ctx.save_for_backward(t_eval, sol, t_span, x)
         return t_eval, sol
