@@ -312,3 +312,14 @@ def classification_data(n: int = 64, seed: int = 0, dtype=DTYPE) -> tuple[Tensor
     x = torch.randn(n, 6, generator=g, dtype=dtype)
     y = (x[:, :3].sum(1) > 0).long() + (x[:, 3] > 1).long()
     return x, y
+
+
+class ConstantField(nn.Module):
+    """``F(t, x) = b`` with one trained scalar ``b``: ``x(T) = x0 + b·T`` in closed form."""
+
+    def __init__(self, b: float = 0.5) -> None:
+        super().__init__()
+        self.b = nn.Parameter(torch.tensor([b], dtype=DTYPE))
+
+    def forward(self, t, x, args=None):
+        return self.b.expand_as(x)

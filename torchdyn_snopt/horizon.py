@@ -102,6 +102,8 @@ class FreeHorizon(nn.Module):
         self._leaf: Tensor | None = None
         self._handles: list[RemovableHandle] = []
         self._snapshot: list[tuple[Tensor, Tensor | None, Tensor]] | None = None
+        #: The last :meth:`step`'s ``dL_dT``, ``Q_T``, ``Q_TT`` and ``Q_Tu_dtheta`` (unaveraged).
+        self.last: dict[str, float] = {}
 
     # ---------------------------------------------------------------- horizon supply
     @property
@@ -246,6 +248,13 @@ class FreeHorizon(nn.Module):
                 stacklevel=2,
             )
             return False
+        T = float(self.T)
+        self.last = {  # this iteration's terms of eq. 16 (before averaging)
+            "dL_dT": s,
+            "Q_T": s + self.penalty * T,
+            "Q_TT": self.penalty + s * s,
+            "Q_Tu_dtheta": feedback,
+        }
         m = self.momentum
         self.avg_s.mul_(m).add_((1 - m) * s)
         self.avg_s2.mul_(m).add_((1 - m) * s * s)
@@ -254,7 +263,6 @@ class FreeHorizon(nn.Module):
         if int(self.steps) % self.update_every:
             return False
         debias = 1 - m ** int(self.steps)
-        T = float(self.T)
         q_t = float(self.avg_s) / debias + self.penalty * T  # eq. 15: ∂/∂T of Φ + c/2·T²
         if self.policy == "feedback":  # eq. 16, Gauss-Newton Q_TT = Fᵀ a aᵀ F + c
             q_tt = float(self.avg_s2) / debias + self.penalty

@@ -38,6 +38,7 @@ HORIZON_OPTIONS: dict[str, dict[str, Any]] = {
     "baseline": {"penalty": 1e-2, "lr": 1.0, "update_every": 10, "momentum": 0.9},
     "feedback": {"penalty": 1e-2, "lr": 0.3, "update_every": 10, "momentum": 0.9},
 }
+DEFAULT_TOL = 1e-3
 SETTLE_BAND = 0.10  # ±10% of the final t1
 
 
@@ -85,13 +86,12 @@ def run_one(
     device: torch.device,
     horizon_options: dict[str, Any] | None = None,
     progress: Callable[[int], None] | None = None,
+    tol: float = 1e-3,
 ) -> HorizonRun:
     """Train ``epochs`` epochs under one horizon policy; returns its :class:`HorizonRun`."""
     x_train, y_train, x_test, y_test = data
     torch.manual_seed(seed)
-    model = build_model(dataset, tuple(x_train.shape), "snopt").to(device)
-    model.t_span.fill_(0.0)
-    model.t_span[-1] = t1
+    model = build_model(dataset, tuple(x_train.shape), "snopt", tol=tol, t1=t1).to(device)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         opt = build_optimizer(optimizer, model, lr)
@@ -180,6 +180,7 @@ def bench_horizon(
     batch_size: int = 128,
     quiet: bool = False,
     horizon_options: dict[str, Any] | None = None,
+    tol: float = DEFAULT_TOL,
 ) -> dict[str, Any]:
     """Run the horizon benchmark; returns ``{"summary": rows, "runs": [...], "files": [...]}``."""
     from torchdyn_snopt.data import IMAGE_DATASETS, load_image_dataset
@@ -234,6 +235,7 @@ def bench_horizon(
                     dev,
                     horizon_options,
                     progress=None if bar is None else bar.update,
+                    tol=tol,
                 )
                 runs.append(r)
                 log(

@@ -55,11 +55,16 @@ MODEL_OPTIONS: dict[str, dict[str, int]] = {
 
 
 def build_model(
-    dataset: str, x_shape: tuple[int, ...], sensitivity: str, num_classes: int = 10
+    dataset: str,
+    x_shape: tuple[int, ...],
+    sensitivity: str,
+    num_classes: int = 10,
+    **overrides: Any,
 ) -> nn.Module:
+    """The dataset's :class:`ImageClassifier`; ``overrides`` replace its keyword arguments."""
     from torchdyn_snopt.models import ImageClassifier
 
-    opts = MODEL_OPTIONS[dataset]
+    opts = {**MODEL_OPTIONS[dataset], **overrides}
     return ImageClassifier(
         in_channels=x_shape[1],
         image_size=x_shape[-1],
