@@ -418,3 +418,27 @@ def test_neuralode_without_return_t_eval():
     )
     got = torch.cat([*(p.grad.reshape(-1) for p in field.parameters()), x.grad.reshape(-1)])
     assert_close(got, ref)
+
+
+def test_end_point_missed_by_torchdyn_is_still_reached():
+    """torchdyn's adaptive loop saves an output only if ``t + dt == t_span[i]`` in floating
+    point; for many float32 horizons the last step misses by one ulp and torchdyn returns only
+    the initial state. The snopt forward redoes such a solve by intervals."""
+    torch.manual_seed(0)
+    f = nn.Sequential(nn.Linear(3, 16), nn.Tanh(), nn.Linear(16, 3))
+    x = torch.randn(8, 3)
+    missed = None
+    for T in torch.linspace(0.3, 1.7, 400):
+        t_span = torch.stack([torch.tensor(0.0), T])
+        if len(odeint(lambda t, z: f(z), x, t_span, "dopri5", atol=1e-3, rtol=1e-3)[0]) < 2:
+            missed = t_span
+            break
+    assert missed is not None, "torchdyn no longer drops end points: drop the workaround"
+    node = NeuralODE(f, sensitivity="snopt", solver="dopri5", atol=1e-3, rtol=1e-3)
+    t_eval, sol = node(x.requires_grad_(True), missed.requires_grad_(True))
+    assert torch.equal(t_eval, missed) and sol.shape == (2, 8, 3)
+    nudged = missed.detach() * torch.tensor([1.0, 1.0 - 1e-7])
+    ref = odeint(lambda t, z: f(z), x.detach(), nudged, "dopri5", atol=1e-6, rtol=1e-6)[1]
+    assert torch.allclose(sol[-1], ref[-1], atol=1e-2)
+    sol[-1].pow(2).sum().backward()
+    assert torch.isfinite(missed.grad).all() and torch.isfinite(x.grad).all()

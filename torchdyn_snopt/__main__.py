@@ -102,6 +102,7 @@ def _add_bench(subparsers: Any) -> None:
     p = subparsers.add_parser("bench", help="equal-wall-clock benchmarks of SNOpt vs Adam and SGD")
     groups = p.add_subparsers(dest="bench", metavar="BENCH", required=True)
     _add_bench_image(groups)
+    _add_bench_horizon(groups)
 
 
 def _add_bench_image(groups: Any) -> None:
@@ -164,6 +165,65 @@ def _add_bench_image(groups: Any) -> None:
             batch_size=args.batch_size,
             baseline_sensitivity=args.baseline_sensitivity,
             sweep=args.sweep,
+        )
+        return 0
+
+    p.set_defaults(func=run)
+
+
+def _float_list(text: str) -> tuple[float, ...]:
+    """argparse type: comma-separated finite floats > 0 (empty: none)."""
+    return tuple(positive_float(v) for v in text.split(",") if v.strip())
+
+
+def _add_bench_horizon(groups: Any) -> None:
+    from torchdyn_snopt.bench import horizon
+
+    p = groups.add_parser(
+        "horizon",
+        help="fixed t1 vs t1 learned by the first-order rule and the feedback policy "
+        "(Table 5, Fig. 5/10)",
+        description=horizon.__doc__.split("\n\n")[1] if horizon.__doc__ else None,
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--dataset", default="digits", help="digits, mnist or fashion-mnist")
+    p.add_argument("--epochs", type=positive_int, default=horizon.DEFAULT_EPOCHS)
+    p.add_argument("--seeds", type=positive_int, default=3, help="number of seeds (0, 1, ...)")
+    p.add_argument(
+        "--policies",
+        default=",".join(horizon.POLICIES),
+        help="comma-separated subset of " + ", ".join(horizon.POLICIES),
+    )
+    p.add_argument(
+        "--fixed-t1",
+        type=_float_list,
+        default=horizon.DEFAULT_FIXED_T1,
+        help="extra fixed horizons, comma-separated (Fig. 5 analogue); '' for none",
+    )
+    p.add_argument("--optimizer", default="snopt", help="adam, sgd or snopt (all runs)")
+    p.add_argument("--lr", type=positive_float, default=None, help="default: bench image's")
+    p.add_argument(
+        "--tol", type=positive_float, default=horizon.DEFAULT_TOL, help="dopri5 atol = rtol"
+    )
+    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, ...")
+    p.add_argument("--out", default="runs/horizon", help="folder for the PNG and JSON")
+    p.add_argument("--batch-size", type=positive_int, default=128, help="minibatch size")
+    p.add_argument("--quiet", action="store_true", help="print nothing")
+
+    def run(args: argparse.Namespace) -> int:
+        horizon.bench_horizon(
+            dataset=args.dataset,
+            epochs=args.epochs,
+            seeds=args.seeds,
+            policies=tuple(s.strip() for s in args.policies.split(",") if s.strip()),
+            fixed_t1=args.fixed_t1,
+            optimizer=args.optimizer,
+            lr=args.lr,
+            device=args.device,
+            out=args.out,
+            batch_size=args.batch_size,
+            quiet=args.quiet,
+            tol=args.tol,
         )
         return 0
 

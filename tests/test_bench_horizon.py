@@ -1,0 +1,46 @@
+"""``torchdyn-snopt bench horizon``: CLI smoke run, output files, settle/summary arithmetic."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from torchdyn_snopt.__main__ import main
+from torchdyn_snopt.bench.horizon import HorizonRun, settle_iteration, summary_rows
+
+
+def test_settle_iteration_is_where_t1_stops_leaving_the_band():
+    history = [(0, 1.0), (10, 0.6), (20, 0.9), (30, 0.52), (40, 0.5), (50, 0.49)]
+    assert settle_iteration(history) == 30  # 0.9 is outside ±10% of 0.49, 0.52 inside
+    assert settle_iteration([(0, 1.0), (10, 1.0)]) == 0
+
+
+def test_summary_is_relative_to_fixed_t1_one():
+    runs = [
+        HorizonRun("fixed", 1.0, 0, seconds=10.0, test_acc=0.9, final_t1=1.0),
+        HorizonRun("fixed", 1.0, 1, seconds=12.0, test_acc=0.92, final_t1=1.0),
+        HorizonRun("feedback", 1.0, 0, seconds=8.0, test_acc=0.91, final_t1=0.5),
+        HorizonRun("feedback", 1.0, 1, seconds=8.5, test_acc=0.9, final_t1=0.6),
+    ]
+    rows = {r["policy"]: r for r in summary_rows(runs)}
+    assert rows["fixed"]["time_vs_fixed1"] == 1.0
+    assert rows["feedback"]["time_vs_fixed1"] == pytest.approx(8.25 / 11.0)
+    assert rows["feedback"]["acc_minus_fixed1"] == pytest.approx(0.905 - 0.91)
+    assert rows["feedback"]["final_t1"] == pytest.approx(0.55)
+
+
+def test_cli_bench_horizon_smoke(tmp_path, capsys):
+    out = tmp_path / "h"
+    argv = ["bench", "horizon", "--epochs", "1", "--seeds", "1", "--fixed-t1", "0.5"]
+    assert main([*argv, "--tol", "1e-3", "--out", str(out), "--quiet"]) == 0
+    data = json.loads((out / "horizon_digits.json").read_text())
+    rows = {(r["policy"], r["t1_start"]): r for r in data["summary"]}
+    assert set(rows) == {("fixed", 1.0), ("baseline", 1.0), ("feedback", 1.0), ("fixed", 0.5)}
+    assert rows[("fixed", 0.5)]["final_t1"] == 0.5
+    for row in rows.values():
+        assert 0.0 <= row["test_acc"] <= 1.0 and row["train_s"] > 0 and row["nfe_forward"] > 0
+    for run in data["runs"]:
+        assert run["history"][0][0] == 0 and len(run["epoch_acc"]) == 1
+    assert (out / "horizon_digits.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert capsys.readouterr().out == ""
