@@ -13,9 +13,15 @@ The by-name path itself is exercised in ``test_registration.py``.
 from __future__ import annotations
 
 import contextlib
+import os
+import socket
+import time
 from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
 
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 import torch.nn as nn
 from torch import Tensor
 from torchdyn.core import NeuralODE
@@ -323,3 +329,47 @@ class ConstantField(nn.Module):
 
     def forward(self, t, x, args=None):
         return self.b.expand_as(x)
+
+
+# --------------------------------------------------------------------------- multi-process
+
+
+def free_port() -> int:
+    """A TCP port on localhost that was free a moment ago (for ``init_process_group``)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def spawn(fn: Callable[..., None], nprocs: int, *args: object, timeout_s: float = 120.0) -> None:
+    """Run ``fn(rank, *args)`` in ``nprocs`` fresh processes (torch.multiprocessing "spawn").
+
+    Re-raises a child's exception; kills every child and raises ``TimeoutError`` after
+    ``timeout_s`` seconds. Children inherit ``sys.path``, so they import this checkout.
+    """
+    ctx = mp.spawn(fn, args=args, nprocs=nprocs, join=False)
+    deadline = time.monotonic() + timeout_s
+    while not ctx.join(timeout=max(0.1, deadline - time.monotonic())):
+        if time.monotonic() >= deadline:
+            for p in ctx.processes:
+                if p.is_alive():
+                    p.kill()
+            raise TimeoutError(f"{fn.__name__} did not finish within {timeout_s} s")
+
+
+def init_gloo(rank: int, world: int, port: int) -> None:
+    """Join a gloo group on localhost (one intra-op thread: the machine's cores are shared)."""
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world
+    )
+
+
+def repo_env() -> dict[str, str]:
+    """``os.environ`` with this checkout first on ``PYTHONPATH`` and one thread per process,
+    for child interpreters (torchrun, scripts) that must import this tree's package."""
+    root = str(Path(__file__).resolve().parent.parent)
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([root, *filter(None, [env.get("PYTHONPATH")])])
+    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    return env

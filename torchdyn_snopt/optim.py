@@ -30,6 +30,7 @@ from torchdyn_snopt.curvature.capture import attach
 from torchdyn_snopt.curvature.outer import OuterFactors
 from torchdyn_snopt.curvature.registry import adapter_for
 from torchdyn_snopt.curvature.sampler import CurvatureSampler, Factors
+from torchdyn_snopt.distributed import AUTO, RankSync, unwrap
 from torchdyn_snopt.registration import SENSITIVITIES, is_snopt_problem
 
 
@@ -94,8 +95,13 @@ def _eigh(matrix: Tensor) -> tuple[Tensor, Tensor]:
 
 def eigen_from_factors(f: Factors) -> _Eigen:
     """Fresh eigenbasis and ``m = L·λ_B λ_Aᵀ`` from sampled factors."""
-    lam_a, UA = _eigh(f.A)
-    lam_b, UB = _eigh(f.B)
+    return _eigen_from_pairs(f, _eigh(f.A), _eigh(f.B))
+
+
+def _eigen_from_pairs(
+    f: Factors, pair_a: tuple[Tensor, Tensor], pair_b: tuple[Tensor, Tensor]
+) -> _Eigen:
+    (lam_a, UA), (lam_b, UB) = pair_a, pair_b
     return _Eigen(UA, UB, torch.outer(lam_b, lam_a) * f.locations)
 
 
@@ -130,6 +136,15 @@ class SNOptPreconditioner:
             gradients ``P`` are scaled by ``min(1, sqrt(kl_clip / (lr² Σ⟨P, G⟩)))``, so the
             step's predicted change of the Gauss-Newton model stays below ``kl_clip``.
         lr: learning rate of the optimizer that follows (only used by ``kl_clip``).
+        process_group: ranks that share this curvature (:mod:`torchdyn_snopt.distributed`):
+            ``"auto"`` (default) = torch.distributed's default group whenever it is initialized
+            with more than one process, ``None`` = never communicate, or a ``ProcessGroup``.
+        distribute_eigh: with several processes, each rank eigendecomposes a share of the
+            factors and the results are exchanged (default False: every rank decomposes all).
+
+    ``model`` may be wrapped in ``DistributedDataParallel``; the layers are found (and named)
+    inside the wrapper. Under DDP the factors are averaged over ranks at every refresh and a
+    non-finite gradient on any rank makes every rank skip the step.
 
     Call :meth:`step` after ``loss.backward()``: it rewrites ``.grad`` in place and returns
     ``False`` (changing nothing) when a gradient or a factor is not finite. After a refresh,
@@ -147,12 +162,16 @@ class SNOptPreconditioner:
         weight_decay: float = 0.0,
         kl_clip: float | None = None,
         lr: float = 1.0,
+        process_group: Any = AUTO,
+        distribute_eigh: bool = False,
         _stacklevel: int = 2,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model={type(model).__name__} must be a torch.nn.Module")
         _check_hyper(eps, update_freq, alpha, grid_size, weight_decay, kl_clip)
         _check_lr(lr)
+        sync = RankSync(process_group, distribute_eigh)  # validates both
+        model = unwrap(model)
         problems = [m for m in model.modules() if is_snopt_problem(m)]
         in_ode = {
             id(m) for p in model.modules() if isinstance(p, ODEProblem) for m in p.vf.modules()
@@ -206,6 +225,8 @@ class SNOptPreconditioner:
         self._handles = [attach(a) for a in self._ode_adapters]
         self._outer = OuterFactors(outer)
         self._eigen: dict[LayerAdapter, _Eigen] = {}
+        self.sync = sync
+        self._device = self.adapters[0].params()[0].device  # where collectives' buffers live
         self.steps = 0
         covered = {id(p) for a in self.adapters for p in a.params()}
         self.params = [p for p in model.parameters() if p.requires_grad]
@@ -259,18 +280,26 @@ class SNOptPreconditioner:
     def step(self) -> bool:
         """Precondition every covered gradient in place (eq. 14); ``False`` = step skipped."""
         grads = [p.grad for p in self.params if p.grad is not None]
-        if not _all_finite(grads):
-            warnings.warn("non-finite gradient: SNOpt skipped this step", stacklevel=3)
-            self._discard_samples()
+        factors = self._collect() if self._armed else {}  # a skipped step drops its samples
+        world = self.sync.world_size()
+        # One collective with several processes: the flag, plus the factors at a refresh.
+        bad, factors = self.sync.agree(
+            _all_finite(grads), factors, self.adapters, self._armed, self._device
+        )
+        if bad:
+            where = f" on {bad} of {world} ranks" if world > 1 else ""
+            warnings.warn(f"non-finite gradient{where}: SNOpt skipped this step", stacklevel=3)
             return False
         fresh: dict[LayerAdapter, _Eigen] = {}
-        factors: dict[LayerAdapter, Factors] = {}
         if self._armed:
-            factors = self._collect()
             if not _all_finite([t for f in factors.values() for t in (f.A, f.B)]):
                 warnings.warn("non-finite curvature factor: SNOpt skipped this step", stacklevel=3)
                 return False
-            fresh = {a: eigen_from_factors(f) for a, f in factors.items()}
+            pairs = self.sync.eigh([m for f in factors.values() for m in (f.A, f.B)], _eigh)
+            fresh = {
+                a: _eigen_from_pairs(f, pairs[2 * i], pairs[2 * i + 1])
+                for i, (a, f) in enumerate(factors.items())
+            }
         eigen = {**self._eigen, **fresh}
         updates: dict[LayerAdapter, tuple[Tensor, Tensor]] = {}
         vg = 0.0
@@ -279,7 +308,8 @@ class SNOptPreconditioner:
                 continue
             G = adapter.grad_matrix()
             G1 = project(G, eig)
-            m = eig.m * self.alpha + (1.0 - self.alpha) * self._batch_size(adapter) * G1.square()
+            batch = self._batch_size(adapter) * world  # DDP's gradient: the global batch's
+            m = eig.m * self.alpha + (1.0 - self.alpha) * batch * G1.square()
             if self.weight_decay:
                 G1 = G1 + self.weight_decay * project(adapter.param_matrix(), eig)
             P = solve_in_eigenbasis(G1, eig, m + self.eps + self.weight_decay)
@@ -309,11 +339,6 @@ class SNOptPreconditioner:
         if self.steps % self.update_freq == 0:
             self._set_armed(True)
         return True
-
-    def _discard_samples(self) -> None:
-        for s in self._samplers:
-            s.factors.clear()
-        self._outer.take()
 
     # --- persistence ----------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -359,8 +384,9 @@ class SNOpt(torch.optim.Optimizer):
             :class:`SNOptPreconditioner`); all its trainable parameters are optimized.
         lr: learning rate ``η > 0``.
         momentum: heavy-ball momentum in ``[0, 1)`` (default 0.9, as in the paper's runs).
-        eps, update_freq, alpha, full_precond, grid_size, weight_decay, kl_clip: as in
-            :class:`SNOptPreconditioner` (``kl_clip`` uses this optimizer's ``lr``).
+        eps, update_freq, alpha, full_precond, grid_size, weight_decay, kl_clip,
+            process_group, distribute_eigh: as in :class:`SNOptPreconditioner` (``kl_clip``
+            uses this optimizer's ``lr``). ``model`` may be wrapped in DDP.
 
     Per iteration: ``zero_grad()``, ``loss.backward()``, ``step()``; the curvature sampling
     of the backward passes is armed by the optimizer itself.
@@ -378,6 +404,8 @@ class SNOpt(torch.optim.Optimizer):
         full_precond: bool = False,
         grid_size: int = 100,
         kl_clip: float | None = None,
+        process_group: Any = AUTO,
+        distribute_eigh: bool = False,
     ) -> None:
         _check_lr(lr)
         if not (isinstance(momentum, (int, float)) and 0.0 <= momentum < 1.0):
@@ -395,6 +423,8 @@ class SNOpt(torch.optim.Optimizer):
             weight_decay,
             kl_clip,
             lr,
+            process_group,
+            distribute_eigh,
             _stacklevel=3,
         )
         super().__init__(precond.params, {"lr": lr, "momentum": momentum})
