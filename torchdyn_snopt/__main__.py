@@ -103,6 +103,7 @@ def _add_bench(subparsers: Any) -> None:
     groups = p.add_subparsers(dest="bench", metavar="BENCH", required=True)
     _add_bench_image(groups)
     _add_bench_horizon(groups)
+    _add_bench_scaling(groups)
 
 
 def _add_bench_image(groups: Any) -> None:
@@ -224,6 +225,79 @@ def _add_bench_horizon(groups: Any) -> None:
             batch_size=args.batch_size,
             quiet=args.quiet,
             tol=args.tol,
+        )
+        return 0
+
+    p.set_defaults(func=run)
+
+
+def _world_sizes(text: str) -> tuple[int, ...]:
+    """argparse type: comma-separated ints >= 1, e.g. ``1,2``."""
+    return tuple(positive_int(part.strip()) for part in text.split(",") if part.strip())
+
+
+def _add_bench_scaling(groups: Any) -> None:
+    from torchdyn_snopt.bench import scaling
+
+    defaults = scaling.ScalingConfig()
+    p = groups.add_parser(
+        "scaling",
+        help="time per iteration and communication share of SNOpt under DDP, 1 vs N processes",
+        description=scaling.__doc__.split("\n\n")[1] if scaling.__doc__ else None,
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument(
+        "--world-sizes",
+        type=_world_sizes,
+        default=(1, 2),
+        help="process counts to time on this machine, e.g. 1,2,4 (under torchrun: ignored, "
+        "rank 0 times 1 process, then torchrun's whole job)",
+    )
+    p.add_argument(
+        "--batch-size", type=positive_int, default=defaults.batch_size, help="images per process"
+    )
+    p.add_argument("--iters", type=positive_int, default=defaults.iters, help="timed iterations")
+    p.add_argument(
+        "--warmup", type=int, default=defaults.warmup, help="untimed iterations before them"
+    )
+    p.add_argument(
+        "--update-freq",
+        type=positive_int,
+        default=defaults.update_freq,
+        help="SNOpt curvature refresh period",
+    )
+    p.add_argument(
+        "--threads",
+        type=positive_int,
+        default=defaults.threads,
+        help="intra-op CPU threads per process",
+    )
+    p.add_argument(
+        "--distribute-eigh",
+        action="store_true",
+        help="split the eigendecompositions of a refresh across ranks",
+    )
+    p.add_argument(
+        "--device", default="auto", help="auto (one GPU per process when enough), cpu, cuda"
+    )
+    p.add_argument("--out", default="runs/scaling", help="folder for scaling.json")
+    p.add_argument("--quiet", action="store_true", help="print nothing")
+
+    def run(args: argparse.Namespace) -> int:
+        cfg = scaling.ScalingConfig(
+            batch_size=args.batch_size,
+            iters=args.iters,
+            warmup=args.warmup,
+            update_freq=args.update_freq,
+            threads=args.threads,
+            distribute_eigh=args.distribute_eigh,
+        )
+        scaling.bench_scaling(
+            world_sizes=args.world_sizes,
+            cfg=cfg,
+            device=args.device,
+            out=args.out,
+            quiet=args.quiet,
         )
         return 0
 

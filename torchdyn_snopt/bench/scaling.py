@@ -1,0 +1,315 @@
+"""``torchdyn-snopt bench scaling``: SNOpt's time per iteration and communication on N processes.
+
+Weak scaling of the paper's digits classifier (conv features → conv Neural ODE, dopri5 at 1e-3
+→ linear head) trained with SNOpt (``full_precond``, curvature refreshed every
+``update_freq`` steps) under DistributedDataParallel: every process trains on its own batch
+of ``batch_size`` images (global batch = processes × batch_size). Per process count it reports
+seconds per iteration (the slowest rank), throughput, the speedup of the throughput over one
+process, and the communication: DDP's gradient all-reduce (timed by a DDP communication hook
+from launch to completion; it overlaps the backward pass, so its share is an upper bound of
+what it costs) and SNOpt's own collectives (the factor bucket at a refresh, the skip flag on
+other steps; synchronous, waiting for the slower rank included).
+
+Launched plainly, 1 process runs here and N > 1 are spawned on this machine (gloo on CPU,
+NCCL with one GPU each). Launched by ``torchrun``, rank 0 first times one process alone,
+then every rank of torchrun's job runs together (any number of GPUs or nodes).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
+
+from torchdyn_snopt.bench.common import format_table
+from torchdyn_snopt.optim import SNOpt, read_nfe
+
+
+@dataclass
+class ScalingConfig:
+    """What every process runs: ``warmup`` untimed then ``iters`` timed iterations at
+    ``batch_size`` images, ``threads`` intra-op CPU threads per process."""
+
+    batch_size: int = 64
+    iters: int = 30
+    warmup: int = 3
+    update_freq: int = 10
+    lr: float = 1e-3
+    threads: int = 1
+    distribute_eigh: bool = False
+    seed: int = 0
+
+
+class _GradCommTimer:
+    """State of :func:`_timed_allreduce`: seconds of DDP's gradient all-reduces so far."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+        self._events: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
+
+    def collect(self) -> float:
+        """Seconds so far (waits for pending CUDA events)."""
+        for start, end in self._events:
+            end.synchronize()
+            self.seconds += start.elapsed_time(end) / 1000.0
+        self._events.clear()
+        return self.seconds
+
+
+# No annotations: DDP checks them against its own types, and here they would be strings.
+def _timed_allreduce(timer, bucket):
+    """DDP communication hook: DDP's default averaging all-reduce, timed from launch to
+    completion (CUDA: events on the stream that consumes the result)."""
+    buf = bucket.buffer().div_(dist.get_world_size())
+    cuda = buf.is_cuda
+    if cuda:
+        start = torch.cuda.Event(enable_timing=True)
+        start.record()
+    else:
+        t0 = time.perf_counter()
+    fut = dist.all_reduce(buf, async_op=True).get_future()
+
+    def done(f: torch.futures.Future) -> torch.Tensor:
+        if cuda:
+            end = torch.cuda.Event(enable_timing=True)
+            end.record()
+            timer._events.append((start, end))
+        else:
+            timer.seconds += time.perf_counter() - t0
+        return f.value()[0]
+
+    return fut.then(done)
+
+
+def _data(cfg: ScalingConfig, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    from torchdyn_snopt.data import load_digits
+
+    x, y, _, _ = load_digits(seed=cfg.seed)
+    return x.to(device), y.to(device)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure(
+    cfg: ScalingConfig, device: torch.device, rank: int = 0, world: int = 1, backend: str = "-"
+) -> dict[str, Any]:
+    """Time ``cfg.iters`` iterations on this rank; every rank of a ``world > 1`` job calls it
+    (torch.distributed initialized), the returned row is the same on every rank."""
+    from torchdyn_snopt.models import ImageClassifier
+
+    x, y = _data(cfg, device)
+    torch.manual_seed(cfg.seed)
+    model: nn.Module = ImageClassifier().to(device)
+    timer = None
+    if world > 1:
+        model = DistributedDataParallel(
+            model, device_ids=[device] if device.type == "cuda" else None
+        )
+        timer = _GradCommTimer()
+        model.register_comm_hook(timer, _timed_allreduce)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        opt = SNOpt(
+            model,
+            lr=cfg.lr,
+            update_freq=cfg.update_freq,
+            full_precond=True,
+            process_group="auto" if world > 1 else None,
+            distribute_eigh=cfg.distribute_eigh,
+        )
+    g = torch.Generator().manual_seed(cfg.seed + 1)
+    perm = torch.randperm(len(x), generator=g).to(device)
+
+    def iteration(i: int) -> None:
+        start = ((i * world + rank) * cfg.batch_size) % (len(x) - cfg.batch_size)
+        idx = perm[start : start + cfg.batch_size]
+        opt.zero_grad()
+        F.cross_entropy(model(x[idx]), y[idx]).backward()
+        opt.step()
+
+    for i in range(cfg.warmup):
+        iteration(i)
+    _sync(device)
+    if timer is not None:
+        timer.collect()
+        timer.seconds = 0.0
+    opt.preconditioner.sync.stats.reset()
+    read_nfe(model)
+    t0 = time.perf_counter()
+    for i in range(cfg.warmup, cfg.warmup + cfg.iters):
+        iteration(i)
+    _sync(device)
+    elapsed = time.perf_counter() - t0
+    nfe = read_nfe(model)
+    grad_comm = timer.collect() if timer is not None else 0.0
+    local = torch.tensor(
+        [
+            elapsed,
+            grad_comm,
+            opt.preconditioner.sync.stats.seconds,
+            nfe["forward"] + nfe["backward"],
+        ],
+        dtype=torch.float64,
+        device=device,
+    )
+    if world > 1:
+        slowest = local.clone()
+        dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
+        dist.all_reduce(local)
+        local /= world
+        local[0] = slowest[0]
+    elapsed, grad_comm, snopt_comm, nfe_total = local.tolist()
+    per_iter = elapsed / cfg.iters
+    return {
+        "processes": world,
+        "backend": backend,
+        "device": device.type,
+        "batch_per_process": cfg.batch_size,
+        "s_per_iter": per_iter,
+        "samples_per_s": world * cfg.batch_size / per_iter,
+        "grad_comm_ms": 1e3 * grad_comm / cfg.iters,
+        "snopt_comm_ms": 1e3 * snopt_comm / cfg.iters,
+        "comm_share": (grad_comm + snopt_comm) / elapsed,
+        "nfe_per_iter": nfe_total / cfg.iters,
+    }
+
+
+# --------------------------------------------------------------------------- launching
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _device_for(device: str, world: int, local_rank: int = 0) -> torch.device:
+    """The device of one process: ``cuda:<local rank>`` or cpu."""
+    if device not in ("auto", "cpu", "cuda"):
+        raise ValueError(f"device={device!r} is invalid; accepted: auto, cpu, cuda")
+    cuda = torch.cuda.is_available() and torch.cuda.device_count() >= world
+    if device == "cuda" and not cuda:
+        raise ValueError(
+            f"device='cuda' needs {world} GPUs; {torch.cuda.device_count()} visible; "
+            "accepted instead: cpu or auto"
+        )
+    if device == "cuda" or (device == "auto" and cuda):
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+def _spawned(rank: int, world: int, port: int, device: str, cfg: ScalingConfig, queue: Any) -> None:
+    torch.set_num_threads(cfg.threads)
+    dev = _device_for(device, world, rank)
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    backend = "nccl" if dev.type == "cuda" else "gloo"
+    dist.init_process_group(
+        backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world
+    )
+    try:
+        row = measure(cfg, dev, rank, world, backend)
+        if rank == 0:
+            queue.put(row)
+    finally:
+        dist.destroy_process_group()
+
+
+def _run_local(world: int, device: str, cfg: ScalingConfig, timeout_s: float) -> dict[str, Any]:
+    """One measurement with ``world`` processes on this machine."""
+    if world == 1:
+        old = torch.get_num_threads()
+        torch.set_num_threads(cfg.threads)
+        try:
+            return measure(cfg, _device_for(device, 1))
+        finally:
+            torch.set_num_threads(old)
+    import torch.multiprocessing as mp
+
+    queue = mp.get_context("spawn").SimpleQueue()
+    ctx = mp.spawn(
+        _spawned, args=(world, _free_port(), device, cfg, queue), nprocs=world, join=False
+    )
+    deadline = time.monotonic() + timeout_s
+    while not ctx.join(timeout=max(0.1, deadline - time.monotonic())):
+        if time.monotonic() >= deadline:
+            for p in ctx.processes:
+                if p.is_alive():
+                    p.kill()
+            raise TimeoutError(f"{world} processes did not finish within {timeout_s} s")
+    return queue.get()
+
+
+def launched_by_torchrun() -> bool:
+    """Whether this process is one rank of a torchrun job."""
+    return "LOCAL_RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def _run_torchrun(device: str, cfg: ScalingConfig) -> list[dict[str, Any]] | None:
+    """Rank 0 times one process alone, then all ranks together; rows on rank 0, else None."""
+    local_rank, world = int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    torch.set_num_threads(cfg.threads)
+    dev = _device_for(device, local_world, local_rank)
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    backend = "nccl" if dev.type == "cuda" else "gloo"
+    dist.init_process_group(backend)
+    try:
+        rank = dist.get_rank()
+        alone = [measure(cfg, dev)] if rank == 0 else []
+        dist.barrier()
+        together = measure(cfg, dev, rank, world, backend)
+        return [*alone, together] if rank == 0 else None
+    finally:
+        dist.destroy_process_group()
+
+
+def bench_scaling(
+    world_sizes: tuple[int, ...] = (1, 2),
+    cfg: ScalingConfig | None = None,
+    device: str = "auto",
+    out: str | Path | None = "runs/scaling",
+    quiet: bool = False,
+    timeout_s: float = 600.0,
+) -> list[dict[str, Any]]:
+    """Measure every world size (or torchrun's world), print the table side by side and write
+    ``scaling.json`` under ``out`` (rank 0 only). Returns the rows ([] on ranks other than 0)."""
+    cfg = cfg or ScalingConfig()
+    if not world_sizes or any(not isinstance(w, int) or w < 1 for w in world_sizes):
+        raise ValueError(f"world_sizes={world_sizes!r} is invalid; accepted: ints >= 1")
+    if cfg.iters < 1 or cfg.batch_size < 1 or cfg.warmup < 0 or cfg.threads < 1:
+        raise ValueError(f"cfg={cfg!r} is invalid: iters, batch_size, threads >= 1, warmup >= 0")
+    if launched_by_torchrun():
+        rows = _run_torchrun(device, cfg)
+        if rows is None:
+            return []
+    else:
+        _device_for(device, max(world_sizes))  # fail before spawning anything
+        rows = [_run_local(w, device, cfg, timeout_s) for w in world_sizes]
+    base = rows[0]["samples_per_s"] if rows[0]["processes"] == 1 else float("nan")
+    for row in rows:
+        row["speedup"] = row["samples_per_s"] / base
+    if not quiet:
+        print(format_table(rows), flush=True)
+    if out is not None:
+        path = Path(out)
+        path.mkdir(parents=True, exist_ok=True)
+        (path / "scaling.json").write_text(
+            json.dumps({"config": asdict(cfg), "rows": rows}, indent=1)
+        )
+    return rows
