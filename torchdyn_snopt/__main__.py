@@ -250,8 +250,8 @@ def _add_bench_scaling(groups: Any) -> None:
         "--world-sizes",
         type=_world_sizes,
         default=(1, 2),
-        help="process counts to time on this machine, e.g. 1,2,4 (under torchrun: ignored, "
-        "rank 0 times 1 process, then torchrun's whole job)",
+        help="process counts to time, e.g. 1,2,4 (1 is always timed; under torchrun the "
+        "sizes up to its job's, plus the whole job)",
     )
     p.add_argument(
         "--batch-size", type=positive_int, default=defaults.batch_size, help="images per process"

@@ -10,9 +10,10 @@ from launch to completion; it overlaps the backward pass, so its share is an upp
 what it costs) and SNOpt's own collectives (the factor bucket at a refresh, the skip flag on
 other steps; synchronous, waiting for the slower rank included).
 
-Launched plainly, 1 process runs here and N > 1 are spawned on this machine (gloo on CPU,
-NCCL with one GPU each). Launched by ``torchrun``, rank 0 first times one process alone,
-then every rank of torchrun's job runs together (any number of GPUs or nodes).
+Launched plainly, ``max(world_sizes)`` processes are spawned on this machine (gloo on CPU,
+NCCL with one GPU each); launched by ``torchrun``, its processes are used (any number of GPUs
+or nodes). Either way rank 0 first times one process alone, then the first ``w`` ranks time
+each size ``w`` together while the others wait, so every row runs on the same processes.
 """
 
 from __future__ import annotations
@@ -54,8 +55,8 @@ class ScalingConfig:
 class _GradCommTimer:
     """State of :func:`_timed_allreduce`: seconds of DDP's gradient all-reduces so far."""
 
-    def __init__(self) -> None:
-        self.seconds = 0.0
+    def __init__(self, group: Any) -> None:
+        self.group, self.seconds = group, 0.0
         self._events: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
 
     def collect(self) -> float:
@@ -71,14 +72,14 @@ class _GradCommTimer:
 def _timed_allreduce(timer, bucket):
     """DDP communication hook: DDP's default averaging all-reduce, timed from launch to
     completion (CUDA: events on the stream that consumes the result)."""
-    buf = bucket.buffer().div_(dist.get_world_size())
+    buf = bucket.buffer().div_(dist.get_world_size(timer.group))
     cuda = buf.is_cuda
     if cuda:
         start = torch.cuda.Event(enable_timing=True)
         start.record()
     else:
         t0 = time.perf_counter()
-    fut = dist.all_reduce(buf, async_op=True).get_future()
+    fut = dist.all_reduce(buf, group=timer.group, async_op=True).get_future()
 
     def done(f: torch.futures.Future) -> torch.Tensor:
         if cuda:
@@ -105,10 +106,15 @@ def _sync(device: torch.device) -> None:
 
 
 def measure(
-    cfg: ScalingConfig, device: torch.device, rank: int = 0, world: int = 1, backend: str = "-"
+    cfg: ScalingConfig,
+    device: torch.device,
+    rank: int = 0,
+    world: int = 1,
+    backend: str = "-",
+    group: Any = None,
 ) -> dict[str, Any]:
-    """Time ``cfg.iters`` iterations on this rank; every rank of a ``world > 1`` job calls it
-    (torch.distributed initialized), the returned row is the same on every rank."""
+    """Time ``cfg.iters`` iterations on this rank. With ``world > 1`` every rank of ``group``
+    (None: the default group) calls it; the returned row is the same on all of them."""
     from torchdyn_snopt.models import ImageClassifier
 
     x, y = _data(cfg, device)
@@ -117,9 +123,9 @@ def measure(
     timer = None
     if world > 1:
         model = DistributedDataParallel(
-            model, device_ids=[device] if device.type == "cuda" else None
+            model, device_ids=[device] if device.type == "cuda" else None, process_group=group
         )
-        timer = _GradCommTimer()
+        timer = _GradCommTimer(group)
         model.register_comm_hook(timer, _timed_allreduce)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -128,7 +134,7 @@ def measure(
             lr=cfg.lr,
             update_freq=cfg.update_freq,
             full_precond=True,
-            process_group="auto" if world > 1 else None,
+            process_group=(group or "auto") if world > 1 else None,
             distribute_eigh=cfg.distribute_eigh,
         )
     g = torch.Generator().manual_seed(cfg.seed + 1)
@@ -168,8 +174,8 @@ def measure(
     )
     if world > 1:
         slowest = local.clone()
-        dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
-        dist.all_reduce(local)
+        dist.all_reduce(slowest, op=dist.ReduceOp.MAX, group=group)
+        dist.all_reduce(local, group=group)
         local /= world
         local[0] = slowest[0]
     elapsed, grad_comm, snopt_comm, nfe_total = local.tolist()
@@ -212,55 +218,18 @@ def _device_for(device: str, world: int, local_rank: int = 0) -> torch.device:
     return torch.device("cpu")
 
 
-def _spawned(rank: int, world: int, port: int, device: str, cfg: ScalingConfig, queue: Any) -> None:
-    torch.set_num_threads(cfg.threads)
-    dev = _device_for(device, world, rank)
-    if dev.type == "cuda":
-        torch.cuda.set_device(dev)
-    backend = "nccl" if dev.type == "cuda" else "gloo"
-    dist.init_process_group(
-        backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world
-    )
-    try:
-        row = measure(cfg, dev, rank, world, backend)
-        if rank == 0:
-            queue.put(row)
-    finally:
-        dist.destroy_process_group()
-
-
-def _run_local(world: int, device: str, cfg: ScalingConfig, timeout_s: float) -> dict[str, Any]:
-    """One measurement with ``world`` processes on this machine."""
-    if world == 1:
-        old = torch.get_num_threads()
-        torch.set_num_threads(cfg.threads)
-        try:
-            return measure(cfg, _device_for(device, 1))
-        finally:
-            torch.set_num_threads(old)
-    import torch.multiprocessing as mp
-
-    queue = mp.get_context("spawn").SimpleQueue()
-    ctx = mp.spawn(
-        _spawned, args=(world, _free_port(), device, cfg, queue), nprocs=world, join=False
-    )
-    deadline = time.monotonic() + timeout_s
-    while not ctx.join(timeout=max(0.1, deadline - time.monotonic())):
-        if time.monotonic() >= deadline:
-            for p in ctx.processes:
-                if p.is_alive():
-                    p.kill()
-            raise TimeoutError(f"{world} processes did not finish within {timeout_s} s")
-    return queue.get()
-
-
 def launched_by_torchrun() -> bool:
-    """Whether this process is one rank of a torchrun job."""
+    """Whether this process is one rank of a torchrun job (or of our own spawn, which sets
+    the same environment)."""
     return "LOCAL_RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
-def _run_torchrun(device: str, cfg: ScalingConfig) -> list[dict[str, Any]] | None:
-    """Rank 0 times one process alone, then all ranks together; rows on rank 0, else None."""
+def _rank_main(
+    world_sizes: tuple[int, ...], device: str, cfg: ScalingConfig
+) -> list[dict[str, Any]] | None:
+    """One rank of a job launched with torchrun's environment: times 1 process (rank 0 alone),
+    every requested size below the job's (the first ranks, in a subgroup) and the whole job,
+    the other ranks waiting at a barrier. Rows on rank 0, None elsewhere."""
     local_rank, world = int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
     torch.set_num_threads(cfg.threads)
@@ -271,12 +240,59 @@ def _run_torchrun(device: str, cfg: ScalingConfig) -> list[dict[str, Any]] | Non
     dist.init_process_group(backend)
     try:
         rank = dist.get_rank()
-        alone = [measure(cfg, dev)] if rank == 0 else []
-        dist.barrier()
-        together = measure(cfg, dev, rank, world, backend)
-        return [*alone, together] if rank == 0 else None
+        sizes = sorted({1, *(w for w in world_sizes if w <= world), world})
+        # new_group is collective: every rank creates every subgroup, in the same order.
+        groups = {w: dist.new_group(list(range(w))) for w in sizes if 1 < w < world}
+        rows = []
+        for w in sizes:
+            if rank < w:
+                rows.append(measure(cfg, dev, rank, w, backend if w > 1 else "-", groups.get(w)))
+            dist.barrier()
+        return rows if rank == 0 else None
     finally:
         dist.destroy_process_group()
+
+
+def _spawned(rank: int, world: int, port: int, args: tuple, queue: Any) -> None:
+    """A locally spawned rank: torchrun's environment, then :func:`_rank_main`."""
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_WORLD_SIZE=str(world),
+    )
+    rows = _rank_main(*args)
+    if rank == 0:
+        queue.put(rows)
+
+
+def _run_local(
+    world_sizes: tuple[int, ...], device: str, cfg: ScalingConfig, timeout_s: float
+) -> list[dict[str, Any]]:
+    """Spawn ``max(world_sizes)`` processes on this machine (one process: time it here)."""
+    world = max(world_sizes)
+    if world == 1:
+        old = torch.get_num_threads()
+        torch.set_num_threads(cfg.threads)
+        try:
+            return [measure(cfg, _device_for(device, 1))]
+        finally:
+            torch.set_num_threads(old)
+    import torch.multiprocessing as mp
+
+    queue = mp.get_context("spawn").SimpleQueue()
+    args = ((world_sizes, device, cfg), queue)
+    ctx = mp.spawn(_spawned, args=(world, _free_port(), *args), nprocs=world, join=False)
+    deadline = time.monotonic() + timeout_s
+    while not ctx.join(timeout=max(0.1, deadline - time.monotonic())):
+        if time.monotonic() >= deadline:
+            for p in ctx.processes:
+                if p.is_alive():
+                    p.kill()
+            raise TimeoutError(f"{world} processes did not finish within {timeout_s} s")
+    return queue.get()
 
 
 def bench_scaling(
@@ -287,21 +303,22 @@ def bench_scaling(
     quiet: bool = False,
     timeout_s: float = 600.0,
 ) -> list[dict[str, Any]]:
-    """Measure every world size (or torchrun's world), print the table side by side and write
-    ``scaling.json`` under ``out`` (rank 0 only). Returns the rows ([] on ranks other than 0)."""
+    """Time 1 process and every size in ``world_sizes`` (under torchrun: those up to its job,
+    and the whole job), print them side by side and write ``scaling.json`` under ``out``
+    (rank 0 only). Returns the rows ([] on ranks other than 0)."""
     cfg = cfg or ScalingConfig()
     if not world_sizes or any(not isinstance(w, int) or w < 1 for w in world_sizes):
         raise ValueError(f"world_sizes={world_sizes!r} is invalid; accepted: ints >= 1")
     if cfg.iters < 1 or cfg.batch_size < 1 or cfg.warmup < 0 or cfg.threads < 1:
         raise ValueError(f"cfg={cfg!r} is invalid: iters, batch_size, threads >= 1, warmup >= 0")
     if launched_by_torchrun():
-        rows = _run_torchrun(device, cfg)
+        rows = _rank_main(world_sizes, device, cfg)
         if rows is None:
             return []
     else:
         _device_for(device, max(world_sizes))  # fail before spawning anything
-        rows = [_run_local(w, device, cfg, timeout_s) for w in world_sizes]
-    base = rows[0]["samples_per_s"] if rows[0]["processes"] == 1 else float("nan")
+        rows = _run_local(world_sizes, device, cfg, timeout_s)
+    base = rows[0]["samples_per_s"]  # 1 process comes first
     for row in rows:
         row["speedup"] = row["samples_per_s"] / base
     if not quiet:
