@@ -180,10 +180,8 @@ class RankSync:
         if not (self.distribute_eigh and world > 1 and matrices):
             return [fn(m) for m in matrices]
         rank = dist.get_rank(self._group())
-        owners = assign(
-            [m.shape[0] ** 3 for m in matrices], world
-        )  # the same on every rank: same matrices
         sizes = [m.shape[0] for m in matrices]
+        owners = assign([n**3 for n in sizes], world)  # same matrices, same owners everywhere
         buf = torch.zeros(
             sum(n + n * n for n in sizes), dtype=_common_dtype(matrices), device=matrices[0].device
         )
