@@ -12,6 +12,7 @@ register()
 
 from torchdyn_snopt.curvature import LayerAdapter, register_adapter  # noqa: E402
 from torchdyn_snopt.optim import SNOpt, SNOptPreconditioner, read_nfe  # noqa: E402
+from torchdyn_snopt import second_order  # noqa: E402
 
 try:  # pyproject.toml is the one place for the version
     __version__ = _metadata.version("torchdyn-snopt")
@@ -24,6 +25,7 @@ __all__ = [
     "SNOpt",
     "SNOptPreconditioner",
     "read_nfe",
+    "second_order",
     "__version__",
     "register_adapter",
 ]
