@@ -10,9 +10,9 @@ from torchdyn_snopt.registration import SENSITIVITIES, register
 
 register()
 
+from torchdyn_snopt import second_order  # noqa: E402
 from torchdyn_snopt.curvature import LayerAdapter, register_adapter  # noqa: E402
 from torchdyn_snopt.optim import SNOpt, SNOptPreconditioner, read_nfe  # noqa: E402
-from torchdyn_snopt import second_order  # noqa: E402
 
 try:  # pyproject.toml is the one place for the version
     __version__ = _metadata.version("torchdyn-snopt")

@@ -90,7 +90,7 @@ def hvp(
 
     # Loss: gradient and its derivative along (δsol, v) (the jumps of a and δa).
     with torch.enable_grad():
-        s = sol.requires_grad_(True)
+        s = sol.detach().requires_grad_(True)
         loss = loss_fn(s)
         if not isinstance(loss, Tensor) or loss.numel() != 1:
             raise ValueError(

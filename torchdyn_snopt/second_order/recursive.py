@@ -73,8 +73,8 @@ def adjoint_solve(
     adj: Scheme,
 ) -> tuple[Tensor, Tensor, list[Tensor]]:
     """Eq. 5 for ``field`` over ``[s0, s1]``: returns ``(y(s0), ∂/∂y(s0), ∂/∂θ)`` given
-        ``∂/∂y(s1) = g``. Runs as an :class:`_AdjointSolve` of ``G`` with the scheme ``adj`` (its own
-    adjoints too), so it can be differentiated."""
+    ``∂/∂y(s1) = g``. Runs as an :class:`_AdjointSolve` of ``G`` with the scheme ``adj`` (its
+    own adjoints too), so it can be differentiated."""
     n_y, sizes = y1.numel(), [p.numel() for p in params]
 
     def augmented(r: Tensor, big: Tensor, ps: Sequence[Tensor]) -> Tensor:
