@@ -37,6 +37,7 @@ class Problem:
     rtol: float
     atol_adjoint: float
     rtol_adjoint: float
+    seminorm: bool = False  #: the node's backward semi-norm (Kidger et al. 2020a)
 
     @property
     def n_params(self) -> int:
@@ -93,6 +94,7 @@ def problem_of(node: ODEProblem, x0: Tensor, t_span: Tensor | None, fn: str) -> 
         rtol=float(node.rtol),
         atol_adjoint=float(node.atol_adjoint),
         rtol_adjoint=float(node.rtol_adjoint),
+        seminorm=bool(getattr(node, "seminorm", False)),
     )
 
 
@@ -113,11 +115,16 @@ def forward_solve(problem: Problem, x0: Tensor) -> Tensor:
 
 
 def backward_solve(
-    problem: Problem, dynamics: Callable[[Tensor, Tensor], Tensor], y: Tensor, k: int
+    problem: Problem,
+    dynamics: Callable[[Tensor, Tensor], Tensor],
+    y: Tensor,
+    k: int,
+    seminorm_dim: int | None = None,
 ) -> Tensor:
     """Integrate ``dy/ds = dynamics(t, y)`` in ``s = -t`` from ``t_span[k]`` to ``t_span[k-1]``.
 
-    ``dynamics`` receives the true time ``t`` and returns ``dy/ds`` (i.e. ``-dy/dt``).
+    ``dynamics`` receives the true time ``t`` and returns ``dy/ds`` (i.e. ``-dy/dt``). With
+    ``seminorm_dim`` the step-size control measures only ``y[:seminorm_dim]``.
     """
     t_span = problem.t_span
     return integrate(
@@ -128,6 +135,7 @@ def backward_solve(
         problem.solver_adjoint,
         problem.atol_adjoint,
         problem.rtol_adjoint,
+        seminorm_dim,
     )
 
 

@@ -20,7 +20,9 @@ Why this form and not forward-over-adjoint: it is the same Theorem 1 the dense
 tolerance, and it is cheap in PyTorch: all four backward right-hand sides come from one
 double vector-Jacobian product of ``S = (F_xᵀa)·δx + (F_uᵀa)·v + F·δa`` w.r.t. ``(x, θ, a)``
 (``∂S/∂a`` is the tangent ``F_x δx + F_u v``). The forward tangent uses forward-mode AD. Memory
-is ``O(M + n)``: nothing is stored per step, only ``x, δx`` at the ``t_span`` points.
+is ``O(M + n)``: nothing is stored per step, only ``x, δx`` at the ``t_span`` points. With
+``node.seminorm`` the backward step control measures ``[x, δx, a, δa]`` only (``μ, η`` feed
+nothing back), as the node's own adjoint does with ``[x, a]``.
 
 Parameters outside the ODE (a feature extractor producing ``x0``, a head inside ``loss_fn``)
 can be included through ``params``: ``x0``'s graph gives ``δx0`` (forward) and receives
@@ -261,6 +263,7 @@ def _backward(
         da = da + h_sol[k].reshape(-1)
         if k == 0:
             break
-        y = backward_solve(problem, dynamics, torch.cat([x, dx, a, da, mu, eta]), k)
+        y = torch.cat([x, dx, a, da, mu, eta])
+        y = backward_solve(problem, dynamics, y, k, 4 * m if problem.seminorm else None)
         x, dx, a, da, mu, eta = y.split([m, m, m, m, n, n])
     return a.reshape(shape), da.reshape(shape), mu, eta
