@@ -1,7 +1,7 @@
 """Cost of one exact Hessian-vector product (:func:`tds.second_order.hvp`) vs one gradient.
 
-The digits conv Neural ODE of ``bench image`` (12 channels, dopri5, batch 128, float32), θ =
-the ODE field's parameters, loss = cross-entropy of the head at ``t1``. Side by side, from the
+The digits conv Neural ODE of ``bench image`` (12 channels, dopri5, batch 128, float32 or
+float64 with ``--double``), θ = the ODE field's parameters, loss = cross-entropy of the head at ``t1``. Side by side, from the
 same weights and batch, at two tolerances (so two numbers of solver steps):
 
 - ``gradient``: forward solve + our O(1)-memory adjoint (``sensitivity="snopt"``), backward();
@@ -42,7 +42,7 @@ def median_time(fn, reps: int) -> float:
 
 def measure(sens: str, tol: float, weights: dict, xb, yb, reps: int) -> dict:
     """Time, field evaluations and peak memory of each method of one sensitivity."""
-    model = ImageClassifier(sensitivity=sens, tol=tol)
+    model = ImageClassifier(sensitivity=sens, tol=tol).to(xb.dtype)
     model.load_state_dict(weights)
     node, theta = model.ode, list(model.ode.vf.parameters())
     with torch.no_grad():
@@ -90,10 +90,11 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--tols", default="1e-3,1e-6")
     p.add_argument("--json", default=None)
+    p.add_argument("--double", action="store_true", help="float64 (for tolerances below 1e-6)")
     args = p.parse_args()
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    x, y, _, _ = load_digits()
+    x, y, _, _ = load_digits(dtype=torch.float64 if args.double else torch.float32)
     xb, yb = x[: args.batch], y[: args.batch]
     weights = ImageClassifier().state_dict()
     rows = []
@@ -105,7 +106,8 @@ def main() -> None:
             results["hvp"]["seconds"] / results["gradient"]["seconds"]
         )
         rows.append(results)
-    print(f"digits conv Neural ODE, batch {args.batch}, float32, dopri5; 1 thread")
+    dtype = "float64" if args.double else "float32"
+    print(f"digits conv Neural ODE, batch {args.batch}, {dtype}, dopri5; 1 thread")
     print(f"{'tol':>7} {'method':>13} {'seconds':>9} {'evals':>7} {'peak MB':>9}")
     for r in rows:
         for name in ("gradient", "hvp", "autograd hvp"):
