@@ -1,8 +1,9 @@
 """Cost of one exact Hessian-vector product (:func:`tds.second_order.hvp`) vs one gradient.
 
 The digits conv Neural ODE of ``bench image`` (12 channels, dopri5, batch 128, float32 or
-float64 with ``--double``), θ = the ODE field's parameters, loss = cross-entropy of the head at ``t1``. Side by side, from the
-same weights and batch, at two tolerances (so two numbers of solver steps):
+float64 with ``--double``), θ = the ODE field's parameters, loss = cross-entropy of the head
+at ``t1``. Side by side, from the same weights and batch, at two tolerances (so two numbers
+of solver steps):
 
 - ``gradient``: forward solve + our O(1)-memory adjoint (``sensitivity="snopt"``), backward();
 - ``hvp``: tangent forward solve + one backward solve of the directional Theorem 1;
