@@ -49,6 +49,7 @@ def measure(sens: str, tol: float, weights: dict, xb, yb, reps: int) -> dict:
     with torch.no_grad():
         x0 = model.features(xb)
     v = torch.randn(sum(q.numel() for q in theta), generator=torch.Generator().manual_seed(1))
+    v = v.to(xb.dtype)
 
     def loss_fn(sol):
         return F.cross_entropy(model.head(sol[-1].flatten(1)), yb)
