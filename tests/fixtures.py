@@ -26,6 +26,7 @@ import torch.nn as nn
 from torch import Tensor
 from torchdyn.core import NeuralODE
 from torchdyn.nn import DataControl, DepthCat, Fourier, GalLinear
+from torchdyn.numerics.odeint import odeint
 from torchdyn.numerics.solvers.ode import SOLVER_DICT
 
 DTYPE = torch.float64
@@ -373,3 +374,56 @@ def repo_env() -> dict[str, str]:
     env["PYTHONPATH"] = os.pathsep.join([root, *filter(None, [env.get("PYTHONPATH")])])
     env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     return env
+
+
+# --------------------------------------------------------------------------- second order
+
+
+def autograd_loss(node: NeuralODE, x0: Tensor, loss_fn: LossFn, t_span: Tensor):
+    """``(x0, *θ) -> loss_fn(trajectory)`` by autograd through torchdyn's ``odeint`` with the
+    node's forward solver and tolerances (the reference for the second-order tests)."""
+    from torch.func import functional_call
+
+    names = [n for n, p in node.vf.named_parameters() if p.requires_grad]
+
+    def loss(x: Tensor, *theta: Tensor) -> Tensor:
+        def f(t, z):
+            return functional_call(node.vf, dict(zip(names, theta)), (t, z))
+
+        _, sol = odeint(f, x, t_span, node.solver, node.atol, node.rtol)
+        return loss_fn(sol)
+
+    return loss
+
+
+def dense_blocks(blocks, sizes: Sequence[int]) -> Tensor:
+    """Nested tuple of blocks (``torch.autograd.functional.hessian``) → one dense matrix."""
+    return torch.cat(
+        [
+            torch.cat([blocks[i][j].reshape(si, sj) for j, sj in enumerate(sizes)], 1)
+            for i, si in enumerate(sizes)
+        ],
+        0,
+    )
+
+
+def autograd_hessian(node: NeuralODE, x0: Tensor, loss_fn: LossFn, t_span: Tensor) -> Tensor:
+    """Dense Hessian over ``(x0, θ)`` (x0 first), by autograd through the solve."""
+    theta = tuple(p.detach() for p in node.vf.parameters() if p.requires_grad)
+    fn = autograd_loss(node, x0, loss_fn, t_span)
+    blocks = torch.autograd.functional.hessian(fn, (x0.detach(), *theta))
+    return dense_blocks(blocks, [x0.numel(), *(p.numel() for p in theta)])
+
+
+def tiny_conv_field(channels: int = 2) -> nn.Module:
+    seeded()
+    return nn.Sequential(
+        nn.Conv2d(channels, channels, 3, padding=1),
+        nn.Tanh(),
+        nn.Conv2d(channels, channels, 3, padding=1),
+    ).to(DTYPE)
+
+
+def cross_loss(sol: Tensor) -> Tensor:
+    """Loss over several outputs with cross terms between them (non-separable in time)."""
+    return (sol[-1] ** 2).sum() + 0.3 * (sol[1] * sol[-1]).sum() + torch.sin(sol[1]).sum()

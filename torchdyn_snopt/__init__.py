@@ -10,6 +10,7 @@ from torchdyn_snopt.registration import SENSITIVITIES, register
 
 register()
 
+from torchdyn_snopt import second_order  # noqa: E402
 from torchdyn_snopt.curvature import LayerAdapter, register_adapter  # noqa: E402
 from torchdyn_snopt.horizon import FreeHorizon  # noqa: E402
 from torchdyn_snopt.optim import SNOpt, SNOptPreconditioner, read_nfe  # noqa: E402
@@ -26,6 +27,7 @@ __all__ = [
     "SNOpt",
     "SNOptPreconditioner",
     "read_nfe",
+    "second_order",
     "__version__",
     "register_adapter",
 ]

@@ -104,6 +104,7 @@ def _add_bench(subparsers: Any) -> None:
     _add_bench_image(groups)
     _add_bench_horizon(groups)
     _add_bench_scaling(groups)
+    _add_bench_second_order(groups)
 
 
 def _add_bench_image(groups: Any) -> None:
@@ -298,6 +299,54 @@ def _add_bench_scaling(groups: Any) -> None:
             device=args.device,
             out=args.out,
             quiet=args.quiet,
+        )
+        return 0
+
+    p.set_defaults(func=run)
+
+
+def _add_bench_second_order(groups: Any) -> None:
+    from torchdyn_snopt.bench import second_order
+
+    p = groups.add_parser(
+        "second-order",
+        help="SNOpt vs Newton-CG on exact and on recursive-adjoint Hessian products (Fig. 11)",
+        description=second_order.__doc__.split("\n\n")[1] if second_order.__doc__ else None,
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument(
+        "--budget-s",
+        type=positive_float,
+        default=20.0,
+        help="training wall-clock per optimizer and seed (evaluations excluded)",
+    )
+    p.add_argument("--seeds", type=positive_int, default=1, help="number of seeds (0, 1, ...)")
+    p.add_argument(
+        "--optimizers",
+        default=",".join(second_order.OPTIMIZERS),
+        help="comma-separated subset of " + ", ".join(second_order.OPTIMIZERS),
+    )
+    p.add_argument(
+        "--lr",
+        type=_lr_assignment,
+        action="append",
+        default=[],
+        metavar="NAME=LR",
+        help="learning rate of one optimizer (repeatable)",
+    )
+    p.add_argument("--out", default="runs/second_order", help="folder for the PNG, JSON and CSV")
+    p.add_argument("--batch-size", type=positive_int, default=128, help="minibatch size")
+    p.add_argument("--quiet", action="store_true", help="no progress bars or tables")
+
+    def run(args: argparse.Namespace) -> int:
+        second_order.bench_second_order(
+            budget_s=args.budget_s,
+            seeds=args.seeds,
+            optimizers=tuple(o.strip() for o in args.optimizers.split(",") if o.strip()),
+            lrs=dict(args.lr),
+            out=args.out,
+            quiet=args.quiet,
+            batch_size=args.batch_size,
         )
         return 0
 

@@ -107,8 +107,13 @@ def train_for(
     batch_size: int = 128,
     n_evals: int = 30,
     progress: Callable[[float], None] | None = None,
+    before_step: Callable[[Tensor, Tensor], None] | None = None,
 ) -> RunResult:
-    """Train for ``budget_s`` seconds of training time; evaluate ``n_evals`` times evenly."""
+    """Train for ``budget_s`` seconds of training time; evaluate ``n_evals`` times evenly.
+
+    ``before_step(x, y)`` (timed) sees the minibatch after ``backward()`` and before
+    ``optimizer.step()``: optimizers that need the batch again (Newton-CG) take it there.
+    """
     x_train, y_train, x_test, y_test = data
     result = RunResult(name, lr, seed)
     g = torch.Generator().manual_seed(seed)
@@ -125,6 +130,8 @@ def train_for(
         optimizer.zero_grad()
         loss = F.cross_entropy(model(x_train[idx]), y_train[idx])
         loss.backward()
+        if before_step is not None:
+            before_step(x_train[idx], y_train[idx])
         optimizer.step()
         spent += time.perf_counter() - start
         result.iterations += 1
