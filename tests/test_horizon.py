@@ -11,7 +11,17 @@ import torch.nn.functional as F
 from torchdyn.core import NeuralODE
 
 import torchdyn_snopt as tds
-from tests.fixtures import DTYPE, ConstantField, default_dtype, make_node, mlp_data, mlp_field
+from tests.fixtures import (
+    DTYPE,
+    ConstantField,
+    default_dtype,
+    free_port,
+    init_gloo,
+    make_node,
+    mlp_data,
+    mlp_field,
+    spawn,
+)
 
 # The toy of the convergence tests: x' = b, x(0) = 0, loss softplus(-x(T)) + λ/2·b² + c/2·T²
 # (a logistic "classification" loss; λ from SGD's weight decay, c from the horizon's penalty).
@@ -202,3 +212,52 @@ def test_detach_restores_the_nodes_own_horizon():
         horizon.detach()
         with torch.no_grad():
             assert float(node(x, torch.tensor([0.0, 1.0]))[0][-1]) == pytest.approx(1.0)
+
+
+def _distributed_worker(rank: int, port: int, out: str) -> None:
+    """Each rank trains the toy on its own x0; T must stay identical across ranks."""
+    import torch.distributed as dist
+
+    init_gloo(rank, 2, port)
+    try:
+        field = ConstantField(0.5)
+        node = NeuralODE(field, sensitivity="snopt", solver="rk4", return_t_eval=False)
+        ddp = torch.nn.parallel.DistributedDataParallel(node)
+        opt = torch.optim.SGD(field.parameters(), lr=0.3, weight_decay=LAM)
+        horizon = tds.FreeHorizon(penalty=PENALTY, lr=0.5, update_every=2, momentum=0.5)
+        horizon.attach(node, opt)
+        x0 = torch.full((1, 1), 0.3 * rank, dtype=DTYPE)  # different data per rank
+        for _ in range(6):
+            opt.zero_grad()
+            F.softplus(-ddp(x0)[-1]).sum().backward()
+            opt.step()
+        torch.save(
+            {"T": horizon.t1, "history": horizon.history, "b": float(field.b)}, out + f"{rank}"
+        )
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ranks_average_dl_dt_and_keep_one_horizon(tmp_path):
+    """Under DDP every rank ends with the same T, equal to one process on both ranks' data."""
+    out = str(tmp_path / "rank")
+    spawn(_distributed_worker, 2, free_port(), out, timeout_s=120)
+    r0, r1 = torch.load(out + "0"), torch.load(out + "1")
+    assert r0 == r1
+    # one process, loss = mean over the two ranks' samples (DDP's average)
+    field = ConstantField(0.5)
+    node = NeuralODE(field, sensitivity="snopt", solver="rk4", return_t_eval=False)
+    opt = torch.optim.SGD(field.parameters(), lr=0.3, weight_decay=LAM)
+    horizon = tds.FreeHorizon(penalty=PENALTY, lr=0.5, update_every=2, momentum=0.5)
+    horizon.attach(
+        node,
+        opt,
+    )
+    x0 = torch.tensor([[0.0], [0.3]], dtype=DTYPE)
+    for _ in range(6):
+        opt.zero_grad()
+        F.softplus(-node(x0)[-1]).mean().backward()
+        opt.step()
+    assert r0["T"] == pytest.approx(horizon.t1, rel=1e-12)
+    assert r0["b"] == pytest.approx(float(field.b.detach()), rel=1e-12)
+    assert len(r0["history"]) == 4 and r0["T"] != 1.0

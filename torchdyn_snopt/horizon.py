@@ -49,7 +49,12 @@ class FreeHorizon(nn.Module):
         update_every: optimizer steps between updates of ``T``. Default 50.
         min_t1: lower clamp of ``T`` (> t0). Default ``t0 + 0.1``.
         max_t1: upper clamp of ``T`` or None (no upper clamp). Default None.
-        momentum: decay of the running averages of ``Q_T``, ``Q_TT`` in [0, 1). Default 0.99.
+        momentum: decay of the running averages of ``∂L/∂T`` and its square, in [0, 1).
+            Default 0.99.
+        process_group: under ``torch.distributed``, the ranks whose ``∂L/∂T`` are averaged
+            (as DDP averages the weight gradients) so that every rank keeps the same ``T``:
+            ``"auto"`` (the default group when initialized), None (never communicate) or a
+            ``ProcessGroup``.
 
     Use::
 
@@ -79,8 +84,12 @@ class FreeHorizon(nn.Module):
         min_t1: float | None = None,
         max_t1: float | None = None,
         momentum: float = 0.99,
+        process_group: Any = "auto",
     ) -> None:
         super().__init__()
+        from torchdyn_snopt.distributed import RankSync
+
+        self._sync = RankSync(process_group)  # raises TypeError on a bad process_group
         min_t1 = float(t0) + 0.1 if min_t1 is None else min_t1
         _check_args(t0, t1, penalty, lr, policy, update_every, min_t1, max_t1, momentum)
         self.t0 = float(t0)
@@ -222,14 +231,20 @@ class FreeHorizon(nn.Module):
         non-finite one is skipped with a warning and changes nothing.
         """
         leaf, self._leaf = self._leaf, None
-        if leaf is None or leaf.grad is None:
+        has_grad = leaf is not None and leaf.grad is not None
+        s = float(leaf.grad) if has_grad else 0.0  # ∂L/∂T of the data loss
+        world = self._sync.world_size()
+        if world > 1:  # DDP averages ∂L/∂θ over ranks; T is not a DDP parameter: same here
+            buf = torch.tensor([s, float(not has_grad)], dtype=torch.float64, device=self.T.device)
+            self._sync._all_reduce(buf)
+            s, has_grad = float(buf[0]) / world, bool(buf[1] == 0)
+        if not has_grad:
             warnings.warn(
                 "FreeHorizon.step: no gradient with respect to T this iteration (no attached "
                 "NeuralODE ran under autograd, or its sensitivity ignores t_span); skipped",
                 stacklevel=2,
             )
             return False
-        s = float(leaf.grad)  # ∂L/∂T of the data loss
         feedback = 0.0
         if self.policy == "feedback":
             if delta_theta is None or grads is None:
