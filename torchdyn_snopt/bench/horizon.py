@@ -309,7 +309,8 @@ def write_outputs(
                     color=colors[row["policy"]],
                     label=f"{row['policy']} (final t1)",
                 )
-        ax_f.legend(loc="lower right")
+        if any(row["policy"] != "fixed" for row in rows):
+            ax_f.legend(loc="lower right")
         ax_f.set_title("accuracy and time against t1 (Fig. 5 analogue)")
     fig.tight_layout()
     fig.savefig(paths[1], dpi=110)
