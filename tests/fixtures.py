@@ -14,20 +14,19 @@ from __future__ import annotations
 
 import contextlib
 import os
-import socket
-import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn as nn
 from torch import Tensor
 from torchdyn.core import NeuralODE
 from torchdyn.nn import DataControl, DepthCat, Fourier, GalLinear
 from torchdyn.numerics.odeint import odeint
 from torchdyn.numerics.solvers.ode import SOLVER_DICT
+
+from torchdyn_snopt.distributed import free_port, spawn  # noqa: F401  (re-exported)
 
 DTYPE = torch.float64
 SEED = 0
@@ -335,29 +334,6 @@ class ConstantField(nn.Module):
 # --------------------------------------------------------------------------- multi-process
 
 
-def free_port() -> int:
-    """A TCP port on localhost that was free a moment ago (for ``init_process_group``)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def spawn(fn: Callable[..., None], nprocs: int, *args: object, timeout_s: float = 120.0) -> None:
-    """Run ``fn(rank, *args)`` in ``nprocs`` fresh processes (torch.multiprocessing "spawn").
-
-    Re-raises a child's exception; kills every child and raises ``TimeoutError`` after
-    ``timeout_s`` seconds. Children inherit ``sys.path``, so they import this checkout.
-    """
-    ctx = mp.spawn(fn, args=args, nprocs=nprocs, join=False)
-    deadline = time.monotonic() + timeout_s
-    while not ctx.join(timeout=max(0.1, deadline - time.monotonic())):
-        if time.monotonic() >= deadline:
-            for p in ctx.processes:
-                if p.is_alive():
-                    p.kill()
-            raise TimeoutError(f"{fn.__name__} did not finish within {timeout_s} s")
-
-
 def init_gloo(rank: int, world: int, port: int) -> None:
     """Join a gloo group on localhost (one intra-op thread: the machine's cores are shared)."""
     torch.set_num_threads(1)
@@ -416,14 +392,27 @@ def autograd_hessian(node: NeuralODE, x0: Tensor, loss_fn: LossFn, t_span: Tenso
 
 
 def tiny_conv_field(channels: int = 2) -> nn.Module:
-    seeded()
-    return nn.Sequential(
-        nn.Conv2d(channels, channels, 3, padding=1),
-        nn.Tanh(),
-        nn.Conv2d(channels, channels, 3, padding=1),
-    ).to(DTYPE)
+    return conv_field(channels)
 
 
 def cross_loss(sol: Tensor) -> Tensor:
     """Loss over several outputs with cross terms between them (non-separable in time)."""
     return (sol[-1] ** 2).sum() + 0.3 * (sol[1] * sol[-1]).sum() + torch.sin(sol[1]).sum()
+
+
+#: Second-order tests: tolerance, time grids and (field, data, loss, t_span) cases.
+SECOND_ORDER_REL = 1e-6
+T_SPAN_2 = torch.tensor([0.0, 1.0], dtype=DTYPE)
+T_SPAN_4 = torch.linspace(0.0, 1.0, 4, dtype=DTYPE)
+SECOND_ORDER_CASES = {
+    "mlp-terminal": (lambda: mlp_field(3, 6), lambda: mlp_data(2, 3), last_loss, T_SPAN_2),
+    "mlp-cross-points": (lambda: mlp_field(3, 6), lambda: mlp_data(2, 3), cross_loss, T_SPAN_4),
+    "mlp-every-point": (
+        lambda: mlp_field(3, 6),
+        lambda: mlp_data(2, 3),
+        trajectory_loss,
+        T_SPAN_4,
+    ),
+    "t-dependent": (lambda: depthcat_field(3, 6), lambda: mlp_data(2, 3), cross_loss, T_SPAN_4),
+    "conv": (tiny_conv_field, lambda: conv_data(1, 2, 4), last_loss, T_SPAN_2),
+}

@@ -98,6 +98,32 @@ def _lr_assignment(text: str) -> tuple[str, float]:
     return name.strip(), positive_float(value)
 
 
+def _add_equal_budget_args(
+    p: argparse.ArgumentParser, optimizers: Sequence[str], budget_s: float, lr_note: str = ""
+) -> None:
+    """``--budget-s``, ``--seeds``, ``--optimizers`` and ``--lr`` of an equal-budget bench."""
+    p.add_argument(
+        "--budget-s",
+        type=positive_float,
+        default=budget_s,
+        help="training wall-clock per optimizer and seed (evaluations excluded)",
+    )
+    p.add_argument("--seeds", type=positive_int, default=1, help="number of seeds (0, 1, ...)")
+    p.add_argument(
+        "--optimizers",
+        default=",".join(optimizers),
+        help="comma-separated subset of " + ", ".join(optimizers),
+    )
+    p.add_argument(
+        "--lr",
+        type=_lr_assignment,
+        action="append",
+        default=[],
+        metavar="NAME=LR",
+        help="learning rate of one optimizer (repeatable)" + lr_note,
+    )
+
+
 def _add_bench(subparsers: Any) -> None:
     p = subparsers.add_parser("bench", help="equal-wall-clock benchmarks of SNOpt vs Adam and SGD")
     groups = p.add_subparsers(dest="bench", metavar="BENCH", required=True)
@@ -117,27 +143,7 @@ def _add_bench_image(groups: Any) -> None:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--dataset", default="digits", help="digits, mnist or fashion-mnist")
-    p.add_argument(
-        "--budget-s",
-        type=positive_float,
-        default=60.0,
-        help="training wall-clock per optimizer and seed (evaluations excluded)",
-    )
-    p.add_argument("--seeds", type=positive_int, default=1, help="number of seeds (0, 1, ...)")
-    p.add_argument(
-        "--optimizers",
-        default=",".join(image.OPTIMIZERS),
-        help="comma-separated subset of " + ", ".join(image.OPTIMIZERS),
-    )
-    p.add_argument(
-        "--lr",
-        type=_lr_assignment,
-        action="append",
-        default=[],
-        metavar="NAME=LR",
-        help="learning rate of one optimizer (repeatable); default: the dataset's "
-        "sweep-best values",
-    )
+    _add_equal_budget_args(p, image.OPTIMIZERS, 60.0, "; default: the dataset's sweep-best values")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, ...")
     p.add_argument("--out", default="runs/image", help="folder for the PNG, JSON and CSV")
     p.add_argument("--batch-size", type=positive_int, default=128, help="minibatch size")
@@ -314,26 +320,7 @@ def _add_bench_second_order(groups: Any) -> None:
         description=second_order.__doc__.split("\n\n")[1] if second_order.__doc__ else None,
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument(
-        "--budget-s",
-        type=positive_float,
-        default=20.0,
-        help="training wall-clock per optimizer and seed (evaluations excluded)",
-    )
-    p.add_argument("--seeds", type=positive_int, default=1, help="number of seeds (0, 1, ...)")
-    p.add_argument(
-        "--optimizers",
-        default=",".join(second_order.OPTIMIZERS),
-        help="comma-separated subset of " + ", ".join(second_order.OPTIMIZERS),
-    )
-    p.add_argument(
-        "--lr",
-        type=_lr_assignment,
-        action="append",
-        default=[],
-        metavar="NAME=LR",
-        help="learning rate of one optimizer (repeatable)",
-    )
+    _add_equal_budget_args(p, second_order.OPTIMIZERS, 20.0)
     p.add_argument("--out", default="runs/second_order", help="folder for the PNG, JSON and CSV")
     p.add_argument("--batch-size", type=positive_int, default=128, help="minibatch size")
     p.add_argument("--quiet", action="store_true", help="no progress bars or tables")

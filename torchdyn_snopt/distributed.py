@@ -27,6 +27,7 @@ The code is device-agnostic: buffers live on the parameters' device, so gloo (CP
 
 from __future__ import annotations
 
+import socket
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -225,3 +226,33 @@ def _common_dtype(tensors: Sequence[Tensor]) -> torch.dtype:
     for t in tensors[1:]:
         dtype = torch.promote_types(dtype, t.dtype)
     return dtype
+
+
+# --------------------------------------------------------------------------- local launching
+
+
+def free_port() -> int:
+    """A TCP port on localhost that was free a moment ago (for ``init_process_group``)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def spawn(fn: Callable[..., None], nprocs: int, *args: object, timeout_s: float = 120.0) -> None:
+    """Run ``fn(rank, *args)`` in ``nprocs`` fresh processes (torch.multiprocessing "spawn").
+
+    Re-raises a child's exception; kills every child and raises ``TimeoutError`` after
+    ``timeout_s`` seconds (s). Children inherit ``sys.path``.
+    """
+    import torch.multiprocessing as mp
+
+    ctx = mp.spawn(fn, args=args, nprocs=nprocs, join=False)
+    deadline = time.monotonic() + timeout_s
+    while not ctx.join(timeout=max(0.1, deadline - time.monotonic())):
+        if time.monotonic() >= deadline:
+            for p in ctx.processes:
+                if p.is_alive():
+                    p.kill()
+            raise TimeoutError(
+                f"{nprocs} processes of {fn.__name__} did not finish in {timeout_s} s"
+            )

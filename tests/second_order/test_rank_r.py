@@ -9,25 +9,20 @@ import torch.nn.functional as F
 
 from tests.fixtures import (
     DTYPE,
+    SECOND_ORDER_REL,
     assert_close,
     autograd_hessian,
     make_node,
     mlp_data,
     mlp_field,
     seeded,
-    single_thread,
 )
 from torchdyn_snopt.second_order import hessian, loss_factors, rank_r
 from torchdyn_snopt.second_order._problem import forward_solve, problem_of
 
-REL = 1e-6
+REL = SECOND_ORDER_REL
+
 T3 = torch.linspace(0.0, 1.0, 3, dtype=DTYPE)
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    with single_thread():
-        yield
 
 
 def _head_loss():

@@ -15,7 +15,6 @@ from tests.fixtures import (
     mlp_data,
     mlp_field,
     rel_err,
-    single_thread,
 )
 from torchdyn_snopt.second_order import (
     hessian,
@@ -25,12 +24,6 @@ from torchdyn_snopt.second_order import (
 
 T2 = torch.tensor([0.0, 1.0], dtype=DTYPE)
 T4 = torch.linspace(0.0, 1.0, 4, dtype=DTYPE)
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    with single_thread():
-        yield
 
 
 def test_torchdyn_adjoint_cannot_be_differentiated_twice():

@@ -9,39 +9,24 @@ from torchdyn.core import NeuralODE
 
 from tests.fixtures import (
     DTYPE,
+    SECOND_ORDER_CASES,
+    SECOND_ORDER_REL,
+    T_SPAN_2,
+    T_SPAN_4,
     assert_close,
     autograd_hessian,
     autograd_loss,
-    conv_data,
     cross_loss,
-    depthcat_field,
     last_loss,
     make_node,
     mlp_data,
     mlp_field,
-    single_thread,
-    tiny_conv_field,
-    trajectory_loss,
 )
 from torchdyn_snopt.second_order import dense_bytes, hessian
 
-REL = 1e-6
-T2 = torch.tensor([0.0, 1.0], dtype=DTYPE)
-T4 = torch.linspace(0.0, 1.0, 4, dtype=DTYPE)
+REL, T2, T4 = SECOND_ORDER_REL, T_SPAN_2, T_SPAN_4
 
-CASES = {
-    "mlp-terminal": (lambda: mlp_field(3, 6), lambda: mlp_data(2, 3), last_loss, T2),
-    "mlp-cross-points": (lambda: mlp_field(3, 6), lambda: mlp_data(2, 3), cross_loss, T4),
-    "mlp-every-point": (lambda: mlp_field(3, 6), lambda: mlp_data(2, 3), trajectory_loss, T4),
-    "t-dependent": (lambda: depthcat_field(3, 6), lambda: mlp_data(2, 3), cross_loss, T4),
-    "conv": (tiny_conv_field, lambda: conv_data(1, 2, 4), last_loss, T2),
-}
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    with single_thread():
-        yield
+CASES = SECOND_ORDER_CASES
 
 
 @pytest.mark.parametrize("case", list(CASES))

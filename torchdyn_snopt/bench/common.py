@@ -95,6 +95,23 @@ def evaluate(model: nn.Module, x: Tensor, y: Tensor, batch: int = 1000) -> tuple
     return loss / len(x), correct / len(x)
 
 
+def check_run_args(
+    optimizers: tuple[str, ...], accepted: tuple[str, ...], budget_s: float, seeds: int
+) -> None:
+    """ValueError unless ``optimizers`` is a non-empty subset of ``accepted``, ``budget_s`` a
+    finite float > 0 and ``seeds`` an int >= 1 (the arguments every equal-budget bench takes)."""
+    bad = [o for o in optimizers if o not in accepted]
+    if bad or not optimizers:
+        raise ValueError(
+            f"optimizers={optimizers!r} is invalid; accepted: a non-empty subset "
+            f"of {', '.join(accepted)}"
+        )
+    if not (math.isfinite(budget_s) and budget_s > 0):
+        raise ValueError(f"budget_s={budget_s!r} is invalid; accepted: a float > 0")
+    if seeds < 1:
+        raise ValueError(f"seeds={seeds!r} is invalid; accepted: an int >= 1")
+
+
 def train_for(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,

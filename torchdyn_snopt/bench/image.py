@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 from torchdyn_snopt.bench.common import (
     RunResult,
+    check_run_args,
     format_table,
     peak_memory_mb,
     summary_rows,
@@ -195,16 +196,7 @@ def bench_image(
 
     if dataset not in IMAGE_DATASETS:
         raise ValueError(f"dataset={dataset!r} is unknown; accepted: {', '.join(IMAGE_DATASETS)}")
-    bad = [o for o in optimizers if o not in OPTIMIZERS]
-    if bad or not optimizers:
-        raise ValueError(
-            f"optimizers={optimizers!r} is invalid; accepted: a non-empty subset "
-            f"of {', '.join(OPTIMIZERS)}"
-        )
-    if not (math.isfinite(budget_s) and budget_s > 0):
-        raise ValueError(f"budget_s={budget_s!r} is invalid; accepted: a float > 0")
-    if seeds < 1:
-        raise ValueError(f"seeds={seeds!r} is invalid; accepted: an int >= 1")
+    check_run_args(tuple(optimizers), OPTIMIZERS, budget_s, seeds)
     if baseline_sensitivity not in ("snopt", "adjoint"):
         raise ValueError(
             f"baseline_sensitivity={baseline_sensitivity!r} is invalid; "

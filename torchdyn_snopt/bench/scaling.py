@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import time
 import warnings
 from dataclasses import asdict, dataclass
@@ -34,6 +33,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
 from torchdyn_snopt.bench.common import format_table
+from torchdyn_snopt.distributed import free_port, spawn
 from torchdyn_snopt.optim import SNOpt, read_nfe
 
 
@@ -197,12 +197,6 @@ def measure(
 # --------------------------------------------------------------------------- launching
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _device_for(device: str, world: int, local_rank: int = 0) -> torch.device:
     """The device of one process: ``cuda:<local rank>`` or cpu."""
     if device not in ("auto", "cpu", "cuda"):
@@ -284,14 +278,7 @@ def _run_local(
 
     queue = mp.get_context("spawn").SimpleQueue()
     args = ((world_sizes, device, cfg), queue)
-    ctx = mp.spawn(_spawned, args=(world, _free_port(), *args), nprocs=world, join=False)
-    deadline = time.monotonic() + timeout_s
-    while not ctx.join(timeout=max(0.1, deadline - time.monotonic())):
-        if time.monotonic() >= deadline:
-            for p in ctx.processes:
-                if p.is_alive():
-                    p.kill()
-            raise TimeoutError(f"{world} processes did not finish within {timeout_s} s")
+    spawn(_spawned, world, world, free_port(), *args, timeout_s=timeout_s)
     return queue.get()
 
 

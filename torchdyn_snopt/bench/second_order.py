@@ -29,6 +29,7 @@ from torch import Tensor
 
 from torchdyn_snopt.bench.common import (
     RunResult,
+    check_run_args,
     format_table,
     summary_rows,
     train_for,
@@ -168,16 +169,7 @@ def bench_second_order(
     """Run the Fig. 11 comparison on digits (CPU); returns ``{"summary", "runs", "files"}``."""
     from torchdyn_snopt.data import load_digits
 
-    bad = [o for o in optimizers if o not in OPTIMIZERS]
-    if bad or not optimizers:
-        raise ValueError(
-            f"optimizers={optimizers!r} is invalid; accepted: a non-empty subset "
-            f"of {', '.join(OPTIMIZERS)}"
-        )
-    if not (math.isfinite(budget_s) and budget_s > 0):
-        raise ValueError(f"budget_s={budget_s!r} is invalid; accepted: a float > 0")
-    if seeds < 1:
-        raise ValueError(f"seeds={seeds!r} is invalid; accepted: an int >= 1")
+    check_run_args(tuple(optimizers), OPTIMIZERS, budget_s, seeds)
     unknown = [k for k in (lrs or {}) if k not in OPTIMIZERS]
     if unknown:
         raise ValueError(f"lrs={lrs!r} names {unknown}; accepted: {', '.join(OPTIMIZERS)}")

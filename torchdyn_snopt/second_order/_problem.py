@@ -139,17 +139,23 @@ def backward_solve(
     )
 
 
+def scalar_loss(loss_fn: LossFn, sol: Tensor, fn: str) -> Tensor:
+    """``loss_fn(sol)`` as a 0-d tensor; ValueError naming ``fn`` if it is not a scalar."""
+    loss = loss_fn(sol)
+    if not isinstance(loss, Tensor) or loss.numel() != 1:
+        raise ValueError(
+            f"{fn}: loss_fn returned {loss!r:.60}; accepted: a scalar Tensor "
+            "(loss_fn gets the trajectory, shape (len(t_span), *x0.shape))"
+        )
+    return loss.reshape(())
+
+
 def loss_derivatives(loss_fn: LossFn, sol: Tensor, fn: str) -> tuple[Tensor, Tensor]:
     """Value and gradient of ``loss_fn(sol)`` w.r.t. the trajectory ``sol`` (shape of ``sol``)."""
     with torch.enable_grad():
         s = sol.detach().requires_grad_(True)
-        loss = loss_fn(s)
-        if not isinstance(loss, Tensor) or loss.numel() != 1:
-            raise ValueError(
-                f"{fn}: loss_fn returned {loss!r:.60}; accepted: a scalar Tensor "
-                "(loss_fn gets the trajectory, shape (len(t_span), *x0.shape))"
-            )
-        (g,) = torch.autograd.grad(loss.reshape(()), s, allow_unused=True)
+        loss = scalar_loss(loss_fn, s, fn)
+        (g,) = torch.autograd.grad(loss, s, allow_unused=True)
     return loss.detach().reshape(()), torch.zeros_like(sol) if g is None else g
 
 

@@ -40,7 +40,13 @@ from torch.func import functional_call, jvp
 from torchdyn.core.problems import ODEProblem
 
 from torchdyn_snopt.integrate import integrate
-from torchdyn_snopt.second_order._problem import LossFn, Problem, backward_solve, problem_of
+from torchdyn_snopt.second_order._problem import (
+    LossFn,
+    Problem,
+    backward_solve,
+    problem_of,
+    scalar_loss,
+)
 
 
 def hvp(
@@ -93,13 +99,7 @@ def hvp(
     # Loss: gradient and its derivative along (δsol, v) (the jumps of a and δa).
     with torch.enable_grad():
         s = sol.detach().requires_grad_(True)
-        loss = loss_fn(s)
-        if not isinstance(loss, Tensor) or loss.numel() != 1:
-            raise ValueError(
-                f"{fn}: loss_fn returned {loss!r:.60}; accepted: a scalar Tensor "
-                "(loss_fn gets the trajectory, shape (len(t_span), *x0.shape))"
-            )
-        loss = loss.reshape(())
+        loss = scalar_loss(loss_fn, s, fn)
         g_all = torch.autograd.grad(loss, (s, *params), create_graph=True, allow_unused=True)
         g_sol, g_par = g_all[0], g_all[1:]
         direc = _dot([g_sol], [dsol]) + _dot(g_par, vs)
