@@ -154,7 +154,9 @@ class FreeHorizon(nn.Module):
         A NeuralODE's own ``t_span`` (argument or attribute) is rescaled onto ``[t0, T]``, so
         multi-point grids keep their relative spacing. With ``optimizer``, each
         ``optimizer.step()`` also calls :meth:`step` with the parameter change it made.
-        Returns ``self``. :meth:`detach` removes every hook.
+        Returns ``self``. :meth:`detach` removes every hook. The feedback term reads ``.grad``
+        as the optimizer sees it: behind an ``SNOptPreconditioner`` that is the preconditioned
+        gradient, not ``∂L/∂θ`` (``tds.SNOpt`` keeps ``.grad`` raw until its step).
         """
         nodes = [m for m in module.modules() if isinstance(m, _node_types())]
         if not nodes:
