@@ -427,3 +427,25 @@ def tiny_conv_field(channels: int = 2) -> nn.Module:
 def cross_loss(sol: Tensor) -> Tensor:
     """Loss over several outputs with cross terms between them (non-separable in time)."""
     return (sol[-1] ** 2).sum() + 0.3 * (sol[1] * sol[-1]).sum() + torch.sin(sol[1]).sum()
+
+
+# --------------------------------------------------------------------------- CNF / FFJORD
+
+
+def quiet_ffjord(**kw) -> nn.Module:
+    """A :class:`torchdyn_snopt.models.FFJORD` built without torchdyn's wrapping notice on
+    stdout (it prints one line per ``NeuralODE`` whose field lacks a ``t`` argument)."""
+    import io
+
+    from torchdyn_snopt.models import FFJORD
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        return FFJORD(**kw)
+
+
+def quiet_node(field: nn.Module, **kw) -> NeuralODE:
+    """``NeuralODE(field, **kw)`` without torchdyn's wrapping notice on stdout."""
+    import io
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        return NeuralODE(field, **kw)
