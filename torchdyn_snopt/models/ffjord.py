@@ -104,6 +104,9 @@ class FFJORD(nn.Module):
         activation: ``"tanh"`` or ``"softplus"``.
         trace: ``"hutchinson"`` (one VJP per evaluation) or ``"exact"`` (``d`` VJPs).
         noise: Hutchinson noise, ``"rademacher"`` or ``"gaussian"``.
+        identity_init: zero the last layer of every field, so training starts from the
+            identity flow (``log p`` = the base density); long horizons such as circles'
+            ``t1 = 10`` otherwise start from a wildly expanding random flow (default True).
         sensitivity, solver, atol, rtol, atol_adjoint, rtol_adjoint: passed to ``NeuralODE``
             (defaults ``"snopt"``, ``"dopri5"``, 1e-5 everywhere).
     """
@@ -118,6 +121,7 @@ class FFJORD(nn.Module):
         activation: str = "tanh",
         trace: str = "hutchinson",
         noise: str = "rademacher",
+        identity_init: bool = True,
         sensitivity: str = "snopt",
         solver: str = "dopri5",
         atol: float = 1e-5,
@@ -148,6 +152,13 @@ class FFJORD(nn.Module):
         self.nets = nn.ModuleList(
             make_field(dim, tuple(hidden), conditioning, activation) for _ in range(n_blocks)
         )
+        if identity_init:
+            for net in self.nets:
+                last = net[-1].linear if conditioning == "concatsquash" else net[-1]
+                nn.init.zeros_(last.weight)
+                nn.init.zeros_(last.bias)
+                if conditioning == "concatsquash":
+                    nn.init.zeros_(net[-1].shift.weight)
         estimator = hutch_trace if trace == "hutchinson" else autograd_trace
         self.blocks = nn.ModuleList(
             NeuralODE(
