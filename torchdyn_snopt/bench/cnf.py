@@ -1,4 +1,4 @@
-"""``torchdyn-snopt bench cnf``: FFJORD trained by Adam, SGD and SNOpt at equal wall-clock (Table 4).
+"""``torchdyn-snopt bench cnf``: FFJORD by Adam, SGD and SNOpt at equal wall-clock (Table 4).
 
 An :class:`~torchdyn_snopt.models.FFJORD` (Hutchinson trace, dopri5 at 1e-5) is trained on a
 2-D toy (circles on ``t ∈ [0, 10]`` as in Chen et al. 2018, moons, 8 Gaussians) or a tabular
