@@ -37,7 +37,7 @@ DATASETS: tuple[str, ...] = ("circles", "moons", "8gaussians", "breast_cancer", 
 TOYS: tuple[str, ...] = ("circles", "moons", "8gaussians")
 #: Learning rates: the lowest test NLL of ``bench cnf --lr-check`` (README) where run.
 DEFAULT_LRS: dict[str, dict[str, float]] = {
-    name: {"adam": 1e-2, "sgd": 3e-2, "snopt": 1e-2} for name in DATASETS
+    name: {"adam": 1e-2, "sgd": 3e-3, "snopt": 1e-2} for name in DATASETS
 }
 LR_GRID: dict[str, tuple[float, ...]] = {
     "adam": (1e-3, 3e-3, 1e-2),
