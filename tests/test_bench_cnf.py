@@ -55,15 +55,15 @@ def test_cli_bench_cnf_circles_smoke(tmp_path, capsys):
 def test_cli_bench_cnf_tabular_lr_check(tmp_path, capsys):
     out = tmp_path / "wine"
     main(
-        ["bench", "cnf", "--dataset", "wine", "--optimizers", "adam", "--budget-s", "0.4",
+        ["bench", "cnf", "--dataset", "wine", "--optimizers", "sgd", "--budget-s", "0.4",
          "--lr-check", "--lr-check-s", "0.2", "--out", str(out)]
     )  # fmt: skip
     data = json.loads((out / "cnf_wine.json").read_text())
-    assert [c["lr"] for c in data["lr_check"]] == [1e-3, 3e-3, 1e-2]
+    assert [c["lr"] for c in data["lr_check"]] == [1e-4, 3e-4, 1e-3]
     best = min(data["lr_check"], key=lambda c: c["test_nll"])
-    assert data["lrs"]["adam"] == best["lr"]
+    assert data["lrs"]["sgd"] == best["lr"]
     assert not (out / "cnf_wine_density.png").exists()  # 13-d: no density plot
-    assert "lr check adam" in capsys.readouterr().out
+    assert "lr check sgd" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize(
