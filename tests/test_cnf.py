@@ -228,3 +228,31 @@ def test_sample_inverts_the_flow_and_log_prob_is_a_normalised_density():
     assert abs(logp.exp().sum().item() * cell - 1.0) < 2e-3
     entropy = (logp.exp() * logp).sum().item() * cell
     assert abs(mc.mean().item() - entropy) < 3 * mc.std().item() / math.sqrt(len(mc))
+
+
+def test_snopt_nll_falls_below_adam_on_circles():
+    """Fixed seed, same init and minibatches, 40 iterations on circles (t1 = 10): SNOpt
+    (lr 1e-2) reaches a lower test NLL than Adam at its best lr of {3e-3, 1e-2, 3e-2} (3e-3;
+    measured 1.88 vs 1.99 nats when this test was written)."""
+    from torchdyn_snopt.data import load_toy
+
+    x, x_test = load_toy("circles", n_train=2048, n_test=512)
+    nll = {}
+    with single_thread():
+        for name in ("adam", "snopt"):
+            torch.manual_seed(0)
+            model = quiet_ffjord(dim=2, hidden=(16, 16), t1=10.0)
+            if name == "adam":
+                opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+            else:
+                opt = tds.SNOpt(model, lr=1e-2, update_freq=10)
+            g = torch.Generator().manual_seed(1)
+            for _ in range(40):
+                idx = torch.randint(0, len(x), (128,), generator=g)
+                opt.zero_grad()
+                model.nll(x[idx]).backward()
+                opt.step()
+            with torch.no_grad(), torch.random.fork_rng():
+                torch.manual_seed(0)
+                nll[name] = model.nll(x_test).item()
+    assert nll["snopt"] < nll["adam"] - 0.05, nll
