@@ -96,8 +96,8 @@ DIVERGED_NATS_PER_DIM = 100.0
 def nll_loss(model: nn.Module, x: Tensor, _: Tensor) -> Tensor:
     """Training loss: mean negative log-likelihood in nats (raises once it has diverged)."""
     loss = model.nll(x)
-    if not float(loss) < DIVERGED_NATS_PER_DIM * x.shape[1]:
-        raise RuntimeError(f"the training NLL reached {float(loss):.4g} nats")
+    if not float(loss.detach()) < DIVERGED_NATS_PER_DIM * x.shape[1]:
+        raise RuntimeError(f"the training NLL reached {float(loss.detach()):.4g} nats")
     return loss
 
 
