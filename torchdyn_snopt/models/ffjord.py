@@ -107,7 +107,8 @@ class FFJORD(nn.Module):
         identity_init: zero the last layer of every field, so training starts from the
             identity flow (``log p`` = the base density); long horizons such as circles'
             ``t1 = 10`` otherwise start from a wildly expanding random flow (default True).
-        sensitivity, solver, atol, rtol, atol_adjoint, rtol_adjoint: passed to ``NeuralODE``
+        sensitivity, solver (name or solver module), atol, rtol, atol_adjoint, rtol_adjoint:
+            passed to ``NeuralODE``
             (defaults ``"snopt"``, ``"dopri5"``, 1e-5 everywhere).
     """
 
@@ -123,7 +124,7 @@ class FFJORD(nn.Module):
         noise: str = "rademacher",
         identity_init: bool = True,
         sensitivity: str = "snopt",
-        solver: str = "dopri5",
+        solver: str | nn.Module = "dopri5",
         atol: float = 1e-5,
         rtol: float = 1e-5,
         atol_adjoint: float = 1e-5,
