@@ -416,3 +416,25 @@ SECOND_ORDER_CASES = {
     "t-dependent": (lambda: depthcat_field(3, 6), lambda: mlp_data(2, 3), cross_loss, T_SPAN_4),
     "conv": (tiny_conv_field, lambda: conv_data(1, 2, 4), last_loss, T_SPAN_2),
 }
+
+
+# --------------------------------------------------------------------------- CNF / FFJORD
+
+
+def quiet_ffjord(**kw) -> nn.Module:
+    """A :class:`torchdyn_snopt.models.FFJORD` built without torchdyn's wrapping notice on
+    stdout (it prints one line per ``NeuralODE`` whose field lacks a ``t`` argument)."""
+    import io
+
+    from torchdyn_snopt.models import FFJORD
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        return FFJORD(**kw)
+
+
+def quiet_node(field: nn.Module, **kw) -> NeuralODE:
+    """``NeuralODE(field, **kw)`` without torchdyn's wrapping notice on stdout."""
+    import io
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        return NeuralODE(field, **kw)

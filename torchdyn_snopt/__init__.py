@@ -10,7 +10,7 @@ from torchdyn_snopt.registration import SENSITIVITIES, register
 
 register()
 
-from torchdyn_snopt import second_order  # noqa: E402
+from torchdyn_snopt import models, second_order  # noqa: E402
 from torchdyn_snopt.curvature import LayerAdapter, register_adapter  # noqa: E402
 from torchdyn_snopt.horizon import FreeHorizon  # noqa: E402
 from torchdyn_snopt.optim import SNOpt, SNOptPreconditioner, read_nfe  # noqa: E402
@@ -26,6 +26,7 @@ __all__ = [
     "LayerAdapter",
     "SNOpt",
     "SNOptPreconditioner",
+    "models",
     "read_nfe",
     "second_order",
     "__version__",

@@ -131,6 +131,7 @@ def _add_bench(subparsers: Any) -> None:
     _add_bench_horizon(groups)
     _add_bench_scaling(groups)
     _add_bench_second_order(groups)
+    _add_bench_cnf(groups)
 
 
 def _add_bench_image(groups: Any) -> None:
@@ -173,6 +174,81 @@ def _add_bench_image(groups: Any) -> None:
             batch_size=args.batch_size,
             baseline_sensitivity=args.baseline_sensitivity,
             sweep=args.sweep,
+        )
+        return 0
+
+    p.set_defaults(func=run)
+
+
+def _add_bench_cnf(groups: Any) -> None:
+    from torchdyn_snopt.bench import cnf
+
+    p = groups.add_parser(
+        "cnf",
+        help="FFJORD continuous normalizing flow, test NLL (Table 4, Fig. 8)",
+        description=cnf.__doc__.split("\n\n")[1] if cnf.__doc__ else None,
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--dataset", default="circles", choices=cnf.DATASETS)
+    p.add_argument(
+        "--budget-s",
+        type=positive_float,
+        default=30.0,
+        help="training wall-clock per optimizer and seed (evaluations excluded)",
+    )
+    p.add_argument("--seeds", type=positive_int, default=1, help="number of seeds (0, 1, ...)")
+    p.add_argument(
+        "--optimizers",
+        default=",".join(cnf.OPTIMIZERS),
+        help="comma-separated subset of " + ", ".join(cnf.OPTIMIZERS),
+    )
+    p.add_argument(
+        "--lr",
+        type=_lr_assignment,
+        action="append",
+        default=[],
+        metavar="NAME=LR",
+        help="learning rate of one optimizer (repeatable); default: the dataset's checked "
+        "values, or those --lr-check finds",
+    )
+    p.add_argument(
+        "--lr-check",
+        action="store_true",
+        help="first run each optimizer over a 3-point lr grid (seed 0) and keep the best",
+    )
+    p.add_argument(
+        "--lr-check-s",
+        type=positive_float,
+        default=None,
+        help="seconds per lr-check run (default: half of --budget-s)",
+    )
+    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, ...")
+    p.add_argument("--out", default="runs/cnf", help="folder for the PNGs, JSON and CSV")
+    p.add_argument(
+        "--batch-size", type=positive_int, default=None, help="minibatch size (default per set)"
+    )
+    p.add_argument(
+        "--baseline-sensitivity",
+        choices=("snopt", "adjoint"),
+        default="snopt",
+        help="backward solver of Adam/SGD: ours (never armed) or torchdyn's adjoint",
+    )
+    p.add_argument("--quiet", action="store_true", help="no progress bars or tables")
+
+    def run(args: argparse.Namespace) -> int:
+        cnf.bench_cnf(
+            dataset=args.dataset,
+            budget_s=args.budget_s,
+            seeds=args.seeds,
+            optimizers=tuple(o.strip() for o in args.optimizers.split(",") if o.strip()),
+            lrs=dict(args.lr),
+            device=args.device,
+            out=args.out,
+            quiet=args.quiet,
+            batch_size=args.batch_size,
+            baseline_sensitivity=args.baseline_sensitivity,
+            lr_check=args.lr_check,
+            lr_check_s=args.lr_check_s,
         )
         return 0
 

@@ -25,6 +25,7 @@ from torch import Tensor
 from torchdyn.core.problems import ODEProblem
 from torchdyn.numerics.odeint import odeint
 
+from torchdyn_snopt.cnf import noise_snapshot, pinned_noise
 from torchdyn_snopt.curvature.sampler import CurvatureSampler
 from torchdyn_snopt.integrate import integrate
 
@@ -118,6 +119,7 @@ class _SNOptAdjoint(torch.autograd.Function):
                 "size underflowed; lower the learning rate, or tighten/loosen atol and rtol"
             )
         ctx.problem, ctx.args, ctx.params = problem, args, params
+        ctx.noise = noise_snapshot(problem.vf)  # a CNF's Hutchinson noise, held for backward
         ctx.save_for_backward(t_eval, sol, t_span, x)
         return t_eval, sol
 
@@ -125,17 +127,18 @@ class _SNOptAdjoint(torch.autograd.Function):
     def backward(ctx: Any, grad_t_eval: Tensor, grad_sol: Tensor) -> tuple[Any, ...]:
         t_eval, sol, t_span, x0 = ctx.saved_tensors
         problem: ODEProblem = ctx.problem
-        grads = _backsolve(
-            problem,
-            ctx.params,
-            t_eval,
-            sol,
-            t_span,
-            x0,
-            grad_sol,
-            ctx.args,
-            need_t=ctx.needs_input_grad[2],
-        )
+        with pinned_noise(ctx.noise):
+            grads = _backsolve(
+                problem,
+                ctx.params,
+                t_eval,
+                sol,
+                t_span,
+                x0,
+                grad_sol,
+                ctx.args,
+                need_t=ctx.needs_input_grad[2],
+            )
         a0, t_grad, param_grads = grads
         return (None, a0, t_grad, None, None, *param_grads)
 

@@ -81,6 +81,10 @@ def _nfe_of(model: nn.Module) -> tuple[int, int] | None:
     return None
 
 
+def _cross_entropy(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
+    return F.cross_entropy(model(x), y)
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, x: Tensor, y: Tensor, batch: int = 1000) -> tuple[float, float]:
     """Mean cross-entropy and accuracy of ``model`` on ``(x, y)``."""
@@ -125,12 +129,21 @@ def train_for(
     n_evals: int = 30,
     progress: Callable[[float], None] | None = None,
     before_step: Callable[[Tensor, Tensor], None] | None = None,
+    loss_fn: Callable[[nn.Module, Tensor, Tensor], Tensor] | None = None,
+    eval_fn: Callable[[nn.Module, Tensor, Tensor], tuple[float, float]] | None = None,
 ) -> RunResult:
     """Train for ``budget_s`` seconds of training time; evaluate ``n_evals`` times evenly.
 
     ``before_step(x, y)`` (timed) sees the minibatch after ``backward()`` and before
     ``optimizer.step()``: optimizers that need the batch again (Newton-CG) take it there.
+    ``loss_fn(model, x, y)`` is the training loss (default: cross-entropy of ``model(x)``);
+    ``eval_fn(model, x_test, y_test)`` returns ``(test_loss, test_acc)`` (default:
+    :func:`evaluate`; a density model returns its test NLL and NaN).
     """
+    if loss_fn is None:
+        loss_fn = _cross_entropy
+    if eval_fn is None:
+        eval_fn = evaluate
     x_train, y_train, x_test, y_test = data
     result = RunResult(name, lr, seed)
     g = torch.Generator().manual_seed(seed)
@@ -145,7 +158,7 @@ def train_for(
         cursor += batch_size
         start = time.perf_counter()
         optimizer.zero_grad()
-        loss = F.cross_entropy(model(x_train[idx]), y_train[idx])
+        loss = loss_fn(model, x_train[idx], y_train[idx])
         loss.backward()
         if before_step is not None:
             before_step(x_train[idx], y_train[idx])
@@ -159,7 +172,7 @@ def train_for(
         if progress is not None:
             progress(min(spent, budget_s))
         if spent >= next_eval or spent >= budget_s:
-            test_loss, acc = evaluate(model, x_test, y_test)
+            test_loss, acc = eval_fn(model, x_test, y_test)
             train_loss = sum(window) / len(window) if window else float("nan")
             result.points.append(Point(spent, result.iterations, train_loss, test_loss, acc))
             window, next_eval = [], next_eval + budget_s / n_evals
@@ -321,9 +334,15 @@ def _fmt(v: Any) -> str:
 
 
 def write_outputs(
-    runs: list[RunResult], rows: list[dict[str, Any]], out: Path, stem: str, title: str
+    runs: list[RunResult],
+    rows: list[dict[str, Any]],
+    out: Path,
+    stem: str,
+    title: str,
+    right: tuple[str, str] = ("test_acc", "test accuracy"),
 ) -> list[Path]:
-    """JSON (everything), CSV (every logged point) and a PNG of the curves under ``out``."""
+    """JSON (everything), CSV (every logged point) and a PNG of the curves under ``out``;
+    ``right`` is the :class:`Point` field and label of the plot's right panel."""
     out.mkdir(parents=True, exist_ok=True)
     paths = [out / f"{stem}.json", out / f"{stem}.csv", out / f"{stem}.png"]
     with open(paths[0], "w") as fh:
@@ -334,12 +353,19 @@ def write_outputs(
         for r in runs:
             for p in r.points:
                 w.writerow([r.optimizer, r.lr, r.seed, *asdict(p).values()])
-    plot_curves(runs, paths[2], title)
+    plot_curves(runs, paths[2], title, right)
     return paths
 
 
-def plot_curves(runs: list[RunResult], path: Path, title: str) -> None:
-    """Training loss and test accuracy against training wall-clock (Fig. 1/7 analogue)."""
+def plot_curves(
+    runs: list[RunResult],
+    path: Path,
+    title: str,
+    right: tuple[str, str] = ("test_acc", "test accuracy"),
+) -> None:
+    """Training loss and ``right`` (default test accuracy) against training wall-clock
+    (Fig. 1/7 analogue). The loss axis is logarithmic when every loss is positive."""
+    key, label = right
     import matplotlib
 
     matplotlib.use("Agg")
@@ -352,16 +378,17 @@ def plot_curves(runs: list[RunResult], path: Path, title: str) -> None:
         t = [p.seconds for p in r.points]
         label = f"{r.optimizer} (lr {r.lr:g})" if r.seed == min(x.seed for x in runs) else None
         ax_l.plot(t, [p.train_loss for p in r.points], color=c, label=label, alpha=0.85)
-        ax_a.plot(t, [p.test_acc for p in r.points], color=c, label=label, alpha=0.85)
-    ax_l.set_yscale("log")
+        ax_a.plot(t, [getattr(p, key) for p in r.points], color=c, label=label, alpha=0.85)
+    if all(p.train_loss > 0 for r in runs for p in r.points):
+        ax_l.set_yscale("log")
     ax_l.set_xlabel("training wall-clock (s)")
     ax_l.set_ylabel("training loss")
     ax_a.set_xlabel("training wall-clock (s)")
-    ax_a.set_ylabel("test accuracy")
+    ax_a.set_ylabel(label)
     accs = [p.test_acc for r in runs for p in r.points]
-    if accs:
+    if key == "test_acc" and accs:
         ax_a.set_ylim(max(0.0, sorted(accs)[len(accs) // 10] - 0.05), 1.0)
-    ax_a.legend(loc="lower right")
+    ax_a.legend(loc="lower right" if key == "test_acc" else "upper right")
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -3,9 +3,10 @@
 Sampling happens at the solver's *accepted* backward steps (plus each interval's end points):
 at such a node ``t_k`` one extra evaluation of the vector field records each layer's input
 ``z`` and, by a vector-Jacobian product with ``q = a / sqrt(t1 - t0)`` (Gauss-Newton terminal
-curvature, §3.2), the gradient ``g = (∂F/∂h)ᵀ q`` at its output. ``A_n(t)`` and ``B_n(t)`` are
-linear between nodes, and the uniform grid ``t_j = t0 + jΔt`` (``j = 0..G-1``,
-``Δt = (t1 - t0)/(G - 1)``) is read off that interpolant:
+curvature, §3.2), the gradient ``g = (∂F/∂h)ᵀ q`` at its output. For a CNF that evaluation
+is the field ``f(t, x)`` alone, without the trace estimator (:mod:`torchdyn_snopt.cnf`).
+``A_n(t)`` and ``B_n(t)`` are linear between nodes, and the uniform grid ``t_j = t0 + jΔt``
+(``j = 0..G-1``, ``Δt = (t1 - t0)/(G - 1)``) is read off that interpolant:
 
     Ā_n = Σ_j A_n(t_j) Δt,      B̄_n = Σ_j B_n(t_j) Δt.
 
@@ -32,6 +33,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
+from torchdyn_snopt.cnf import without_trace
 from torchdyn_snopt.curvature.base import LayerAdapter, second_moment
 from torchdyn_snopt.curvature.capture import recording
 
@@ -160,7 +162,8 @@ class CurvatureSampler:
         vf = self._vf
         ours = set(self.adapters)
         t = torch.as_tensor(node.t, dtype=node.x.dtype, device=node.x.device)
-        with torch.enable_grad(), recording() as records:
+        # A CNF contributes f(t, x) only: no trace-estimator passes in the factors (§4).
+        with torch.enable_grad(), without_trace(vf), recording() as records:
             out = vf(t, node.x.detach())
         self.nfe.curvature += 1
         records = [r for r in records if r[0] in ours and r[2].requires_grad]

@@ -9,6 +9,8 @@ from torch import Tensor
 from torchdyn_snopt.data.digits import load_digits
 from torchdyn_snopt.data.fashion_mnist import load_fashion_mnist
 from torchdyn_snopt.data.mnist import load_mnist_subset
+from torchdyn_snopt.data.tabular import TABULAR_DATASETS, load_array_file, load_tabular
+from torchdyn_snopt.data.toy2d import TOY_DATASETS, load_toy
 
 _LOADERS = {
     "digits": load_digits,  # sklearn, 1,797 images 8×8
@@ -33,10 +35,31 @@ def load_image_dataset(name: str, **kw: Any) -> tuple[Tensor, Tensor, Tensor, Te
     return loader(**kw)
 
 
+DENSITY_DATASETS: tuple[str, ...] = TOY_DATASETS + TABULAR_DATASETS
+
+
+def load_density_dataset(name: str, **kw: Any) -> tuple[Tensor, Tensor]:
+    """``(x_train, x_test)`` of one of ``DENSITY_DATASETS`` (2-D toys, tabular sets)."""
+    if name in TOY_DATASETS:
+        return load_toy(name, **kw)
+    if name in TABULAR_DATASETS:
+        return load_tabular(name, **kw)
+    raise ValueError(
+        f"name={name!r} is not a density dataset; accepted: {', '.join(DENSITY_DATASETS)}"
+    )
+
+
 __all__ = [
+    "DENSITY_DATASETS",
     "IMAGE_DATASETS",
+    "TABULAR_DATASETS",
+    "TOY_DATASETS",
+    "load_array_file",
+    "load_density_dataset",
     "load_digits",
     "load_fashion_mnist",
     "load_image_dataset",
     "load_mnist_subset",
+    "load_tabular",
+    "load_toy",
 ]

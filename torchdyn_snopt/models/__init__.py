@@ -1,5 +1,6 @@
 """Ready-made Neural-ODE models of the paper's experiments."""
 
+from torchdyn_snopt.models.ffjord import FFJORD, ConcatSquashLinear
 from torchdyn_snopt.models.image import ImageClassifier
 
-__all__ = ["ImageClassifier"]
+__all__ = ["FFJORD", "ConcatSquashLinear", "ImageClassifier"]
