@@ -9,6 +9,7 @@ from torch import Tensor
 from torchdyn_snopt.data.digits import load_digits
 from torchdyn_snopt.data.fashion_mnist import load_fashion_mnist
 from torchdyn_snopt.data.mnist import load_mnist_subset
+from torchdyn_snopt.data.uea import UEA_DATASETS, load_uea, load_uea_ts, series_lengths
 
 _LOADERS = {
     "digits": load_digits,  # sklearn, 1,797 images 8×8
@@ -35,8 +36,12 @@ def load_image_dataset(name: str, **kw: Any) -> tuple[Tensor, Tensor, Tensor, Te
 
 __all__ = [
     "IMAGE_DATASETS",
+    "UEA_DATASETS",
     "load_digits",
     "load_fashion_mnist",
     "load_image_dataset",
     "load_mnist_subset",
+    "load_uea",
+    "load_uea_ts",
+    "series_lengths",
 ]
