@@ -86,7 +86,7 @@ class NeuralCDE(nn.Module):
         width: int = 64,
         interpolation: str = "hermite",
         sensitivity: str = "snopt",
-        solver: str = "rk4",
+        solver: str | nn.Module = "rk4",
         tol: float = 1e-3,
     ) -> None:
         super().__init__()

@@ -52,7 +52,7 @@ class ODERNN(nn.Module):
         hidden: int = 32,
         width: int = 64,
         sensitivity: str = "snopt",
-        solver: str = "rk4",
+        solver: str | nn.Module = "rk4",
         tol: float = 1e-3,
     ) -> None:
         super().__init__()
