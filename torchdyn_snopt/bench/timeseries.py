@@ -42,9 +42,9 @@ DEFAULT_LRS: dict[tuple[str, str], dict[str, float]] = {
     ("JapaneseVowels", "ncde"): {"adam": 1e-2, "sgd": 0.1, "snopt": 0.03},
 }
 SWEEP_LRS: dict[str, tuple[float, ...]] = {
-    "adam": (3e-3, 1e-2, 3e-2),
-    "sgd": (0.03, 0.1, 0.3),
-    "snopt": (0.01, 0.03, 0.1),
+    "adam": (1e-3, 3e-3, 1e-2, 3e-2),
+    "sgd": (3e-3, 1e-2, 3e-2, 0.1),
+    "snopt": (3e-3, 1e-2, 3e-2, 0.1),
 }
 SNOPT_OPTIONS: dict[str, Any] = {"update_freq": 10, "full_precond": True}
 #: Minibatch size per dataset (BasicMotions has 40 training series: full batch).

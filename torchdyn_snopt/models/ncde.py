@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import torch
 import torch.nn as nn
 import torchcde
 from torch import Tensor
@@ -53,20 +54,31 @@ class CDEField(nn.Module):
         return (self.func(t, z) @ dX.unsqueeze(-1)).squeeze(-1)
 
 
+def unit_times(length: int, like: Tensor) -> Tensor:
+    """``length`` equally spaced path times on ``[0, 1]`` (the solve's interval)."""
+    return torch.linspace(0.0, 1.0, length, dtype=like.dtype, device=like.device)
+
+
 def control_path(coeffs: Tensor, interpolation: str) -> Path:
-    """torchcde's path object for coefficients of ``interpolation`` (one of INTERPOLATIONS)."""
+    """torchcde's path for coefficients of ``interpolation`` (one of INTERPOLATIONS) built on
+    :func:`unit_times` (linear coefficients hold one row per observation, cubic ones one row
+    per interval)."""
     if interpolation == "linear":
-        return torchcde.LinearInterpolation(coeffs)
-    return torchcde.CubicSpline(coeffs)
+        return torchcde.LinearInterpolation(coeffs, unit_times(coeffs.shape[-2], coeffs))
+    return torchcde.CubicSpline(coeffs, unit_times(coeffs.shape[-2] + 1, coeffs))
 
 
 class NeuralCDE(nn.Module):
     """Neural CDE classifier; its input is the interpolation *coefficients* of the series.
 
     Build them once per dataset with :meth:`coefficients` (torchcde fills missing values, which
-    is slow, so it must not run every forward pass): series ``(N, L, channels)`` with time as
-    channel 0 (irregular sampling), NaN for missing values and NaN padding after the end of a
-    shorter series (filled with its last value: the path is then constant and ``z`` stops).
+    is slow, so it must not run every forward pass). The path is parametrised over ``[0, 1]``
+    (observation ``k`` of ``L`` at ``k / (L - 1)``; irregular sampling lives in the time
+    channel): a CDE is invariant under this reparametrisation, and it keeps the Gauss-Newton
+    scale ``q = a / sqrt(t1 - t0)`` of the curvature (§3.2) that of a unit horizon. Series
+    ``(N, L, channels)`` with time as channel 0, NaN for missing values and NaN padding after
+    the end of a shorter series (filled with its last value: the path is then constant and
+    ``z`` stops).
 
     Args:
         channels: input channels of the path, time included.
@@ -115,7 +127,7 @@ class NeuralCDE(nn.Module):
             raise ValueError(
                 f"x has shape {tuple(x.shape)}; accepted: (N, L, channels={self.channels})"
             )
-        return _COEFFS[self.interpolation](x)
+        return _COEFFS[self.interpolation](x, unit_times(x.shape[-2], x))
 
     def path(self, coeffs: Tensor) -> Path:
         return control_path(coeffs, self.interpolation)
