@@ -38,7 +38,7 @@ MODELS: tuple[str, ...] = ("odernn", "ncde")
 DEFAULT_LRS: dict[tuple[str, str], dict[str, float]] = {
     ("BasicMotions", "odernn"): {"adam": 1e-2, "sgd": 0.1, "snopt": 0.03},
     ("BasicMotions", "ncde"): {"adam": 1e-2, "sgd": 0.1, "snopt": 0.03},
-    ("JapaneseVowels", "odernn"): {"adam": 1e-2, "sgd": 0.1, "snopt": 0.03},
+    ("JapaneseVowels", "odernn"): {"adam": 3e-2, "sgd": 3e-2, "snopt": 1e-2},
     ("JapaneseVowels", "ncde"): {"adam": 1e-2, "sgd": 0.1, "snopt": 0.03},
 }
 SWEEP_LRS: dict[str, tuple[float, ...]] = {
