@@ -6,7 +6,7 @@ observations, linear head) or a Neural CDE on torchcde's Hermite cubic path, eac
 every optimizer from the same initial weights with the same minibatch stream for the same
 training wall-clock. SNOpt preconditions every layer (``full_precond``: the GRU cell and the
 heads with K-FAC, the ODE fields with eq. 13). ``--sweep`` runs the learning-rate check per
-optimizer (seed 0) from which the defaults below were picked.
+optimizer (seed 0) from which the default learning rates (``DEFAULT_LRS``) were picked.
 """
 
 from __future__ import annotations
