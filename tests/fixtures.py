@@ -438,3 +438,35 @@ def quiet_node(field: nn.Module, **kw) -> NeuralODE:
 
     with contextlib.redirect_stdout(io.StringIO()):
         return NeuralODE(field, **kw)
+
+
+# --------------------------------------------------------------------------- time series
+
+
+def irregular_series(batch: int = 4, length: int = 7, channels: int = 2, seed: int = 3) -> Tensor:
+    """``(batch, length, 1 + channels)`` float64 series, time first (torchcde's layout).
+
+    Every series has its own increasing, irregular times in ``[0, 1]``; a few values are
+    missing (NaN in one channel); series 1 is two observations shorter (NaN padding, time
+    included) and series 2 shares times with series 0 except one.
+    """
+    g = torch.Generator().manual_seed(seed)
+    t = torch.sort(torch.rand(batch, length, generator=g, dtype=DTYPE), dim=1)[0]
+    t[:, 0] = 0.0
+    t[2] = t[0]
+    t[2, 3] = (t[0, 3] + t[0, 4]) / 2
+    x = torch.randn(batch, length, channels, generator=g, dtype=DTYPE)
+    x[0, 2, 0] = x[3, 4, 1] = x[2, 5, channels - 1] = float("nan")
+    out = torch.cat([t[..., None], x], dim=-1)
+    out[1, length - 2 :] = float("nan")
+    return out
+
+
+def cde_path_series(batch: int = 4, length: int = 8, channels: int = 2, seed: int = 5):
+    """Series sharing one irregular time grid (returned too), with missing values: what
+    ``torchcde`` coefficients with an explicit ``t`` need."""
+    g = torch.Generator().manual_seed(seed)
+    t = torch.sort(torch.rand(length, generator=g, dtype=DTYPE))[0] * 2.0
+    x = torch.randn(batch, length, channels, generator=g, dtype=DTYPE)
+    x[0, 3, 1] = x[2, 5, 0] = x[1, length - 2, 1] = float("nan")
+    return torch.cat([t.expand(batch, length)[..., None], x], dim=-1), t

@@ -10,7 +10,8 @@ from torchdyn_snopt.registration import SENSITIVITIES, register
 
 register()
 
-from torchdyn_snopt import models, second_order  # noqa: E402
+from torchdyn_snopt import models, nn, second_order  # noqa: E402
+from torchdyn_snopt.cde import CurvatureTap  # noqa: E402
 from torchdyn_snopt.curvature import LayerAdapter, register_adapter  # noqa: E402
 from torchdyn_snopt.horizon import FreeHorizon  # noqa: E402
 from torchdyn_snopt.optim import SNOpt, SNOptPreconditioner, read_nfe  # noqa: E402
@@ -22,11 +23,13 @@ except _metadata.PackageNotFoundError:  # pragma: no cover - running from an uni
 
 __all__ = [
     "SENSITIVITIES",
+    "CurvatureTap",
     "FreeHorizon",
     "LayerAdapter",
     "SNOpt",
     "SNOptPreconditioner",
     "models",
+    "nn",
     "read_nfe",
     "second_order",
     "__version__",

@@ -132,6 +132,7 @@ def _add_bench(subparsers: Any) -> None:
     _add_bench_scaling(groups)
     _add_bench_second_order(groups)
     _add_bench_cnf(groups)
+    _add_bench_timeseries(groups)
 
 
 def _add_bench_image(groups: Any) -> None:
@@ -410,6 +411,68 @@ def _add_bench_second_order(groups: Any) -> None:
             out=args.out,
             quiet=args.quiet,
             batch_size=args.batch_size,
+        )
+        return 0
+
+    p.set_defaults(func=run)
+
+
+def _add_bench_timeseries(groups: Any) -> None:
+    from torchdyn_snopt.bench import timeseries
+    from torchdyn_snopt.data import UEA_DATASETS
+
+    p = groups.add_parser(
+        "timeseries",
+        help="ODE-RNN or Neural CDE on UEA series (Table 3/4, Fig. 6)",
+        description=timeseries.__doc__.split("\n\n")[1] if timeseries.__doc__ else None,
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--dataset", choices=UEA_DATASETS, default="JapaneseVowels")
+    p.add_argument("--model", choices=timeseries.MODELS, default="odernn")
+    p.add_argument(
+        "--budget-s",
+        type=positive_float,
+        default=30.0,
+        help="training wall-clock per optimizer and seed (evaluations excluded)",
+    )
+    p.add_argument("--seeds", type=positive_int, default=1, help="number of seeds (0, 1, ...)")
+    p.add_argument(
+        "--optimizers",
+        default=",".join(timeseries.OPTIMIZERS),
+        help="comma-separated subset of " + ", ".join(timeseries.OPTIMIZERS),
+    )
+    p.add_argument(
+        "--lr",
+        type=_lr_assignment,
+        action="append",
+        default=[],
+        metavar="NAME=LR",
+        help="learning rate of one optimizer (repeatable); default: the sweep-best values",
+    )
+    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, ...")
+    p.add_argument("--out", default="runs/timeseries", help="folder for the PNG, JSON and CSV")
+    p.add_argument(
+        "--batch-size",
+        type=positive_int,
+        default=None,
+        help="minibatch size (default: 40 for BasicMotions, 64 for JapaneseVowels)",
+    )
+    p.add_argument("--sweep", action="store_true", help="learning-rate check per optimizer, seed 0")
+    p.add_argument("--quiet", action="store_true", help="no progress bars or tables")
+
+    def run(args: argparse.Namespace) -> int:
+        timeseries.bench_timeseries(
+            dataset=args.dataset,
+            model=args.model,
+            budget_s=args.budget_s,
+            seeds=args.seeds,
+            optimizers=tuple(o.strip() for o in args.optimizers.split(",") if o.strip()),
+            lrs=dict(args.lr),
+            device=args.device,
+            out=args.out,
+            quiet=args.quiet,
+            batch_size=args.batch_size,
+            sweep=args.sweep,
         )
         return 0
 

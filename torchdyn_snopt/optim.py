@@ -25,6 +25,7 @@ from torch import Tensor
 from torchdyn.core.problems import ODEProblem
 
 from torchdyn_snopt.adjoint import sampler_of
+from torchdyn_snopt.cde import CurvatureTap, TapSampler
 from torchdyn_snopt.curvature.base import LayerAdapter
 from torchdyn_snopt.curvature.capture import attach
 from torchdyn_snopt.curvature.outer import OuterFactors
@@ -124,7 +125,8 @@ class SNOptPreconditioner:
 
     Args:
         model: module holding one or more ``NeuralODE``s with ``sensitivity`` in
-            :data:`~torchdyn_snopt.SENSITIVITIES` (and, with ``full_precond``, other layers).
+            :data:`~torchdyn_snopt.SENSITIVITIES` and/or :class:`~torchdyn_snopt.CurvatureTap`
+            wrappers of ``torchcde.cdeint`` functions (and, with ``full_precond``, other layers).
         eps: Tikhonov damping added to the curvature eigenvalues (default 0.05; per-sample
             squared-gradient scale, see :mod:`torchdyn_snopt.curvature.sampler`).
         update_freq: steps between curvature refreshes (eigenbases recomputed), ``>= 1``.
@@ -173,16 +175,16 @@ class SNOptPreconditioner:
         sync = RankSync(process_group, distribute_eigh)  # validates both
         model = unwrap(model)
         problems = [m for m in model.modules() if is_snopt_problem(m)]
-        in_ode = {
-            id(m) for p in model.modules() if isinstance(p, ODEProblem) for m in p.vf.modules()
-        }
+        taps = [m for m in model.modules() if isinstance(m, CurvatureTap)]  # torchcde.cdeint
+        fields = [p.vf for p in model.modules() if isinstance(p, ODEProblem)]
+        in_ode = {id(m) for f in fields + [t.func for t in taps] for m in f.modules()}
         names = {id(m): n for n, m in model.named_modules()}
 
         ode_adapters: dict[int, LayerAdapter] = {}
         per_problem: list[list[LayerAdapter]] = []
-        for problem in problems:
+        for vf in [p.vf for p in problems] + [t.func for t in taps]:
             mine = []
-            for module in problem.vf.modules():
+            for module in vf.modules():
                 if id(module) not in ode_adapters:
                     adapter = adapter_for(module, names.get(id(module), type(module).__name__))
                     if adapter is None:
@@ -201,15 +203,15 @@ class SNOptPreconditioner:
         if not ode_adapters and not outer:
             raise ValueError(
                 f"model={type(model).__name__} holds no NeuralODE with sensitivity in "
-                f"{SENSITIVITIES} that has an adaptable layer"
+                f"{SENSITIVITIES} (nor a CurvatureTap) that has an adaptable layer"
                 + ("" if full_precond else ", and full_precond=False")
                 + "; build the NeuralODE with sensitivity='snopt' or pass full_precond=True"
             )
 
         # Validated: from here on the model is changed (samplers configured, hooks attached).
-        self._samplers: list[CurvatureSampler] = []
-        for problem, mine in zip(problems, per_problem):
-            sampler = sampler_of(problem)
+        self._samplers: list[CurvatureSampler | TapSampler] = []
+        owners = [sampler_of(p) for p in problems] + [t.sampler for t in taps]
+        for sampler, mine in zip(owners, per_problem):
             sampler.adapters, sampler.grid_size = mine, grid_size
             self._samplers.append(sampler)
         self.last_factors: dict[str, Factors] = {}

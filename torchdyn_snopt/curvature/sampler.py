@@ -14,6 +14,11 @@ Each node therefore carries the weight of the grid points in its two neighbourin
 is evaluated once, only if that weight is positive, and only when its segment is closed, so the
 memory is O(1) in the number of solver steps and no solver restart is ever forced.
 
+Many short solves (ODE-RNN, §4): each solve's ``Ā``, ``B̄`` integrate over its own span, so
+summing the solves of one iteration weights each by its time span. Set :attr:`horizon` to the
+whole sequence's time range so that ``q = a / sqrt(horizon)`` is the Gauss-Newton vector of the
+sequence (default None: each solve's own ``t1 - t0``).
+
 Rows: ``B`` uses the whole batch; ``A`` at most :data:`A_ROWS` rows (see there).
 
 Scale convention (IMPLEMENTATION-NOTES): ``A_n(t) = E[z̃ z̃ᵀ]`` and ``B_n(t) = E[g gᵀ]`` are
@@ -81,6 +86,7 @@ class CurvatureSampler:
     armed: bool = False
     grid_size: int = 100
     batch_size: int = 1
+    horizon: float | None = None
     factors: dict[LayerAdapter, Factors] = field(default_factory=dict)
     nfe: NFE = field(default_factory=NFE)
 
@@ -100,9 +106,9 @@ class CurvatureSampler:
         """Start sampling a backward solve between times ``t0`` and ``t1`` (either order)."""
         t0, t1 = min(t0, t1), max(t0, t1)
         span = t1 - t0
-        self._grid = [t0 + span * j / (self.grid_size - 1) for j in range(self.grid_size)]
-        self._dt = span / (self.grid_size - 1)
-        self._scale = batch_size / math.sqrt(span)  # q = a / sqrt(t1 - t0), per-sample scale
+        self._grid, self._dt = uniform_grid(t0, t1, self.grid_size)
+        norm = self.horizon if self.horizon else span
+        self._scale = batch_size / math.sqrt(norm)  # q = a / sqrt(t1 - t0), per-sample (§3.2)
         self._batch, self._vf, self._pending = batch_size, vf, None
 
     def node(self, t: float, x: Tensor, a: Tensor) -> None:
@@ -130,18 +136,7 @@ class CurvatureSampler:
 
     # --- internals ----------------------------------------------------------------------
     def _segment_weights(self, lo: float, hi: float) -> tuple[float, float]:
-        """Weights of the nodes at ``lo`` and ``hi`` from grid points in ``[lo, hi)``
-        (``[lo, hi]`` for the top segment), by linear interpolation."""
-        grid = self._grid
-        i0 = bisect.bisect_left(grid, lo)
-        top = hi >= grid[-1]
-        i1 = bisect.bisect_right(grid, hi) if top else bisect.bisect_left(grid, hi)
-        w_lo = w_hi = 0.0
-        for tj in grid[i0:i1]:
-            lam = (tj - lo) / (hi - lo)
-            w_lo += (1.0 - lam) * self._dt
-            w_hi += lam * self._dt
-        return w_lo, w_hi
+        return segment_weights(self._grid, self._dt, lo, hi)
 
     def _finish(self, node: _Node) -> None:
         if node.weight <= 0.0:
@@ -178,7 +173,7 @@ class CurvatureSampler:
                 if g is None:
                     g = torch.zeros_like(output)
                 zs, gs, loc = rows.setdefault(adapter, ([], [], 0))
-                zs.append(adapter.input_rows(_subsample(inputs, adapter.locations(output))))
+                zs.append(adapter.input_rows(subsample(inputs, adapter.locations(output))))
                 gs.append(adapter.output_rows(g))
                 rows[adapter] = (zs, gs, loc + adapter.locations(output))
             result = {}
@@ -188,7 +183,27 @@ class CurvatureSampler:
         return result
 
 
-def _subsample(inputs: tuple, locations: int) -> tuple:
+def segment_weights(grid: list[float], dt: float, lo: float, hi: float) -> tuple[float, float]:
+    """Weights of the nodes at ``lo`` and ``hi`` from the points of the uniform ``grid`` (step
+    ``dt``) in ``[lo, hi)`` (``[lo, hi]`` for the top segment), by linear interpolation (eq. 13)."""
+    i0 = bisect.bisect_left(grid, lo)
+    top = hi >= grid[-1]
+    i1 = bisect.bisect_right(grid, hi) if top else bisect.bisect_left(grid, hi)
+    w_lo = w_hi = 0.0
+    for tj in grid[i0:i1]:
+        lam = (tj - lo) / (hi - lo)
+        w_lo += (1.0 - lam) * dt
+        w_hi += lam * dt
+    return w_lo, w_hi
+
+
+def uniform_grid(t0: float, t1: float, size: int) -> tuple[list[float], float]:
+    """``size`` equally spaced times from ``t0`` to ``t1`` and their spacing."""
+    span = t1 - t0
+    return [t0 + span * j / (size - 1) for j in range(size)], span / (size - 1)
+
+
+def subsample(inputs: tuple, locations: int) -> tuple:
     """The first ``ceil(A_ROWS / locations)`` samples of the module's first input."""
     first = inputs[0]
     keep = max(1, -(-A_ROWS // max(locations, 1)))

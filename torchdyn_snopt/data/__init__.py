@@ -11,6 +11,7 @@ from torchdyn_snopt.data.fashion_mnist import load_fashion_mnist
 from torchdyn_snopt.data.mnist import load_mnist_subset
 from torchdyn_snopt.data.tabular import TABULAR_DATASETS, load_array_file, load_tabular
 from torchdyn_snopt.data.toy2d import TOY_DATASETS, load_toy
+from torchdyn_snopt.data.uea import UEA_DATASETS, load_uea, load_uea_ts, series_lengths
 
 _LOADERS = {
     "digits": load_digits,  # sklearn, 1,797 images 8×8
@@ -56,10 +57,14 @@ __all__ = [
     "TOY_DATASETS",
     "load_array_file",
     "load_density_dataset",
+    "UEA_DATASETS",
     "load_digits",
     "load_fashion_mnist",
     "load_image_dataset",
     "load_mnist_subset",
     "load_tabular",
     "load_toy",
+    "load_uea",
+    "load_uea_ts",
+    "series_lengths",
 ]

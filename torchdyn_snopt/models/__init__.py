@@ -2,5 +2,7 @@
 
 from torchdyn_snopt.models.ffjord import FFJORD, ConcatSquashLinear
 from torchdyn_snopt.models.image import ImageClassifier
+from torchdyn_snopt.models.ncde import NeuralCDE
+from torchdyn_snopt.models.odernn import ODERNN
 
-__all__ = ["FFJORD", "ConcatSquashLinear", "ImageClassifier"]
+__all__ = ["FFJORD", "ConcatSquashLinear", "ImageClassifier", "NeuralCDE", "ODERNN"]
