@@ -376,9 +376,9 @@ def plot_curves(
     for r in runs:
         c = colors.setdefault(r.optimizer, f"C{len(colors)}")
         t = [p.seconds for p in r.points]
-        label = f"{r.optimizer} (lr {r.lr:g})" if r.seed == min(x.seed for x in runs) else None
-        ax_l.plot(t, [p.train_loss for p in r.points], color=c, label=label, alpha=0.85)
-        ax_a.plot(t, [getattr(p, key) for p in r.points], color=c, label=label, alpha=0.85)
+        legend = f"{r.optimizer} (lr {r.lr:g})" if r.seed == min(x.seed for x in runs) else None
+        ax_l.plot(t, [p.train_loss for p in r.points], color=c, label=legend, alpha=0.85)
+        ax_a.plot(t, [getattr(p, key) for p in r.points], color=c, label=legend, alpha=0.85)
     if all(p.train_loss > 0 for r in runs for p in r.points):
         ax_l.set_yscale("log")
     ax_l.set_xlabel("training wall-clock (s)")
