@@ -67,9 +67,10 @@ def _train(name: str, lr: float, data, iterations: int = 30, batch: int = 32):
 
 
 def test_snopt_beats_adam_on_a_short_odernn_run():
-    """JapaneseVowels, seed 0, 30 iterations of batch 32, each at its bench learning rate:
-    SNOpt (0.01, GRU and head preconditioned with K-FAC) ends with a lower training loss and a
-    higher test accuracy than Adam (0.01). Measured: loss 0.44 vs 0.61, accuracy 0.92 vs 0.81."""
+    """JapaneseVowels, seed 0, 30 iterations of batch 32, both at lr 0.01 (SNOpt's bench rate):
+    SNOpt (GRU and head preconditioned with K-FAC) ends with a lower training loss and a higher
+    test accuracy than Adam. Measured: loss 0.44 vs 0.61, accuracy 0.92 vs 0.81. (At Adam's
+    bench rate 0.03 Adam gets accuracy 0.919 and loss 0.22 on this run.)"""
     data = load_uea("JapaneseVowels")
     with single_thread():
         loss_adam, acc_adam = _train("adam", 1e-2, data)
