@@ -191,26 +191,8 @@ def _add_bench_cnf(groups: Any) -> None:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--dataset", default="circles", choices=cnf.DATASETS)
-    p.add_argument(
-        "--budget-s",
-        type=positive_float,
-        default=30.0,
-        help="training wall-clock per optimizer and seed (evaluations excluded)",
-    )
-    p.add_argument("--seeds", type=positive_int, default=1, help="number of seeds (0, 1, ...)")
-    p.add_argument(
-        "--optimizers",
-        default=",".join(cnf.OPTIMIZERS),
-        help="comma-separated subset of " + ", ".join(cnf.OPTIMIZERS),
-    )
-    p.add_argument(
-        "--lr",
-        type=_lr_assignment,
-        action="append",
-        default=[],
-        metavar="NAME=LR",
-        help="learning rate of one optimizer (repeatable); default: the dataset's checked "
-        "values, or those --lr-check finds",
+    _add_equal_budget_args(
+        p, cnf.OPTIMIZERS, 30.0, "; default: the dataset's checked values or --lr-check's picks"
     )
     p.add_argument(
         "--lr-check",
@@ -429,26 +411,7 @@ def _add_bench_timeseries(groups: Any) -> None:
     )
     p.add_argument("--dataset", choices=UEA_DATASETS, default="JapaneseVowels")
     p.add_argument("--model", choices=timeseries.MODELS, default="odernn")
-    p.add_argument(
-        "--budget-s",
-        type=positive_float,
-        default=30.0,
-        help="training wall-clock per optimizer and seed (evaluations excluded)",
-    )
-    p.add_argument("--seeds", type=positive_int, default=1, help="number of seeds (0, 1, ...)")
-    p.add_argument(
-        "--optimizers",
-        default=",".join(timeseries.OPTIMIZERS),
-        help="comma-separated subset of " + ", ".join(timeseries.OPTIMIZERS),
-    )
-    p.add_argument(
-        "--lr",
-        type=_lr_assignment,
-        action="append",
-        default=[],
-        metavar="NAME=LR",
-        help="learning rate of one optimizer (repeatable); default: the sweep-best values",
-    )
+    _add_equal_budget_args(p, timeseries.OPTIMIZERS, 30.0, "; default: the sweep-best values")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, ...")
     p.add_argument("--out", default="runs/timeseries", help="folder for the PNG, JSON and CSV")
     p.add_argument(

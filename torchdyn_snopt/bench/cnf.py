@@ -24,12 +24,13 @@ from torch import Tensor
 
 from torchdyn_snopt.bench.common import (
     RunResult,
+    check_run_args,
     format_table,
     peak_memory_mb,
     train_for,
+    with_bar,
     write_outputs,
 )
-from torchdyn_snopt.bench.image import _with_bar
 from torchdyn_snopt.optim import SNOpt
 
 OPTIMIZERS: tuple[str, ...] = ("adam", "sgd", "snopt")
@@ -256,16 +257,7 @@ def bench_cnf(
     """
     if dataset not in DATASETS:
         raise ValueError(f"dataset={dataset!r} is unknown; accepted: {', '.join(DATASETS)}")
-    bad = [o for o in optimizers if o not in OPTIMIZERS]
-    if bad or not optimizers:
-        raise ValueError(
-            f"optimizers={optimizers!r} is invalid; accepted: a non-empty subset "
-            f"of {', '.join(OPTIMIZERS)}"
-        )
-    if not (math.isfinite(budget_s) and budget_s > 0):
-        raise ValueError(f"budget_s={budget_s!r} is invalid; accepted: a float > 0")
-    if seeds < 1:
-        raise ValueError(f"seeds={seeds!r} is invalid; accepted: an int >= 1")
+    check_run_args(tuple(optimizers), OPTIMIZERS, budget_s, seeds)
     if baseline_sensitivity not in ("snopt", "adjoint"):
         raise ValueError(
             f"baseline_sensitivity={baseline_sensitivity!r} is invalid; "
@@ -295,7 +287,7 @@ def bench_cnf(
         for name in optimizers:
             best = (math.inf, chosen[name])
             for lr in LR_GRID[name]:
-                r, _ = _with_bar(
+                r, _ = with_bar(
                     f"lr check {name} lr={lr:g}",
                     check_s,
                     quiet,
@@ -315,7 +307,7 @@ def bench_cnf(
     samples: dict[str, Tensor] = {}
     for seed in range(seeds):
         for name in optimizers:
-            r, model = _with_bar(
+            r, model = with_bar(
                 f"seed {seed} {name} lr={chosen[name]:g}",
                 budget_s,
                 quiet,

@@ -393,3 +393,27 @@ def plot_curves(
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def with_bar(
+    desc: str,
+    budget_s: float,
+    quiet: bool,
+    run: Callable[[Callable[[float], None] | None], RunResult],
+) -> RunResult:
+    """Call ``run(progress)`` under a tqdm bar of the training seconds (none when quiet)."""
+    if quiet:
+        return run(None)
+    from tqdm.auto import tqdm
+
+    bar = tqdm(
+        total=round(budget_s, 1),
+        desc=desc,
+        unit="s",
+        leave=False,
+        bar_format="{desc}: {percentage:3.0f}%|{bar}| {n:.0f}/{total:.0f} s",
+    )
+    try:
+        return run(lambda spent: bar.update(round(spent, 1) - bar.n))
+    finally:
+        bar.close()

@@ -27,6 +27,7 @@ from torchdyn_snopt.bench.common import (
     peak_memory_mb,
     summary_rows,
     train_for,
+    with_bar,
     write_outputs,
 )
 from torchdyn_snopt.optim import SNOpt
@@ -154,30 +155,6 @@ def run_one(
     return result
 
 
-def _with_bar(
-    desc: str,
-    budget_s: float,
-    quiet: bool,
-    run: Callable[[Callable[[float], None] | None], RunResult],
-) -> RunResult:
-    """Call ``run(progress)`` under a tqdm bar of the training seconds (none when quiet)."""
-    if quiet:
-        return run(None)
-    from tqdm.auto import tqdm
-
-    bar = tqdm(
-        total=round(budget_s, 1),
-        desc=desc,
-        unit="s",
-        leave=False,
-        bar_format="{desc}: {percentage:3.0f}%|{bar}| {n:.0f}/{total:.0f} s",
-    )
-    try:
-        return run(lambda spent: bar.update(round(spent, 1) - bar.n))
-    finally:
-        bar.close()
-
-
 def bench_image(
     dataset: str = "digits",
     budget_s: float = 60.0,
@@ -228,7 +205,7 @@ def bench_image(
             grid += [("snopt", chosen["snopt"], e) for e in SWEEP_EPS]
         for name, lr, eps in grid:
             desc = f"{name} lr={lr:g}" + (f" eps={eps:g}" if eps else "")
-            r = _with_bar(
+            r = with_bar(
                 desc,
                 budget_s,
                 quiet,
@@ -248,7 +225,7 @@ def bench_image(
         for seed in range(seeds):
             for name in optimizers:
                 desc = f"seed {seed} {name} lr={chosen[name]:g}"
-                r = _with_bar(
+                r = with_bar(
                     desc,
                     budget_s,
                     quiet,

@@ -33,9 +33,10 @@ from torchdyn_snopt.bench.common import (
     format_table,
     summary_rows,
     train_for,
+    with_bar,
     write_outputs,
 )
-from torchdyn_snopt.bench.image import DEFAULT_LRS, SNOPT_OPTIONS, _with_bar, build_model
+from torchdyn_snopt.bench.image import DEFAULT_LRS, SNOPT_OPTIONS, build_model
 from torchdyn_snopt.optim import SNOpt
 from torchdyn_snopt.second_order import hvp, recursive_adjoint_odeint
 
@@ -203,7 +204,7 @@ def bench_second_order(
                     before_step=hook,
                 )
 
-            r = _with_bar(f"seed {seed} {name}", budget_s, quiet, run)
+            r = with_bar(f"seed {seed} {name}", budget_s, quiet, run)
             runs.append(r)
             log(
                 f"  seed {seed} {name:19s} lr={r.lr:g}: final acc {r.final_acc:.4f}, "

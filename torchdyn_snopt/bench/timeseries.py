@@ -11,7 +11,6 @@ optimizer (seed 0) from which the default learning rates (``DEFAULT_LRS``) were 
 
 from __future__ import annotations
 
-import math
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -23,13 +22,15 @@ import torch.nn.functional as F
 
 from torchdyn_snopt.bench.common import (
     RunResult,
+    check_run_args,
     format_table,
     peak_memory_mb,
     summary_rows,
     train_for,
+    with_bar,
     write_outputs,
 )
-from torchdyn_snopt.bench.image import _with_bar, sweep_rows
+from torchdyn_snopt.bench.image import sweep_rows
 from torchdyn_snopt.optim import SNOpt
 
 OPTIMIZERS: tuple[str, ...] = ("adam", "sgd", "snopt")
@@ -152,16 +153,7 @@ def bench_timeseries(
         raise ValueError(f"dataset={dataset!r} is unknown; accepted: {', '.join(UEA_DATASETS)}")
     if model not in MODELS:
         raise ValueError(f"model={model!r} is unknown; accepted: {', '.join(MODELS)}")
-    bad = [o for o in optimizers if o not in OPTIMIZERS]
-    if bad or not optimizers:
-        raise ValueError(
-            f"optimizers={optimizers!r} is invalid; accepted: a non-empty subset "
-            f"of {', '.join(OPTIMIZERS)}"
-        )
-    if not (math.isfinite(budget_s) and budget_s > 0):
-        raise ValueError(f"budget_s={budget_s!r} is invalid; accepted: a float > 0")
-    if seeds < 1:
-        raise ValueError(f"seeds={seeds!r} is invalid; accepted: an int >= 1")
+    check_run_args(tuple(optimizers), OPTIMIZERS, budget_s, seeds)
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     dev = torch.device(device)
@@ -187,7 +179,7 @@ def bench_timeseries(
     if sweep:
         for name in optimizers:
             for lr in SWEEP_LRS[name]:
-                r = _with_bar(
+                r = with_bar(
                     f"{name} lr={lr:g}",
                     budget_s,
                     quiet,
@@ -203,7 +195,7 @@ def bench_timeseries(
     else:
         for seed in range(seeds):
             for name in optimizers:
-                r = _with_bar(
+                r = with_bar(
                     f"seed {seed} {name} lr={chosen[name]:g}",
                     budget_s,
                     quiet,
