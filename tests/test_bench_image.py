@@ -102,3 +102,24 @@ def test_cli_bench_image_rejects_bad_lr(capsys):
     with pytest.raises(SystemExit):
         main(["bench", "image", "--lr", "adam"])
     assert "NAME=LR" in capsys.readouterr().err
+
+
+def test_train_for_stops_a_stalled_run():
+    """A run whose forward solve exceeds ``max_nfe`` evaluations is evaluated and stopped."""
+    import torch
+
+    from torchdyn_snopt.bench.common import train_for
+    from torchdyn_snopt.bench.image import build_model
+    from torchdyn_snopt.data import load_image_dataset
+
+    x, y, xt, yt = load_image_dataset("digits")
+    data = (x[:64], y[:64], xt[:32], yt[:32])
+    torch.manual_seed(0)
+    model = build_model("digits", tuple(x.shape), "snopt")
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    # dopri5 needs at least 8 evaluations per solve: a cap of 2 marks the first iteration
+    r = train_for(model, opt, data, 30.0, name="sgd", lr=1e-3, seed=0, batch_size=32, max_nfe=2)
+    assert r.iterations == 1 and r.extra == {"stalled": 1.0}
+    assert len(r.points) == 1 and 0.0 <= r.points[0].test_acc <= 1.0
+    r = train_for(model, opt, data, 0.3, name="sgd", lr=1e-3, seed=0, batch_size=32, max_nfe=10**6)
+    assert r.iterations > 1 and "stalled" not in r.extra

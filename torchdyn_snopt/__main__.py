@@ -197,7 +197,7 @@ def _add_bench_cnf(groups: Any) -> None:
     p.add_argument(
         "--lr-check",
         action="store_true",
-        help="first run each optimizer over a 3-point lr grid (seed 0) and keep the best",
+        help="first run each optimizer over a 4-5 point lr grid (seed 0) and keep the best",
     )
     p.add_argument(
         "--lr-check-s",

@@ -43,9 +43,9 @@ DEFAULT_LRS: dict[str, dict[str, float]] = {
 }
 DEFAULT_LRS["wine"] = {"adam": 1e-2, "sgd": 1e-3, "snopt": 3e-3}
 LR_GRID: dict[str, tuple[float, ...]] = {
-    "adam": (1e-3, 3e-3, 1e-2),
-    "sgd": (1e-4, 3e-4, 1e-3),
-    "snopt": (1e-3, 3e-3, 1e-2),
+    "adam": (1e-3, 3e-3, 1e-2, 3e-2, 1e-1),
+    "sgd": (1e-4, 3e-4, 1e-3, 3e-3),
+    "snopt": (1e-3, 3e-3, 1e-2, 3e-2, 1e-1),
 }
 SNOPT_OPTIONS: dict[str, Any] = {"update_freq": 10, "eps": 0.05}
 #: FFJORD shape per dataset (``t1``: the integration time of each block).

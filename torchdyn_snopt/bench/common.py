@@ -131,6 +131,7 @@ def train_for(
     before_step: Callable[[Tensor, Tensor], None] | None = None,
     loss_fn: Callable[[nn.Module, Tensor, Tensor], Tensor] | None = None,
     eval_fn: Callable[[nn.Module, Tensor, Tensor], tuple[float, float]] | None = None,
+    max_nfe: int | None = None,
 ) -> RunResult:
     """Train for ``budget_s`` seconds of training time; evaluate ``n_evals`` times evenly.
 
@@ -139,6 +140,9 @@ def train_for(
     ``loss_fn(model, x, y)`` is the training loss (default: cross-entropy of ``model(x)``);
     ``eval_fn(model, x_test, y_test)`` returns ``(test_loss, test_acc)`` (default:
     :func:`evaluate`; a density model returns its test NLL and NaN).
+    ``max_nfe``: a run whose forward solve of one iteration takes more field evaluations than
+    this has made its ODE too stiff to train in any budget; it is evaluated once more and
+    stopped with ``extra["stalled"] = 1`` (default None: never stop).
     """
     if loss_fn is None:
         loss_fn = _cross_entropy
@@ -169,14 +173,17 @@ def train_for(
         counts = _nfe_of(model)
         if counts is not None:
             nfe_f, nfe_b = nfe_f + counts[0], nfe_b + counts[1]
+        stalled = max_nfe is not None and counts is not None and counts[0] > max_nfe
+        if stalled:
+            result.extra["stalled"] = 1.0
         if progress is not None:
             progress(min(spent, budget_s))
-        if spent >= next_eval or spent >= budget_s:
+        if spent >= next_eval or spent >= budget_s or stalled:
             test_loss, acc = eval_fn(model, x_test, y_test)
             train_loss = sum(window) / len(window) if window else float("nan")
             result.points.append(Point(spent, result.iterations, train_loss, test_loss, acc))
             window, next_eval = [], next_eval + budget_s / n_evals
-            if not math.isfinite(train_loss):
+            if not math.isfinite(train_loss) or stalled:
                 break
     result.seconds = spent
     if result.iterations and nfe_f:
