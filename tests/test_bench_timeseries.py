@@ -12,7 +12,7 @@ import torch.nn.functional as F
 import torchdyn_snopt as tds
 from tests.fixtures import single_thread
 from torchdyn_snopt.__main__ import main
-from torchdyn_snopt.bench.timeseries import bench_timeseries
+from torchdyn_snopt.bench.timeseries import bench_timeseries, prepare
 from torchdyn_snopt.data import load_uea
 from torchdyn_snopt.models import ODERNN
 
@@ -40,6 +40,29 @@ def test_bad_arguments_name_them():
         bench_timeseries(dataset="Nope")
     with pytest.raises(SystemExit):
         main(["bench", "timeseries", "--dataset", "Nope"])
+    with pytest.raises(ValueError, match="path_scale=-1"):
+        bench_timeseries(model="ncde", path_scale=-1.0)
+
+
+def test_path_scale_multiplies_the_value_channels_only():
+    """The CDE's path coefficients are linear in the data: scaling the values by 0.5 halves
+    every value channel's coefficients and leaves the time channel's alone."""
+    cpu = torch.device("cpu")
+    (c1, y1, t1, _), channels, _ = prepare("JapaneseVowels", "ncde", cpu, path_scale=1.0)
+    (c2, y2, t2, _), _, _ = prepare("JapaneseVowels", "ncde", cpu, path_scale=0.5)
+    assert torch.equal(y1, y2)
+    k = c1.shape[-1] // (channels + 1)  # coefficient blocks of (1 + channels) each
+    time1 = c1.view(*c1.shape[:-1], k, channels + 1)[..., 0]
+    time2 = c2.view(*c2.shape[:-1], k, channels + 1)[..., 0]
+    torch.testing.assert_close(time2, time1, equal_nan=True)
+    val1 = c1.view(*c1.shape[:-1], k, channels + 1)[..., 1:]
+    val2 = c2.view(*c2.shape[:-1], k, channels + 1)[..., 1:]
+    torch.testing.assert_close(val2, 0.5 * val1, equal_nan=True)
+    torch.testing.assert_close(
+        t2.view(*t2.shape[:-1], k, -1)[..., 1:],
+        0.5 * t1.view(*t1.shape[:-1], k, -1)[..., 1:],
+        equal_nan=True,
+    )
 
 
 def _train(name: str, lr: float, data, iterations: int = 30, batch: int = 32):

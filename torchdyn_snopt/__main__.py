@@ -421,6 +421,13 @@ def _add_bench_timeseries(groups: Any) -> None:
         help="minibatch size (default: 40 for BasicMotions, 64 for JapaneseVowels)",
     )
     p.add_argument("--sweep", action="store_true", help="learning-rate check per optimizer, seed 0")
+    p.add_argument(
+        "--path-scale",
+        type=float,
+        default=None,
+        help="factor on the Neural CDE path's value channels (default: 0.1 for BasicMotions, "
+        "1 for JapaneseVowels)",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bars or tables")
 
     def run(args: argparse.Namespace) -> int:
@@ -436,6 +443,7 @@ def _add_bench_timeseries(groups: Any) -> None:
             quiet=args.quiet,
             batch_size=args.batch_size,
             sweep=args.sweep,
+            path_scale=args.path_scale,
         )
         return 0
 
