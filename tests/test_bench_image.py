@@ -123,3 +123,29 @@ def test_train_for_stops_a_stalled_run():
     assert len(r.points) == 1 and 0.0 <= r.points[0].test_acc <= 1.0
     r = train_for(model, opt, data, 0.3, name="sgd", lr=1e-3, seed=0, batch_size=32, max_nfe=10**6)
     assert r.iterations > 1 and "stalled" not in r.extra
+
+
+def test_a_failed_solve_is_a_diverged_run(monkeypatch):
+    """A solver failure inside one run marks it diverged instead of ending the whole bench."""
+    import torch
+
+    import torchdyn_snopt.bench.image as image
+    from torchdyn_snopt.data import load_image_dataset
+
+    def underflow(*args, **kwargs):
+        raise RuntimeError("the adjoint solve's step size underflowed")
+
+    monkeypatch.setattr(image, "train_for", underflow)
+    x, y, xt, yt = load_image_dataset("digits")
+    common = dict(
+        dataset="digits",
+        data=(x[:64], y[:64], xt[:32], yt[:32]),
+        budget_s=1.0,
+        device=torch.device("cpu"),
+        batch_size=32,
+        baseline_sensitivity="snopt",
+    )
+    with pytest.warns(UserWarning, match="sgd lr=0.1 seed 0 diverged: the adjoint"):
+        r = image.run_one("sgd", 0.1, 0, **common)
+    assert r.extra == {"diverged": 1.0} and r.points == [] and math.isnan(r.final_acc)
+    assert image.sweep_rows([r])[0]["diverged"] == 1

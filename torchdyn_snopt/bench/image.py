@@ -126,25 +126,35 @@ def run_one(
     progress: Callable[[float], None] | None = None,
     measure: bool = True,
 ) -> RunResult:
-    """Train one optimizer on ``data`` (already on ``device``) for ``budget_s`` seconds."""
+    """Train one optimizer on ``data`` (already on ``device``) for ``budget_s`` seconds.
+
+    A run whose ODE solve fails (the adaptive step size underflowed) is returned without
+    points and with ``extra["diverged"] = 1``; one whose forward solve needs more than
+    :data:`MAX_NFE` evaluations is stopped with ``extra["stalled"] = 1``.
+    """
     sens = "snopt" if name == "snopt" else baseline_sensitivity
     torch.manual_seed(seed)
     model = build_model(dataset, tuple(data[0].shape), sens).to(device)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # full_precond covers all; nothing useful to say
         opt = build_optimizer(name, model, lr, eps)
-    result = train_for(
-        model,
-        opt,
-        data,
-        budget_s,
-        name=name,
-        lr=lr,
-        seed=seed,
-        batch_size=batch_size,
-        progress=progress,
-        max_nfe=MAX_NFE,
-    )
+    try:
+        result = train_for(
+            model,
+            opt,
+            data,
+            budget_s,
+            name=name,
+            lr=lr,
+            seed=seed,
+            batch_size=batch_size,
+            progress=progress,
+            max_nfe=MAX_NFE,
+        )
+    except RuntimeError as err:  # the solver gave up (step size underflow): a diverged run
+        warnings.warn(f"{name} lr={lr:g} seed {seed} diverged: {err}", stacklevel=2)
+        result = RunResult(name, lr, seed, extra={"diverged": 1.0})
+        measure = False
     if eps is not None:
         result.extra["eps"] = eps
     if measure:
@@ -271,6 +281,7 @@ def sweep_rows(runs: list[RunResult]) -> list[dict[str, Any]]:
             "final_train_loss": r.final_train_loss,
             "iterations": r.iterations,
             "stalled": int(r.extra.get("stalled", 0)),
+            "diverged": int(r.extra.get("diverged", 0)),
         }
         for r in runs
     ]
