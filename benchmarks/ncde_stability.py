@@ -18,7 +18,8 @@ per-sample squared gradient norm ``E_i ‖∇L_i‖²`` (the scale the factors s
     OMP_NUM_THREADS=1 python benchmarks/ncde_stability.py --xscale 0.1 --seed 1
 
 ``--xscale`` multiplies BasicMotions' standardized value channels before the path is built
-(training set only; the script reports training loss).
+(default 1: the unscaled path the diagnosis started from; ``bench timeseries`` now uses 0.1,
+``PATH_SCALE``). The script reports training loss.
 """
 
 from __future__ import annotations
@@ -32,7 +33,6 @@ import torch.nn.functional as F
 from torch.func import functional_call
 
 from torchdyn_snopt.bench.timeseries import build_model, prepare
-from torchdyn_snopt.data import load_uea
 from torchdyn_snopt.optim import SNOpt
 
 GROUPS = ("initial", "func.net.0", "func.net.2", "head")
@@ -53,7 +53,7 @@ def ggn_quad(twin, params, d, x, y, h=1e-5) -> float:
 
 
 def trace_check(dataset: str, seed: int) -> None:
-    data, channels, classes = prepare(dataset, "ncde", torch.device("cpu"))
+    data, channels, classes = prepare(dataset, "ncde", torch.device("cpu"), path_scale=1.0)
     x, y = data[0][:40], data[1][:40]
     torch.manual_seed(seed)
     model = build_model("ncde", channels, classes, "snopt")
@@ -100,12 +100,10 @@ def main() -> None:
     if a.trace:
         trace_check(a.dataset, a.seed)
         return
-    data, channels, classes = prepare("BasicMotions", "ncde", torch.device("cpu"))
+    data, channels, classes = prepare(
+        "BasicMotions", "ncde", torch.device("cpu"), path_scale=a.xscale
+    )
     x, y = data[0], data[1]
-    if a.xscale != 1.0:
-        raw = load_uea("BasicMotions")[0]
-        raw[..., 1:] *= a.xscale
-        x = build_model("ncde", channels, classes, "snopt").coefficients(raw)
     torch.manual_seed(a.seed)
     model = build_model("ncde", channels, classes, "snopt")
     twin = build_model("ncde", channels, classes, "autograd").double()
