@@ -44,3 +44,14 @@ def test_cli_bench_horizon_smoke(tmp_path, capsys):
         assert run["history"][0][0] == 0 and len(run["epoch_acc"]) == 1
     assert (out / "horizon_digits.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert capsys.readouterr().out == ""
+
+
+def test_cli_penalty_reaches_both_policies(monkeypatch):
+    from torchdyn_snopt.bench import horizon
+
+    seen = {}
+    monkeypatch.setattr(horizon, "bench_horizon", lambda **kw: seen.update(kw))
+    assert main(["bench", "horizon", "--penalty", "0.03", "--quiet"]) == 0
+    assert seen["horizon_options"] == {"penalty": 0.03}
+    assert main(["bench", "horizon", "--quiet"]) == 0
+    assert seen["horizon_options"] is None

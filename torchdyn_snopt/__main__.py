@@ -272,6 +272,13 @@ def _add_bench_horizon(groups: Any) -> None:
     p.add_argument(
         "--tol", type=positive_float, default=horizon.DEFAULT_TOL, help="dopri5 atol = rtol"
     )
+    p.add_argument(
+        "--penalty",
+        type=positive_float,
+        default=None,
+        help="c of the c/2·T² penalty for both learned policies (default: "
+        f"{horizon.HORIZON_OPTIONS['feedback']['penalty']:g})",
+    )
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, ...")
     p.add_argument("--out", default="runs/horizon", help="folder for the PNG and JSON")
     p.add_argument("--batch-size", type=positive_int, default=128, help="minibatch size")
@@ -291,6 +298,7 @@ def _add_bench_horizon(groups: Any) -> None:
             batch_size=args.batch_size,
             quiet=args.quiet,
             tol=args.tol,
+            horizon_options=None if args.penalty is None else {"penalty": args.penalty},
         )
         return 0
 
