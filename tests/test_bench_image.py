@@ -149,3 +149,10 @@ def test_a_failed_solve_is_a_diverged_run(monkeypatch):
         r = image.run_one("sgd", 0.1, 0, **common)
     assert r.extra == {"diverged": 1.0} and r.points == [] and math.isnan(r.final_acc)
     assert image.sweep_rows([r])[0]["diverged"] == 1
+
+
+def test_summary_counts_a_flag_of_any_seed():
+    """A flag set on a later seed only (seed 0 trained normally) still shows in the summary."""
+    runs = [RunResult("sgd", 0.03, s, extra={"stalled": 1.0} if s else {}) for s in range(3)]
+    (row,) = summary_rows(runs, references=())
+    assert row["stalled"] == 2 / 3

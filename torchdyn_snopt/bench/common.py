@@ -270,6 +270,10 @@ def peak_memory_mb(step: Callable[[], None], model: nn.Module, device: torch.dev
 # --------------------------------------------------------------------------- reporting
 
 
+#: Per-run flags in ``RunResult.extra`` (1 = happened); their summary is the fraction of seeds.
+_FLAGS = ("stalled", "diverged")
+
+
 def summary_rows(
     runs: list[RunResult],
     references: tuple[str, ...] = ("adam", "sgd"),
@@ -310,7 +314,10 @@ def summary_rows(
                 "nfe_forward": mean([r.nfe_forward for r in rs]),
                 "nfe_backward": mean([r.nfe_backward for r in rs]),
                 "peak_memory_mb": mean([r.peak_memory_mb for r in rs]),
-                **{k: mean([r.extra.get(k, math.nan) for r in rs]) for k in rs[0].extra},
+                **{
+                    k: mean([r.extra.get(k, 0.0 if k in _FLAGS else math.nan) for r in rs])
+                    for k in dict.fromkeys(k for r in rs for k in r.extra)
+                },
             }
         )
         rows.append(row)
