@@ -34,11 +34,13 @@ from torchdyn_snopt.optim import SNOpt
 
 OPTIMIZERS: tuple[str, ...] = ("adam", "sgd", "snopt")
 #: Learning rates per dataset: the best final test accuracy of ``bench image --sweep
-#: --budget-s 30`` on each (README; SGD at 0.1 diverged on MNIST and Fashion-MNIST).
+#: --budget-s 30`` on each (README; SGD at 0.1 diverged on MNIST and Fashion-MNIST). On
+#: Fashion-MNIST SGD's pick, 3e-2, stalled on seeds 1 and 2, so its default is the second
+#: choice, 1e-2, which trains on all three.
 DEFAULT_LRS: dict[str, dict[str, float]] = {
     "digits": {"adam": 1e-2, "sgd": 1e-2, "snopt": 1e-3},
     "mnist": {"adam": 3e-3, "sgd": 1e-2, "snopt": 3e-3},
-    "fashion-mnist": {"adam": 3e-3, "sgd": 3e-2, "snopt": 3e-3},
+    "fashion-mnist": {"adam": 3e-3, "sgd": 1e-2, "snopt": 3e-3},
 }
 SWEEP_LRS: dict[str, tuple[float, ...]] = {
     "adam": (1e-3, 3e-3, 1e-2),
