@@ -36,14 +36,15 @@ from torchdyn_snopt.optim import SNOpt
 OPTIMIZERS: tuple[str, ...] = ("adam", "sgd", "snopt")
 DATASETS: tuple[str, ...] = ("circles", "moons", "8gaussians", "breast_cancer", "wine", "shuttle")
 TOYS: tuple[str, ...] = ("circles", "moons", "8gaussians")
-#: Learning rates: the picks of ``bench cnf --lr-check`` (README, 2026-11-28): circles and
-#: breast_cancer over the 4-5 point grids below at 20 s, wine over the earlier 3-point grid at
-#: 4 s; moons, 8gaussians and shuttle have not been checked and use the circles values.
+#: Learning rates: the picks of ``bench cnf --lr-check`` (README, 2026-11-28): circles,
+#: breast_cancer and shuttle over the 4-5 point grids below at 20 s, wine over the earlier
+#: 3-point grid at 4 s; moons and 8gaussians have not been checked and use the circles values.
 DEFAULT_LRS: dict[str, dict[str, float]] = {
     name: {"adam": 1e-2, "sgd": 3e-4, "snopt": 3e-3} for name in DATASETS
 }
 DEFAULT_LRS["wine"] = {"adam": 1e-2, "sgd": 1e-3, "snopt": 3e-3}
 DEFAULT_LRS["breast_cancer"] = {"adam": 1e-2, "sgd": 3e-3, "snopt": 1e-3}
+DEFAULT_LRS["shuttle"] = {"adam": 1e-2, "sgd": 3e-3, "snopt": 1e-2}
 LR_GRID: dict[str, tuple[float, ...]] = {
     "adam": (1e-3, 3e-3, 1e-2, 3e-2, 1e-1),
     "sgd": (1e-4, 3e-4, 1e-3, 3e-3),
