@@ -9,7 +9,7 @@ import math
 import pytest
 
 from torchdyn_snopt.__main__ import main
-from torchdyn_snopt.bench.cnf import summary
+from torchdyn_snopt.bench.cnf import LR_GRID, summary
 from torchdyn_snopt.bench.common import Point, RunResult
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -59,7 +59,7 @@ def test_cli_bench_cnf_tabular_lr_check(tmp_path, capsys):
          "--lr-check", "--lr-check-s", "0.2", "--out", str(out)]
     )  # fmt: skip
     data = json.loads((out / "cnf_wine.json").read_text())
-    assert [c["lr"] for c in data["lr_check"]] == [1e-4, 3e-4, 1e-3]
+    assert [c["lr"] for c in data["lr_check"]] == list(LR_GRID["sgd"])
     best = min(data["lr_check"], key=lambda c: c["test_nll"])
     assert data["lrs"]["sgd"] == best["lr"]
     assert not (out / "cnf_wine_density.png").exists()  # 13-d: no density plot

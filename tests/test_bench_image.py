@@ -126,29 +126,36 @@ def test_train_for_stops_a_stalled_run():
 
 
 def test_a_failed_solve_is_a_diverged_run(monkeypatch):
-    """A solver failure inside one run marks it diverged instead of ending the whole bench."""
+    """A solver failure inside one run marks it diverged instead of ending the whole bench,
+    and without catch_failures it propagates."""
     import torch
 
+    import torchdyn_snopt.bench.common as common
     import torchdyn_snopt.bench.image as image
     from torchdyn_snopt.data import load_image_dataset
 
     def underflow(*args, **kwargs):
         raise RuntimeError("the adjoint solve's step size underflowed")
 
-    monkeypatch.setattr(image, "train_for", underflow)
+    monkeypatch.setattr(common, "_cross_entropy", underflow)  # train_for's default loss
     x, y, xt, yt = load_image_dataset("digits")
-    common = dict(
+    common_data = (x[:64], y[:64], xt[:32], yt[:32])
+    kwargs = dict(
         dataset="digits",
-        data=(x[:64], y[:64], xt[:32], yt[:32]),
+        data=common_data,
         budget_s=1.0,
         device=torch.device("cpu"),
         batch_size=32,
         baseline_sensitivity="snopt",
     )
     with pytest.warns(UserWarning, match="sgd lr=0.1 seed 0 diverged: the adjoint"):
-        r = image.run_one("sgd", 0.1, 0, **common)
+        r = image.run_one("sgd", 0.1, 0, **kwargs)
     assert r.extra == {"diverged": 1.0} and r.points == [] and math.isnan(r.final_acc)
     assert image.sweep_rows([r])[0]["diverged"] == 1
+    model = image.build_model("digits", tuple(x.shape), "snopt")
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(RuntimeError, match="underflowed"):
+        common.train_for(model, opt, common_data, 1.0, name="sgd", lr=0.1, seed=0)
 
 
 def test_summary_counts_a_flag_of_any_seed():

@@ -141,24 +141,23 @@ def run_one(
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         opt = build_optimizer(name, model, lr)
-    try:
-        result = train_for(
-            model,
-            opt,
-            data,
-            budget_s,
-            name=name,
-            lr=lr,
-            seed=seed,
-            batch_size=batch_size,
-            n_evals=n_evals,
-            progress=progress,
-            loss_fn=nll_loss,
-            eval_fn=test_nll,
-        )
-    except RuntimeError as err:
-        warnings.warn(f"{name} lr={lr:g} seed {seed} diverged: {err}", stacklevel=2)
-        return RunResult(name, lr, seed, extra={"diverged": 1.0}), model
+    result = train_for(
+        model,
+        opt,
+        data,
+        budget_s,
+        name=name,
+        lr=lr,
+        seed=seed,
+        batch_size=batch_size,
+        n_evals=n_evals,
+        progress=progress,
+        loss_fn=nll_loss,
+        eval_fn=test_nll,
+        catch_failures=True,
+    )
+    if result.extra.get("diverged"):
+        return result, model
     if measure:
         xb = data[0][:batch_size]
 

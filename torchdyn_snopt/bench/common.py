@@ -12,6 +12,7 @@ import gc
 import json
 import math
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -132,6 +133,7 @@ def train_for(
     loss_fn: Callable[[nn.Module, Tensor, Tensor], Tensor] | None = None,
     eval_fn: Callable[[nn.Module, Tensor, Tensor], tuple[float, float]] | None = None,
     max_nfe: int | None = None,
+    catch_failures: bool = False,
 ) -> RunResult:
     """Train for ``budget_s`` seconds of training time; evaluate ``n_evals`` times evenly.
 
@@ -143,6 +145,8 @@ def train_for(
     ``max_nfe``: a run whose forward solve of one iteration takes more field evaluations than
     this has made its ODE too stiff to train in any budget; it is evaluated once more and
     stopped with ``extra["stalled"] = 1`` (default None: never stop).
+    ``catch_failures``: a RuntimeError during training (the ODE solve failed) ends the run
+    with a warning, no points and ``extra["diverged"] = 1`` instead of propagating.
     """
     if loss_fn is None:
         loss_fn = _cross_entropy
@@ -155,36 +159,42 @@ def train_for(
     next_eval, spent, window = budget_s / n_evals, 0.0, []
     nfe_f = nfe_b = 0
     _nfe_of(model)  # reset counters
-    while spent < budget_s:
-        if cursor + batch_size > len(perm):
-            perm, cursor = torch.randperm(len(x_train), generator=g), 0
-        idx = perm[cursor : cursor + batch_size]
-        cursor += batch_size
-        start = time.perf_counter()
-        optimizer.zero_grad()
-        loss = loss_fn(model, x_train[idx], y_train[idx])
-        loss.backward()
-        if before_step is not None:
-            before_step(x_train[idx], y_train[idx])
-        optimizer.step()
-        spent += time.perf_counter() - start
-        result.iterations += 1
-        window.append(loss.item())
-        counts = _nfe_of(model)
-        if counts is not None:
-            nfe_f, nfe_b = nfe_f + counts[0], nfe_b + counts[1]
-        stalled = max_nfe is not None and counts is not None and counts[0] > max_nfe
-        if stalled:
-            result.extra["stalled"] = 1.0
-        if progress is not None:
-            progress(min(spent, budget_s))
-        if spent >= next_eval or spent >= budget_s or stalled:
-            test_loss, acc = eval_fn(model, x_test, y_test)
-            train_loss = sum(window) / len(window) if window else float("nan")
-            result.points.append(Point(spent, result.iterations, train_loss, test_loss, acc))
-            window, next_eval = [], next_eval + budget_s / n_evals
-            if not math.isfinite(train_loss) or stalled:
-                break
+    try:
+        while spent < budget_s:
+            if cursor + batch_size > len(perm):
+                perm, cursor = torch.randperm(len(x_train), generator=g), 0
+            idx = perm[cursor : cursor + batch_size]
+            cursor += batch_size
+            start = time.perf_counter()
+            optimizer.zero_grad()
+            loss = loss_fn(model, x_train[idx], y_train[idx])
+            loss.backward()
+            if before_step is not None:
+                before_step(x_train[idx], y_train[idx])
+            optimizer.step()
+            spent += time.perf_counter() - start
+            result.iterations += 1
+            window.append(loss.item())
+            counts = _nfe_of(model)
+            if counts is not None:
+                nfe_f, nfe_b = nfe_f + counts[0], nfe_b + counts[1]
+            stalled = max_nfe is not None and counts is not None and counts[0] > max_nfe
+            if stalled:
+                result.extra["stalled"] = 1.0
+            if progress is not None:
+                progress(min(spent, budget_s))
+            if spent >= next_eval or spent >= budget_s or stalled:
+                test_loss, acc = eval_fn(model, x_test, y_test)
+                train_loss = sum(window) / len(window) if window else float("nan")
+                result.points.append(Point(spent, result.iterations, train_loss, test_loss, acc))
+                window, next_eval = [], next_eval + budget_s / n_evals
+                if not math.isfinite(train_loss) or stalled:
+                    break
+    except RuntimeError as err:  # the solver gave up: step size underflow, NLL blow-up, ...
+        if not catch_failures:
+            raise
+        warnings.warn(f"{name} lr={lr:g} seed {seed} diverged: {err}", stacklevel=2)
+        return RunResult(name, lr, seed, extra={"diverged": 1.0})
     result.seconds = spent
     if result.iterations and nfe_f:
         result.nfe_forward = nfe_f / result.iterations

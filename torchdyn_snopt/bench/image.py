@@ -139,23 +139,20 @@ def run_one(
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # full_precond covers all; nothing useful to say
         opt = build_optimizer(name, model, lr, eps)
-    try:
-        result = train_for(
-            model,
-            opt,
-            data,
-            budget_s,
-            name=name,
-            lr=lr,
-            seed=seed,
-            batch_size=batch_size,
-            progress=progress,
-            max_nfe=MAX_NFE,
-        )
-    except RuntimeError as err:  # the solver gave up (step size underflow): a diverged run
-        warnings.warn(f"{name} lr={lr:g} seed {seed} diverged: {err}", stacklevel=2)
-        result = RunResult(name, lr, seed, extra={"diverged": 1.0})
-        measure = False
+    result = train_for(
+        model,
+        opt,
+        data,
+        budget_s,
+        name=name,
+        lr=lr,
+        seed=seed,
+        batch_size=batch_size,
+        progress=progress,
+        max_nfe=MAX_NFE,
+        catch_failures=True,
+    )
+    measure = measure and not result.extra.get("diverged")
     if eps is not None:
         result.extra["eps"] = eps
     if measure:
