@@ -83,6 +83,23 @@ def test_dl_dt_matches_finite_difference(sensitivity):
         assert horizon.last["Q_TT"] == pytest.approx(0.3 + horizon.last["dL_dT"] ** 2)
 
 
+def test_autonomous_field_dl_dt_is_its_output_layers_scale_derivative():
+    """For F = W·h(x) + b, the flow of (W, b) over [0, T] is that of (kW, kb) over [0, T/k],
+    so T·∂L/∂T = ⟨∂L/∂W, W⟩ + ⟨∂L/∂b, b⟩ exactly: ∂L/∂T vanishes wherever the weights are
+    stationary, and only a weight decay on the field gives the horizon an interior optimum."""
+    with default_dtype(DTYPE):
+        field = mlp_field()
+        node = make_node(field, "snopt")
+        node.return_t_eval = False
+        horizon = tds.FreeHorizon(t1=0.7, policy="baseline").attach(node)
+        F.softplus(node(mlp_data())[-1]).sum().backward()
+        horizon.step()
+        out = field[-1]
+        scale = (out.weight.grad * out.weight).sum() + (out.bias.grad * out.bias).sum()
+        assert 0.7 * horizon.last["dL_dT"] == pytest.approx(float(scale), rel=1e-6)
+        assert abs(float(scale)) > 1e-3  # not a vacuous 0 = 0
+
+
 def test_shared_horizon_sums_over_nodes_and_keeps_grid_shape():
     """Two NeuralODEs on one horizon: ∂L/∂T adds up; a 3-point grid is rescaled onto [t0, T]."""
     with default_dtype(DTYPE):

@@ -279,6 +279,12 @@ def _add_bench_horizon(groups: Any) -> None:
         help="c of the c/2·T² penalty for both learned policies (default: "
         f"{horizon.HORIZON_OPTIONS['feedback']['penalty']:g})",
     )
+    p.add_argument(
+        "--weight-decay",
+        type=float,
+        default=horizon.DEFAULT_WEIGHT_DECAY,
+        help="weight decay γ of every run (all parameters, all policies)",
+    )
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, ...")
     p.add_argument("--out", default="runs/horizon", help="folder for the PNG and JSON")
     p.add_argument("--batch-size", type=positive_int, default=128, help="minibatch size")
@@ -299,6 +305,7 @@ def _add_bench_horizon(groups: Any) -> None:
             quiet=args.quiet,
             tol=args.tol,
             horizon_options=None if args.penalty is None else {"penalty": args.penalty},
+            weight_decay=args.weight_decay,
         )
         return 0
 

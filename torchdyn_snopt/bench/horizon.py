@@ -45,6 +45,8 @@ HORIZON_OPTIONS: dict[str, dict[str, Any]] = {
 DEFAULT_TOL = 1e-5
 DEFAULT_EPOCHS = 20
 DEFAULT_FIXED_T1: tuple[float, ...] = (0.25, 0.5)
+#: Weight decay of every run (placeholder, set from the measurements below).
+DEFAULT_WEIGHT_DECAY = 0.0
 SETTLE_BAND = 0.10  # ±10% of the final t1
 
 
@@ -93,14 +95,18 @@ def run_one(
     horizon_options: dict[str, Any] | None = None,
     progress: Callable[[int], None] | None = None,
     tol: float = 1e-3,
+    weight_decay: float = 0.0,
 ) -> HorizonRun:
-    """Train ``epochs`` epochs under one horizon policy; returns its :class:`HorizonRun`."""
+    """Train ``epochs`` epochs under one horizon policy; returns its :class:`HorizonRun`.
+
+    ``weight_decay`` (``γ``, every parameter, every policy) is what gives the horizon an
+    interior optimum: see :data:`DEFAULT_WEIGHT_DECAY`."""
     x_train, y_train, x_test, y_test = data
     torch.manual_seed(seed)
     model = build_model(dataset, tuple(x_train.shape), "snopt", tol=tol, t1=t1).to(device)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        opt = build_optimizer(optimizer, model, lr)
+        opt = build_optimizer(optimizer, model, lr, weight_decay=weight_decay)
     horizon = None
     if policy != "fixed":
         opts = {**HORIZON_OPTIONS[policy], **(horizon_options or {})}
@@ -187,6 +193,7 @@ def bench_horizon(
     quiet: bool = False,
     horizon_options: dict[str, Any] | None = None,
     tol: float = DEFAULT_TOL,
+    weight_decay: float = DEFAULT_WEIGHT_DECAY,
 ) -> dict[str, Any]:
     """Run the horizon benchmark; returns ``{"summary": rows, "runs": [...], "files": [...]}``."""
     from torchdyn_snopt.data import IMAGE_DATASETS, load_image_dataset
@@ -199,6 +206,8 @@ def bench_horizon(
             f"policies={tuple(policies)!r} is invalid; accepted: a non-empty subset of "
             f"{', '.join(POLICIES)}"
         )
+    if not (math.isfinite(weight_decay) and weight_decay >= 0):
+        raise ValueError(f"weight_decay={weight_decay!r} is invalid; accepted: a float >= 0")
     if epochs < 1 or seeds < 1:
         raise ValueError(f"epochs={epochs!r}, seeds={seeds!r} are invalid; accepted: ints >= 1")
     if any(not (math.isfinite(t) and t > 0) for t in fixed_t1):
@@ -217,7 +226,7 @@ def bench_horizon(
     plan += [("fixed", t) for t in fixed_t1 if ("fixed", t) not in plan]
     log(
         f"{dataset}: {len(data[0])} train / {len(data[2])} test images, {epochs} epochs per run, "
-        f"{optimizer} lr={lr:g}, {seeds} seed(s), device {dev}"
+        f"{optimizer} lr={lr:g} weight_decay={weight_decay:g}, {seeds} seed(s), device {dev}"
     )
     bar = None
     if not quiet:
@@ -242,6 +251,7 @@ def bench_horizon(
                     horizon_options,
                     progress=None if bar is None else bar.update,
                     tol=tol,
+                    weight_decay=weight_decay,
                 )
                 runs.append(r)
                 log(

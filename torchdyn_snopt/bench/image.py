@@ -83,17 +83,25 @@ def build_model(
 
 
 def build_optimizer(
-    name: str, model: nn.Module, lr: float, eps: float | None = None
+    name: str,
+    model: nn.Module,
+    lr: float,
+    eps: float | None = None,
+    weight_decay: float = 0.0,
 ) -> torch.optim.Optimizer:
+    """The bench's optimizer ``name`` over all of ``model``'s parameters; ``weight_decay``
+    (default 0) is the L2 coefficient ``γ`` added to the gradient as ``γθ`` by every one."""
     if name == "adam":
-        return torch.optim.Adam(model.parameters(), lr=lr)
+        return torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
     if name == "sgd":
-        return torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
+        return torch.optim.SGD(
+            model.parameters(), lr=lr, momentum=0.9, weight_decay=weight_decay
+        )
     if name == "snopt":
         kw = dict(SNOPT_OPTIONS)
         if eps is not None:
             kw["eps"] = eps
-        return SNOpt(model, lr=lr, **kw)
+        return SNOpt(model, lr=lr, weight_decay=weight_decay, **kw)
     raise ValueError(f"optimizer={name!r} is unknown; accepted: {', '.join(OPTIMIZERS)}")
 
 
