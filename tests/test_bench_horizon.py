@@ -42,6 +42,8 @@ def test_cli_bench_horizon_smoke(tmp_path, capsys):
         assert 0.0 <= row["test_acc"] <= 1.0 and row["train_s"] > 0 and row["nfe_forward"] > 0
     for run in data["runs"]:
         assert run["history"][0][0] == 0 and len(run["epoch_acc"]) == 1
+    assert data["settings"]["weight_decay"] == 1e-2
+    assert data["settings"]["horizon"]["feedback"]["lr"] == 0.5
     assert (out / "horizon_digits.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert capsys.readouterr().out == ""
 
@@ -55,3 +57,37 @@ def test_cli_penalty_reaches_both_policies(monkeypatch):
     assert seen["horizon_options"] == {"penalty": 0.03}
     assert main(["bench", "horizon", "--quiet"]) == 0
     assert seen["horizon_options"] is None
+
+
+def test_cli_weight_decay_reaches_the_bench(monkeypatch):
+    from torchdyn_snopt.bench import horizon
+
+    seen = {}
+    monkeypatch.setattr(horizon, "bench_horizon", lambda **kw: seen.update(kw))
+    assert main(["bench", "horizon", "--weight-decay", "0.003", "--quiet"]) == 0
+    assert seen["weight_decay"] == 0.003
+    assert main(["bench", "horizon", "--quiet"]) == 0
+    assert seen["weight_decay"] == horizon.DEFAULT_WEIGHT_DECAY == 1e-2
+
+
+@pytest.mark.parametrize("name", ["adam", "sgd", "snopt"])
+def test_weight_decay_reaches_every_optimizer(name):
+    import torch
+
+    from torchdyn_snopt.bench.image import build_model, build_optimizer
+
+    model = build_model("digits", (1, 1, 8, 8), "snopt")
+    opt = build_optimizer(name, model, 1e-3, weight_decay=0.02)
+    if name == "snopt":
+        assert opt.preconditioner.weight_decay == 0.02
+    else:
+        assert {g["weight_decay"] for g in opt.param_groups} == {0.02}
+    assert isinstance(opt, torch.optim.Optimizer)
+
+
+def test_bad_weight_decay_is_rejected_before_training(tmp_path):
+    from torchdyn_snopt.bench.horizon import bench_horizon
+
+    with pytest.raises(ValueError, match=r"weight_decay=-0\.1 is invalid; accepted: a float >= 0"):
+        bench_horizon(weight_decay=-0.1, out=tmp_path, quiet=True)
+    assert not any(tmp_path.iterdir())
