@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 
@@ -42,6 +43,8 @@ def test_cli_bench_horizon_smoke(tmp_path, capsys):
         assert 0.0 <= row["test_acc"] <= 1.0 and row["train_s"] > 0 and row["nfe_forward"] > 0
     for run in data["runs"]:
         assert run["history"][0][0] == 0 and len(run["epoch_acc"]) == 1
+    assert rows[("feedback", 1.0)]["t1_star"] > 0 and rows[("baseline", 1.0)]["t1_star"] > 0
+    assert math.isnan(rows[("fixed", 1.0)]["t1_star"])
     assert data["settings"]["weight_decay"] == 1e-2
     assert data["settings"]["horizon"]["feedback"]["lr"] == 0.5
     assert (out / "horizon_digits.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -91,3 +94,21 @@ def test_bad_weight_decay_is_rejected_before_training(tmp_path):
     with pytest.raises(ValueError, match=r"weight_decay=-0\.1 is invalid; accepted: a float >= 0"):
         bench_horizon(weight_decay=-0.1, out=tmp_path, quiet=True)
     assert not any(tmp_path.iterdir())
+
+
+def test_implied_horizon_by_hand():
+    """sqrt(γ‖(W, b)‖²/c) of the field's last convolution, and nan without decay or penalty."""
+    import torch
+
+    from torchdyn_snopt.bench.horizon import _implied_horizon
+    from torchdyn_snopt.bench.image import build_model
+
+    model = build_model("digits", (1, 1, 8, 8), "snopt")
+    out = model.ode.vf.vf.net[-1]
+    with torch.no_grad():
+        out.weight.fill_(0.1)
+        out.bias.fill_(0.5)
+    norm2 = out.weight.numel() * 0.01 + out.bias.numel() * 0.25
+    assert _implied_horizon(model, 1e-2, 0.3) == pytest.approx(math.sqrt(1e-2 * norm2 / 0.3))
+    assert math.isnan(_implied_horizon(model, 0.0, 0.3))
+    assert math.isnan(_implied_horizon(model, 1e-2, 0.0))

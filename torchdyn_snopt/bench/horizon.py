@@ -71,6 +71,9 @@ class HorizonRun:
     settle_iteration: float = float("nan")
     nfe_forward: float = float("nan")
     nfe_backward: float = float("nan")
+    #: The interior horizon the trained weights imply, sqrt(γ‖(W, b)‖²/c) for the field's last
+    #: layer (see :data:`DEFAULT_WEIGHT_DECAY`); nan for fixed runs and without decay.
+    t1_star: float = float("nan")
     epoch_acc: list[float] = field(default_factory=list)
     history: list[tuple[int, float]] = field(default_factory=list)
 
@@ -146,10 +149,22 @@ def run_one(
         run.history = [(0, t1), (run.iterations, t1)]
     else:
         run.history = list(horizon.history)
+        run.t1_star = _implied_horizon(model, weight_decay, horizon.penalty)
         horizon.detach()
     run.final_t1 = run.history[-1][1]
     run.settle_iteration = settle_iteration(run.history) if horizon is not None else 0.0
     return run
+
+
+def _implied_horizon(model: torch.nn.Module, weight_decay: float, penalty: float) -> float:
+    """``sqrt(γ‖(W, b)‖²/c)`` of the ODE field's last convolution: where ``Q_T = 0`` once the
+    weights are stationary (``T·∂L/∂T = −γ‖(W, b)‖²``)."""
+    if weight_decay <= 0 or penalty <= 0:
+        return float("nan")
+    out = [m for m in model.ode.modules() if isinstance(m, torch.nn.Conv2d)][-1]
+    with torch.no_grad():
+        norm2 = float(out.weight.square().sum() + out.bias.square().sum())
+    return math.sqrt(weight_decay * norm2 / penalty)
 
 
 def summary_rows(runs: list[HorizonRun]) -> list[dict[str, Any]]:
@@ -178,6 +193,7 @@ def summary_rows(runs: list[HorizonRun]) -> list[dict[str, Any]]:
                 "test_acc": acc,
                 "acc_minus_fixed1": acc - ref_acc,
                 "final_t1": mean([r.final_t1 for r in rs]),
+                "t1_star": mean([r.t1_star for r in rs]),
                 "settle_iter": mean([r.settle_iteration for r in rs]),
                 "nfe_forward": mean([r.nfe_forward for r in rs]),
                 "nfe_backward": mean([r.nfe_backward for r in rs]),
