@@ -14,6 +14,12 @@ with the penalty ``c/2·T²`` of eq. 15 (``c = penalty``), ``s = ∂L/∂T`` of 
 terminal curvature ``Q_xx ≈ Φ_x Φ_xᵀ`` SNOpt uses), ``Q̄`` bias-corrected exponential averages,
 and ``δθ_k`` the parameter change of each optimizer step since the last update of ``T``.
 ``T`` is clamped to ``[min_t1, max_t1]``.
+
+An autonomous field whose output is linear in its last layer ``(W, b)`` (the usual MLP or conv
+field) has the same flow for ``(kW, kb)`` over ``[t0, t0 + (T − t0)/k]``, so
+``(T − t0)·∂L/∂T = ⟨∂L/∂W, W⟩ + ⟨∂L/∂b, b⟩``: zero at stationary weights. Train such a field with
+weight decay ``γ`` (any optimizer's): only then has ``Q_T`` an interior zero,
+``(T* − t0)² = γ‖(W, b)‖²/c``; without it ``T`` sinks to ``min_t1`` while the last layer grows.
 """
 
 from __future__ import annotations
