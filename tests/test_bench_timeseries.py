@@ -48,7 +48,7 @@ def test_bad_arguments_name_them():
 def test_weight_decay_option_reaches_each_optimizer(tmp_path, monkeypatch):
     """``--weight-decay NAME=WD`` (repeatable) ends up in Adam's and SGD's param groups and in
     SNOpt's preconditioner, and next to ``lr`` in the summary and in every run of the JSON; an
-    optimizer without one gets 0."""
+    optimizer without one gets the setting's default, and 0 where the setting has none."""
     built: dict[str, torch.optim.Optimizer] = {}
     original = timeseries.build_optimizer
 
@@ -57,37 +57,40 @@ def test_weight_decay_option_reaches_each_optimizer(tmp_path, monkeypatch):
         return built[name]
 
     monkeypatch.setattr(timeseries, "build_optimizer", spy)
+    key = ("JapaneseVowels", "odernn")
+    monkeypatch.setitem(timeseries.DEFAULT_WEIGHT_DECAYS, key, {"adam": 0.5, "sgd": 5e-4})
     out = tmp_path / "out"
     argv = ["bench", "timeseries", "--dataset", "JapaneseVowels", "--budget-s", "0.3"]
     argv += ["--weight-decay", "adam=1e-3", "--weight-decay", "snopt=1e-2"]
     assert main(argv + ["--out", str(out), "--quiet"]) == 0
     adam, sgd, snopt = built["adam"], built["sgd"], built["snopt"]
     assert all(g["weight_decay"] == 1e-3 for g in adam.param_groups)
-    assert all(g["weight_decay"] == 0.0 and g["momentum"] == 0.9 for g in sgd.param_groups)
+    assert all(g["weight_decay"] == 5e-4 and g["momentum"] == 0.9 for g in sgd.param_groups)
     assert snopt.preconditioner.weight_decay == 1e-2
     data = json.loads((out / "timeseries_JapaneseVowels_odernn.json").read_text())
     summary = {row["optimizer"]: row for row in data["summary"]}
     assert {k: row["weight_decay"] for k, row in summary.items()} == {
         "adam": 1e-3,
-        "sgd": 0.0,
+        "sgd": 5e-4,
         "snopt": 1e-2,
     }
     assert list(summary["adam"])[:3] == ["optimizer", "lr", "weight_decay"]
-    assert [r["extra"]["weight_decay"] for r in data["runs"]] == [1e-3, 0.0, 1e-2]
-    # SGD: the same decay through the library call reaches its param groups too.
-    bench_timeseries(
-        budget_s=0.2, optimizers=("sgd",), weight_decays={"sgd": 1e-4}, out=out, quiet=True
-    )
-    assert all(g["weight_decay"] == 1e-4 for g in built["sgd"].param_groups)
+    assert [r["extra"]["weight_decay"] for r in data["runs"]] == [1e-3, 5e-4, 1e-2]
+    monkeypatch.setitem(timeseries.DEFAULT_WEIGHT_DECAYS, key, {"adam": 0.5})
+    bench_timeseries(budget_s=0.2, optimizers=("sgd", "snopt"), out=out, quiet=True)
+    assert all(g["weight_decay"] == 0.0 for g in built["sgd"].param_groups)
+    assert built["snopt"].preconditioner.weight_decay == 0.0
 
 
-def test_weight_decay_defaults_to_zero():
-    """No setting has a checked weight decay > 0 unless DEFAULT_WEIGHT_DECAYS says so, and
-    every value there is a float >= 0 of a known optimizer."""
-    for (dataset, model), wds in timeseries.DEFAULT_WEIGHT_DECAYS.items():
-        assert (dataset, model) in timeseries.DEFAULT_LRS
+def test_checked_weight_decays_are_valid():
+    """Every setting has a checked weight decay per optimizer, each a float >= 0 in the grid
+    the check ran over; the grid starts at no decay."""
+    assert set(timeseries.DEFAULT_WEIGHT_DECAYS) == set(timeseries.DEFAULT_LRS)
+    for wds in timeseries.DEFAULT_WEIGHT_DECAYS.values():
+        assert set(wds) == set(timeseries.OPTIMIZERS)
         assert timeseries.check_weight_decays(wds) == wds
-    assert timeseries.WD_GRID[0] == 0.0
+        assert all(wd in timeseries.WD_GRID for wd in wds.values())
+    assert timeseries.WD_GRID == (0.0, 1e-4, 1e-3, 1e-2)
 
 
 def test_sweep_wd_runs_the_grid_per_optimizer(tmp_path):

@@ -460,9 +460,13 @@ def _add_bench_timeseries(groups: Any) -> None:
         default=[],
         metavar="NAME=WD",
         help="weight decay of one optimizer (repeatable; L2 on the loss: Adam's and SGD's "
-        "weight_decay, SNOpt's γ); default: the checked values (0 unless noted)",
+        "weight_decay, SNOpt's γ); default: the setting's checked values",
     )
-    p.add_argument("--sweep", action="store_true", help="learning-rate check per optimizer, seed 0")
+    p.add_argument(
+        "--sweep",
+        action="store_true",
+        help="learning-rate check per optimizer, seed 0, no weight decay",
+    )
     p.add_argument(
         "--sweep-wd",
         action="store_true",
