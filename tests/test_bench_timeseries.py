@@ -12,6 +12,7 @@ import torch.nn.functional as F
 import torchdyn_snopt as tds
 from tests.fixtures import single_thread
 from torchdyn_snopt.__main__ import main
+from torchdyn_snopt.bench import timeseries
 from torchdyn_snopt.bench.timeseries import bench_timeseries, prepare
 from torchdyn_snopt.data import load_uea
 from torchdyn_snopt.models import ODERNN
@@ -42,6 +43,96 @@ def test_bad_arguments_name_them():
         main(["bench", "timeseries", "--dataset", "Nope"])
     with pytest.raises(ValueError, match="path_scale=-1"):
         bench_timeseries(model="ncde", path_scale=-1.0)
+
+
+def test_weight_decay_option_reaches_each_optimizer(tmp_path, monkeypatch):
+    """``--weight-decay NAME=WD`` (repeatable) ends up in Adam's and SGD's param groups and in
+    SNOpt's preconditioner, and next to ``lr`` in the summary and in every run of the JSON; an
+    optimizer without one gets the setting's default, and 0 where the setting has none."""
+    built: dict[str, torch.optim.Optimizer] = {}
+    original = timeseries.build_optimizer
+
+    def spy(name, model, lr, weight_decay=0.0):
+        built[name] = original(name, model, lr, weight_decay)
+        return built[name]
+
+    monkeypatch.setattr(timeseries, "build_optimizer", spy)
+    key = ("JapaneseVowels", "odernn")
+    monkeypatch.setitem(timeseries.DEFAULT_WEIGHT_DECAYS, key, {"adam": 0.5, "sgd": 5e-4})
+    out = tmp_path / "out"
+    argv = ["bench", "timeseries", "--dataset", "JapaneseVowels", "--budget-s", "0.3"]
+    argv += ["--weight-decay", "adam=1e-3", "--weight-decay", "snopt=1e-2"]
+    assert main(argv + ["--out", str(out), "--quiet"]) == 0
+    adam, sgd, snopt = built["adam"], built["sgd"], built["snopt"]
+    assert all(g["weight_decay"] == 1e-3 for g in adam.param_groups)
+    assert all(g["weight_decay"] == 5e-4 and g["momentum"] == 0.9 for g in sgd.param_groups)
+    assert snopt.preconditioner.weight_decay == 1e-2
+    data = json.loads((out / "timeseries_JapaneseVowels_odernn.json").read_text())
+    summary = {row["optimizer"]: row for row in data["summary"]}
+    assert {k: row["weight_decay"] for k, row in summary.items()} == {
+        "adam": 1e-3,
+        "sgd": 5e-4,
+        "snopt": 1e-2,
+    }
+    assert list(summary["adam"])[:3] == ["optimizer", "lr", "weight_decay"]
+    assert [r["extra"]["weight_decay"] for r in data["runs"]] == [1e-3, 5e-4, 1e-2]
+    monkeypatch.setitem(timeseries.DEFAULT_WEIGHT_DECAYS, key, {"adam": 0.5})
+    bench_timeseries(budget_s=0.2, optimizers=("sgd", "snopt"), out=out, quiet=True)
+    assert all(g["weight_decay"] == 0.0 for g in built["sgd"].param_groups)
+    assert built["snopt"].preconditioner.weight_decay == 0.0
+
+
+def test_checked_weight_decays_are_valid():
+    """Every setting has a checked weight decay per optimizer, each a float >= 0 in the grid
+    the check ran over; the grid starts at no decay."""
+    assert set(timeseries.DEFAULT_WEIGHT_DECAYS) == set(timeseries.DEFAULT_LRS)
+    for wds in timeseries.DEFAULT_WEIGHT_DECAYS.values():
+        assert set(wds) == set(timeseries.OPTIMIZERS)
+        assert timeseries.check_weight_decays(wds) == wds
+        assert all(wd in timeseries.WD_GRID for wd in wds.values())
+    assert timeseries.WD_GRID == (0.0, 1e-4, 1e-3, 1e-2)
+
+
+def test_sweep_wd_runs_the_grid_per_optimizer(tmp_path):
+    result = bench_timeseries(
+        budget_s=0.15, optimizers=("adam",), sweep_wd=True, out=tmp_path, quiet=True
+    )
+    rows = result["summary"]
+    assert [(r["optimizer"], r["weight_decay"]) for r in rows] == [
+        ("adam", wd) for wd in timeseries.WD_GRID
+    ]
+    assert all(
+        r["lr"] == timeseries.DEFAULT_LRS[("JapaneseVowels", "odernn")]["adam"] for r in rows
+    )
+    saved = json.loads((tmp_path / "sweep_wd_timeseries_JapaneseVowels_odernn.json").read_text())
+    assert [r["weight_decay"] for r in saved] == list(timeseries.WD_GRID)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("adam=-1e-3", "'-1e-3' is invalid; accepted: a finite float >= 0"),
+        ("adam=nan", "'nan' is invalid; accepted: a finite float >= 0"),
+        ("adam=lots", "'lots' is not a number"),
+        ("adam", "'adam' is invalid; accepted: NAME=WD, e.g. adam=1e-4"),
+    ],
+)
+def test_bad_weight_decay_on_the_command_line(text, message, capsys):
+    with pytest.raises(SystemExit):
+        main(["bench", "timeseries", "--weight-decay", text])
+    err = capsys.readouterr().err
+    assert "argument --weight-decay" in err and message in err
+
+
+def test_bad_weight_decays_name_them():
+    with pytest.raises(ValueError, match=r"weight_decays\['adam'\]=-0.001 is invalid; accepted"):
+        bench_timeseries(weight_decays={"adam": -1e-3})
+    with pytest.raises(ValueError, match=r"weight_decays\['snopt'\]=inf is invalid"):
+        bench_timeseries(weight_decays={"snopt": float("inf")})
+    with pytest.raises(ValueError, match="optimizer 'rmsprop'; accepted: adam, sgd, snopt"):
+        bench_timeseries(weight_decays={"rmsprop": 1e-3})
+    with pytest.raises(ValueError, match="sweep=True and sweep_wd=True"):
+        bench_timeseries(sweep=True, sweep_wd=True)
 
 
 def test_path_scale_multiplies_the_value_channels_only():

@@ -90,12 +90,37 @@ def _add_demo(subparsers: Any) -> None:
     p.set_defaults(func=run)
 
 
-def _lr_assignment(text: str) -> tuple[str, float]:
-    """argparse type: ``NAME=VALUE`` with VALUE a finite float > 0."""
+def nonnegative_float(text: str) -> float:
+    """argparse type: a finite float >= 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(f"{text!r} is invalid; accepted: a finite float >= 0")
+    return value
+
+
+def _assignment(
+    text: str, parse: Callable[[str], float], metavar: str, example: str
+) -> tuple[str, float]:
+    """``NAME=VALUE`` split at the first ``=``, VALUE read by the argparse type ``parse``."""
     name, sep, value = text.partition("=")
     if not sep:
-        raise argparse.ArgumentTypeError(f"{text!r} is invalid; accepted: NAME=LR, e.g. adam=1e-3")
-    return name.strip(), positive_float(value)
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is invalid; accepted: {metavar}, e.g. {example}"
+        )
+    return name.strip(), parse(value)
+
+
+def _lr_assignment(text: str) -> tuple[str, float]:
+    """argparse type: ``NAME=VALUE`` with VALUE a finite float > 0."""
+    return _assignment(text, positive_float, "NAME=LR", "adam=1e-3")
+
+
+def _wd_assignment(text: str) -> tuple[str, float]:
+    """argparse type: ``NAME=VALUE`` with VALUE a finite float >= 0."""
+    return _assignment(text, nonnegative_float, "NAME=WD", "adam=1e-4")
 
 
 def _add_equal_budget_args(
@@ -435,7 +460,25 @@ def _add_bench_timeseries(groups: Any) -> None:
         default=None,
         help="minibatch size (default: 40 for BasicMotions, 64 for JapaneseVowels)",
     )
-    p.add_argument("--sweep", action="store_true", help="learning-rate check per optimizer, seed 0")
+    p.add_argument(
+        "--weight-decay",
+        type=_wd_assignment,
+        action="append",
+        default=[],
+        metavar="NAME=WD",
+        help="weight decay of one optimizer (repeatable; L2 on the loss: Adam's and SGD's "
+        "weight_decay, SNOpt's γ); default: the setting's checked values",
+    )
+    p.add_argument(
+        "--sweep",
+        action="store_true",
+        help="learning-rate check per optimizer, seed 0, no weight decay",
+    )
+    p.add_argument(
+        "--sweep-wd",
+        action="store_true",
+        help="weight-decay check per optimizer at its learning rate, seed 0",
+    )
     p.add_argument(
         "--path-scale",
         type=float,
@@ -453,11 +496,13 @@ def _add_bench_timeseries(groups: Any) -> None:
             seeds=args.seeds,
             optimizers=tuple(o.strip() for o in args.optimizers.split(",") if o.strip()),
             lrs=dict(args.lr),
+            weight_decays=dict(args.weight_decay),
             device=args.device,
             out=args.out,
             quiet=args.quiet,
             batch_size=args.batch_size,
             sweep=args.sweep,
+            sweep_wd=args.sweep_wd,
             path_scale=args.path_scale,
         )
         return 0
