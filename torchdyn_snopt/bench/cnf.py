@@ -23,17 +23,17 @@ import torch.nn as nn
 from torch import Tensor
 
 from torchdyn_snopt.bench.common import (
+    OPTIMIZERS,
     RunResult,
     check_run_args,
     format_table,
+    make_optimizer,
     peak_memory_mb,
     train_for,
     with_bar,
     write_outputs,
 )
-from torchdyn_snopt.optim import SNOpt
 
-OPTIMIZERS: tuple[str, ...] = ("adam", "sgd", "snopt")
 DATASETS: tuple[str, ...] = ("circles", "moons", "8gaussians", "breast_cancer", "wine", "shuttle")
 TOYS: tuple[str, ...] = ("circles", "moons", "8gaussians")
 #: Learning rates: the picks of ``bench cnf --lr-check`` (README, 2026-11-28): circles,
@@ -85,13 +85,8 @@ def build_model(dataset: str, dim: int, sensitivity: str = "snopt", **overrides:
 
 
 def build_optimizer(name: str, model: nn.Module, lr: float) -> torch.optim.Optimizer:
-    if name == "adam":
-        return torch.optim.Adam(model.parameters(), lr=lr)
-    if name == "sgd":
-        return torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
-    if name == "snopt":
-        return SNOpt(model, lr=lr, **SNOPT_OPTIONS)
-    raise ValueError(f"optimizer={name!r} is unknown; accepted: {', '.join(OPTIMIZERS)}")
+    """The bench's optimizer ``name``: :func:`make_optimizer` with :data:`SNOPT_OPTIONS`."""
+    return make_optimizer(name, model, lr, SNOPT_OPTIONS)
 
 
 #: A training NLL above this many nats per dimension counts as divergence: the run stops

@@ -23,8 +23,31 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from torchdyn_snopt.optim import read_nfe
+from torchdyn_snopt.optim import SNOpt, read_nfe
 from torchdyn_snopt.registration import is_snopt_problem
+
+#: The optimizers every bench compares.
+OPTIMIZERS: tuple[str, ...] = ("adam", "sgd", "snopt")
+
+
+def make_optimizer(
+    name: str,
+    model: nn.Module,
+    lr: float,
+    snopt_options: dict[str, Any],
+    weight_decay: float = 0.0,
+) -> torch.optim.Optimizer:
+    """Adam, SGD (momentum 0.9) or ``SNOpt(**snopt_options)`` over all of ``model``'s
+    parameters, each with the coupled L2 weight decay ``weight_decay`` (``γθ`` added to the
+    gradient, so all three minimise the same regularised loss; SNOpt also adds ``γ`` to its
+    damping, §3.2). Default 0."""
+    if name == "adam":
+        return torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
+    if name == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=weight_decay)
+    if name == "snopt":
+        return SNOpt(model, lr=lr, weight_decay=weight_decay, **snopt_options)
+    raise ValueError(f"optimizer={name!r} is unknown; accepted: {', '.join(OPTIMIZERS)}")
 
 
 @dataclass

@@ -21,18 +21,18 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from torchdyn_snopt.bench.common import (
+    OPTIMIZERS,
     RunResult,
     check_run_args,
     format_table,
+    make_optimizer,
     peak_memory_mb,
     summary_rows,
     train_for,
     with_bar,
     write_outputs,
 )
-from torchdyn_snopt.optim import SNOpt
 
-OPTIMIZERS: tuple[str, ...] = ("adam", "sgd", "snopt")
 #: Learning rates per dataset: the best final test accuracy of ``bench image --sweep
 #: --budget-s 30`` on each (README; SGD at 0.1 diverged on MNIST and Fashion-MNIST). On
 #: Fashion-MNIST SGD's pick, 3e-2, stalled on seeds 1 and 2, so its default is the second
@@ -89,18 +89,10 @@ def build_optimizer(
     eps: float | None = None,
     weight_decay: float = 0.0,
 ) -> torch.optim.Optimizer:
-    """The bench's optimizer ``name`` over all of ``model``'s parameters; ``weight_decay``
-    (default 0) is the L2 coefficient ``γ`` added to the gradient as ``γθ`` by every one."""
-    if name == "adam":
-        return torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
-    if name == "sgd":
-        return torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=weight_decay)
-    if name == "snopt":
-        kw = dict(SNOPT_OPTIONS)
-        if eps is not None:
-            kw["eps"] = eps
-        return SNOpt(model, lr=lr, weight_decay=weight_decay, **kw)
-    raise ValueError(f"optimizer={name!r} is unknown; accepted: {', '.join(OPTIMIZERS)}")
+    """The bench's optimizer ``name`` (:func:`make_optimizer` with :data:`SNOPT_OPTIONS`;
+    ``eps`` overrides SNOpt's damping)."""
+    kw = dict(SNOPT_OPTIONS) if eps is None else {**SNOPT_OPTIONS, "eps": eps}
+    return make_optimizer(name, model, lr, kw, weight_decay)
 
 
 def _regularizer(model: nn.Module, x: torch.Tensor) -> dict[str, float]:

@@ -25,9 +25,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from torchdyn_snopt.bench.common import (
+    OPTIMIZERS,
     RunResult,
     check_run_args,
     format_table,
+    make_optimizer,
     peak_memory_mb,
     summary_rows,
     train_for,
@@ -35,9 +37,7 @@ from torchdyn_snopt.bench.common import (
     write_outputs,
 )
 from torchdyn_snopt.bench.image import sweep_rows
-from torchdyn_snopt.optim import SNOpt
 
-OPTIMIZERS: tuple[str, ...] = ("adam", "sgd", "snopt")
 MODELS: tuple[str, ...] = ("odernn", "ncde")
 #: Learning rates per (dataset, model): the best final test accuracy of ``--sweep`` (README;
 #: Adam's and SGD's for the CDE from a sweep on index time, which gives them the same
@@ -102,16 +102,8 @@ def build_model(model: str, channels: int, num_classes: int, sensitivity: str) -
 def build_optimizer(
     name: str, model: nn.Module, lr: float, weight_decay: float = 0.0
 ) -> torch.optim.Optimizer:
-    """Adam, SGD (momentum 0.9) or SNOpt (:data:`SNOPT_OPTIONS`), each with the L2 weight
-    decay ``weight_decay`` (coupled: added to the gradient, so all three minimise the same
-    regularised loss; SNOpt also adds it to its damping)."""
-    if name == "adam":
-        return torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
-    if name == "sgd":
-        return torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=weight_decay)
-    if name == "snopt":
-        return SNOpt(model, lr=lr, weight_decay=weight_decay, **SNOPT_OPTIONS)
-    raise ValueError(f"optimizer={name!r} is unknown; accepted: {', '.join(OPTIMIZERS)}")
+    """The bench's optimizer ``name``: :func:`make_optimizer` with :data:`SNOPT_OPTIONS`."""
+    return make_optimizer(name, model, lr, SNOPT_OPTIONS, weight_decay)
 
 
 def prepare(
