@@ -244,44 +244,29 @@ def bench_timeseries(
     }
     runs: list[RunResult] = []
     stem = f"timeseries_{dataset}_{model}"
-    if sweep:
-        for name in optimizers:
-            for lr in SWEEP_LRS[name]:
-                r = with_bar(
-                    f"{name} lr={lr:g}",
-                    budget_s,
-                    quiet,
-                    lambda p, n=name, lr=lr: run_one(n, lr, 0, progress=p, measure=False, **common),
-                )
-                runs.append(r)
-                log(
-                    f"  {name:5s} lr={lr:<7g} final acc {r.final_acc:.4f}  best {r.best_acc:.4f}"
-                    f"  train loss {r.final_train_loss:.4g}"
-                )
+    if sweep or sweep_wd:  # seed 0 over a grid: learning rates without decay, or decays
+        if sweep:
+            grid = [(n, lr, 0.0) for n in optimizers for lr in SWEEP_LRS[n]]
+        else:
+            grid = [(n, chosen[n], wd) for n in optimizers for wd in WD_GRID]
+        for name, lr, wd in grid:
+            r = with_bar(
+                f"{name} lr={lr:g} wd={wd:g}",
+                budget_s,
+                quiet,
+                lambda p, n=name, lr=lr, wd=wd: run_one(
+                    n, lr, 0, progress=p, measure=False, weight_decay=wd, **common
+                ),
+            )
+            runs.append(r)
+            log(
+                f"  {name:5s} lr={lr:<7g} wd={wd:<7g} final acc {r.final_acc:.4f}"
+                f"  best {r.best_acc:.4f}  train loss {r.final_train_loss:.4g}"
+            )
         rows = [
             _wd_after_lr(row, r.extra["weight_decay"]) for row, r in zip(sweep_rows(runs), runs)
         ]
-        files = _write_sweep(rows, Path(out), stem)
-    elif sweep_wd:
-        for name in optimizers:
-            for wd in WD_GRID:
-                r = with_bar(
-                    f"{name} lr={chosen[name]:g} wd={wd:g}",
-                    budget_s,
-                    quiet,
-                    lambda p, n=name, wd=wd: run_one(
-                        n, chosen[n], 0, progress=p, measure=False, weight_decay=wd, **common
-                    ),
-                )
-                runs.append(r)
-                log(
-                    f"  {name:5s} lr={chosen[name]:<7g} wd={wd:<7g} final acc {r.final_acc:.4f}"
-                    f"  best {r.best_acc:.4f}  train loss {r.final_train_loss:.4g}"
-                )
-        rows = [
-            _wd_after_lr(row, r.extra["weight_decay"]) for row, r in zip(sweep_rows(runs), runs)
-        ]
-        files = _write_sweep(rows, Path(out), f"wd_{stem}")
+        files = _write_sweep(rows, Path(out), stem if sweep else f"wd_{stem}")
     else:
         for seed in range(seeds):
             for name in optimizers:
