@@ -464,3 +464,30 @@ def with_bar(
         return run(lambda spent: bar.update(round(spent, 1) - bar.n))
     finally:
         bar.close()
+
+
+def run_grid(
+    grid: list[tuple[str, float, dict[str, Any]]],
+    run: Callable[..., RunResult],
+    budget_s: float,
+    quiet: bool,
+    log: Callable[[str], None],
+) -> list[RunResult]:
+    """Seed 0 of every ``(optimizer, lr, options)`` setting of a sweep, one after another:
+    ``run(name, lr, 0, progress=..., measure=False, **options)`` under a progress bar, one
+    logged line per setting (options that are None are left out of the labels)."""
+    runs = []
+    for name, lr, options in grid:
+        label = "".join(f" {k}={v:g}" for k, v in options.items() if v is not None)
+        r = with_bar(
+            f"{name} lr={lr:g}{label}",
+            budget_s,
+            quiet,
+            lambda p, n=name, lr=lr, o=options: run(n, lr, 0, progress=p, measure=False, **o),
+        )
+        runs.append(r)
+        log(
+            f"  {name:5s} lr={lr:<7g}{label} final acc {r.final_acc:.4f}  best {r.best_acc:.4f}"
+            f"  train loss {r.final_train_loss:.4g}"
+        )
+    return runs

@@ -27,6 +27,7 @@ from torchdyn_snopt.bench.common import (
     format_table,
     make_optimizer,
     peak_memory_mb,
+    run_grid,
     summary_rows,
     train_for,
     with_bar,
@@ -212,25 +213,10 @@ def bench_image(
     }
     runs: list[RunResult] = []
     if sweep:
-        grid = [(o, lr, None) for o in optimizers for lr in SWEEP_LRS[o]]
+        grid = [(o, lr, {"eps": None}) for o in optimizers for lr in SWEEP_LRS[o]]
         if "snopt" in optimizers:
-            grid += [("snopt", chosen["snopt"], e) for e in SWEEP_EPS]
-        for name, lr, eps in grid:
-            desc = f"{name} lr={lr:g}" + (f" eps={eps:g}" if eps else "")
-            r = with_bar(
-                desc,
-                budget_s,
-                quiet,
-                lambda p, n=name, lr=lr, e=eps: run_one(
-                    n, lr, 0, eps=e, progress=p, measure=False, **common
-                ),
-            )
-            runs.append(r)
-            log(
-                f"  {name:5s} lr={lr:<7g}{'' if eps is None else f' eps={eps:<5g}'} "
-                f"final acc {r.final_acc:.4f}  best {r.best_acc:.4f}  "
-                f"train loss {r.final_train_loss:.4g}"
-            )
+            grid += [("snopt", chosen["snopt"], {"eps": e}) for e in SWEEP_EPS]
+        runs = run_grid(grid, lambda *a, **k: run_one(*a, **k, **common), budget_s, quiet, log)
         rows = sweep_rows(runs)
         files = write_sweep(runs, rows, Path(out), dataset)
     else:

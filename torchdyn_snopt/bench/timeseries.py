@@ -31,6 +31,7 @@ from torchdyn_snopt.bench.common import (
     format_table,
     make_optimizer,
     peak_memory_mb,
+    run_grid,
     summary_rows,
     train_for,
     with_bar,
@@ -246,23 +247,10 @@ def bench_timeseries(
     stem = f"timeseries_{dataset}_{model}"
     if sweep or sweep_wd:  # seed 0 over a grid: learning rates without decay, or decays
         if sweep:
-            grid = [(n, lr, 0.0) for n in optimizers for lr in SWEEP_LRS[n]]
+            grid = [(n, lr, {"weight_decay": 0.0}) for n in optimizers for lr in SWEEP_LRS[n]]
         else:
-            grid = [(n, chosen[n], wd) for n in optimizers for wd in WD_GRID]
-        for name, lr, wd in grid:
-            r = with_bar(
-                f"{name} lr={lr:g} wd={wd:g}",
-                budget_s,
-                quiet,
-                lambda p, n=name, lr=lr, wd=wd: run_one(
-                    n, lr, 0, progress=p, measure=False, weight_decay=wd, **common
-                ),
-            )
-            runs.append(r)
-            log(
-                f"  {name:5s} lr={lr:<7g} wd={wd:<7g} final acc {r.final_acc:.4f}"
-                f"  best {r.best_acc:.4f}  train loss {r.final_train_loss:.4g}"
-            )
+            grid = [(n, chosen[n], {"weight_decay": wd}) for n in optimizers for wd in WD_GRID]
+        runs = run_grid(grid, lambda *a, **k: run_one(*a, **k, **common), budget_s, quiet, log)
         rows = [
             _wd_after_lr(row, r.extra["weight_decay"]) for row, r in zip(sweep_rows(runs), runs)
         ]
