@@ -306,7 +306,7 @@ def _add_bench_horizon(groups: Any) -> None:
     )
     p.add_argument(
         "--weight-decay",
-        type=float,
+        type=nonnegative_float,
         default=horizon.DEFAULT_WEIGHT_DECAY,
         help="weight decay γ of every run (all parameters, all policies)",
     )
