@@ -308,3 +308,33 @@ def test_sampling_with_torchdyn_layers_gives_finite_psd_factors(name):
         assert torch.linalg.eigvalsh(f.A.double()).min() > -1e-5 * f.A.abs().max()
         assert f.B.abs().sum() > 0
     assert any(not torch.equal(p, b) for p, b in zip(node.parameters(), before))
+
+
+def test_outer_conv_factors_use_a_capped_sample_of_patches():
+    """Outside the ODEs, ``A`` of a conv uses the first ``ceil(A_ROWS / L)`` images' patches,
+    ``B`` every image's output gradients (× batch), and ``locations`` is ``L``."""
+    from torch.nn.functional import cross_entropy, unfold
+
+    from torchdyn_snopt.curvature.sampler import A_ROWS
+
+    torch.manual_seed(0)
+    n, hw = 20, 16
+    conv = nn.Conv2d(2, 3, 3, padding=1)
+    model = nn.Sequential(conv, nn.Tanh(), nn.Flatten(), nn.Linear(3 * hw * hw, 4)).double()
+    x, y = torch.randn(n, 2, hw, hw, dtype=DT), torch.randint(0, 4, (n,))
+    h = conv(x)  # by hand, before the hooks exist
+    h.retain_grad()
+    cross_entropy(model[3](model[2](model[1](h))), y).backward()
+    g = h.grad.permute(0, 2, 3, 1).reshape(-1, 3) * n
+    model.zero_grad()
+    pre = tds.SNOptPreconditioner(model, full_precond=True)
+    cross_entropy(model(x), y).backward()
+    pre.step()
+    f = pre.last_factors["0"]
+    keep = math.ceil(A_ROWS / hw**2)
+    assert keep < n  # the cap is what this test is about
+    z = unfold(x[:keep], 3, padding=1).transpose(1, 2).reshape(-1, 18)
+    z = torch.cat([z, torch.ones(len(z), 1, dtype=DT)], 1)
+    torch.testing.assert_close(f.A, z.t() @ z / len(z), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(f.B, g.t() @ g / len(g), rtol=1e-10, atol=1e-12)
+    assert f.locations == hw * hw and pre.last_factors["3"].locations == 1

@@ -119,6 +119,8 @@ def test_adapter_factors_match_a_hand_computation():
     for name, z, gg in (("cell.input_gates", z_i, g_i), ("cell.hidden_gates", z_h, g_h)):
         assert torch.allclose(fac[name].A, z.t() @ z / 15, rtol=1e-10, atol=1e-12), name
         assert torch.allclose(fac[name].B, gg.t() @ gg / 15, rtol=1e-10, atol=1e-12), name
+        assert fac[name].locations == 3, name  # the weight is shared over the 3 steps
+    assert fac["head"].locations == 1
 
 
 def test_registry_maps_gate_modules_to_their_adapter():

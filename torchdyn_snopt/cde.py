@@ -114,7 +114,7 @@ class TapSampler:
                 entry = ev.zz.setdefault(adapter, [0.0, 0])
                 entry[0] = entry[0] + z.t() @ z
                 entry[1] += z.shape[0]
-                ev.locations[adapter] = adapter.locations(output)
+                ev.locations[adapter] = ev.locations.get(adapter, 0) + adapter.locations(output)
                 output.register_hook(self._grad_hook(ev, adapter))
         self._stack.append(ev)
 

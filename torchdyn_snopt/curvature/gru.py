@@ -4,7 +4,8 @@ Each :class:`~torchdyn_snopt.nn.GatePreactivation` is ``h = W z + b`` with ``W``
 ``(3H, d_in)``: ``A = E[z̃ z̃ᵀ]`` over its input (``x`` for ``weight_ih``, the previous hidden
 state for ``weight_hh``; ``z̃ = [z, 1]`` with a bias) and ``B = E[g gᵀ]`` over the gradient at
 the three gates' pre-activations (``3H``), every call of the cell (every time step) one row
-(K-FAC for recurrent layers, shared weights over time).
+(K-FAC for recurrent layers, shared weights over time); the factors' ``locations`` count the
+calls, as a convolution's count its spatial positions (:mod:`~torchdyn_snopt.curvature.outer`).
 """
 
 from __future__ import annotations
