@@ -94,9 +94,25 @@ def _eigh(matrix: Tensor) -> tuple[Tensor, Tensor]:
     return evals.clamp(min=0).to(matrix.dtype), evecs.to(matrix.dtype)
 
 
+def _eigh_from_rows(rows: Tensor) -> tuple[Tensor, Tensor]:
+    """Eigen-decomposition of ``A = RᵀR`` from its ``r < d`` rows ``R`` (``r × d``).
+
+    A complete QR ``Rᵀ = Q [S; 0]`` gives ``A = Q diag(S Sᵀ, 0) Qᵀ``, so ``Q``'s first ``r``
+    columns rotated by the eigenvectors of the small ``S Sᵀ`` and its other ``d − r`` columns
+    (eigenvalue 0) are a complete orthonormal eigenbasis: O(d² r) instead of eigh's O(d³)
+    (785-wide head, batch 128: 5.5 ms vs 37 ms on one core).
+    """
+    r = rows.shape[0]
+    Q, S = torch.linalg.qr(rows.t(), mode="complete")
+    S = S[:r]
+    lam, W = _eigh(S @ S.t())
+    return torch.cat([lam, lam.new_zeros(Q.shape[0] - r)]), torch.cat([Q[:, :r] @ W, Q[:, r:]], 1)
+
+
 def eigen_from_factors(f: Factors) -> _Eigen:
     """Fresh eigenbasis and ``m = L·λ_B λ_Aᵀ`` from sampled factors."""
-    return _eigen_from_pairs(f, _eigh(f.A), _eigh(f.B))
+    pair_a = _eigh(f.A) if f.rows is None else _eigh_from_rows(f.rows)
+    return _eigen_from_pairs(f, pair_a, _eigh(f.B))
 
 
 def _eigen_from_pairs(
@@ -297,7 +313,13 @@ class SNOptPreconditioner:
             if not _all_finite([t for f in factors.values() for t in (f.A, f.B)]):
                 warnings.warn("non-finite curvature factor: SNOpt skipped this step", stacklevel=3)
                 return False
-            pairs = self.sync.eigh([m for f in factors.values() for m in (f.A, f.B)], _eigh)
+            low_rank = {id(f.A): f.rows for f in factors.values() if f.rows is not None}
+
+            def decompose(matrix: Tensor) -> tuple[Tensor, Tensor]:
+                rows = low_rank.get(id(matrix))
+                return _eigh(matrix) if rows is None else _eigh_from_rows(rows)
+
+            pairs = self.sync.eigh([m for f in factors.values() for m in (f.A, f.B)], decompose)
             fresh = {
                 a: _eigen_from_pairs(f, pairs[2 * i], pairs[2 * i + 1])
                 for i, (a, f) in enumerate(factors.items())

@@ -19,6 +19,7 @@ weight sharing, Grosse & Martens 2016; the in-ODE sampler counts repeated calls 
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -52,9 +53,11 @@ class OuterFactors:
                 return
             with torch.no_grad():
                 z = adapter.input_rows(subsample(inputs, adapter.locations(output)))
-                entry = self._sums.setdefault(adapter, [0.0, 0, 0.0, 0, 0])
+                entry = self._sums.setdefault(adapter, [0.0, 0, 0.0, 0, 0, []])
                 entry[0] = entry[0] + z.t() @ z
                 entry[1] += z.shape[0]
+                if entry[5] is not None:  # keep the rows while A's rank is below half its width
+                    entry[5] = entry[5] + [z] if 2 * entry[1] <= z.shape[1] else None
                 entry[4] += adapter.locations(output)  # weight shared over calls (GRU steps)
 
             def grad_hook(g: Tensor) -> None:
@@ -70,9 +73,11 @@ class OuterFactors:
     def take(self) -> dict[LayerAdapter, Factors]:
         """Factors from the armed forward/backward, cleared afterwards (only complete ones)."""
         out = {}
-        for adapter, (zz, nz, gg, ng, loc) in self._sums.items():
+        for adapter, (zz, nz, gg, ng, loc, zs) in self._sums.items():
             if nz and ng:
-                out[adapter] = Factors(zz / nz, gg / ng, loc, self.batch_size.get(adapter, 1))
+                rows = torch.cat(zs) / math.sqrt(nz) if zs else None
+                batch = self.batch_size.get(adapter, 1)
+                out[adapter] = Factors(zz / nz, gg / ng, loc, batch, rows)
         self._sums.clear()
         return out
 

@@ -50,12 +50,18 @@ A_ROWS = 2048
 
 @dataclass
 class Factors:
-    """Accumulated ``Ā``, ``B̄`` of one layer plus what the update needs to scale them."""
+    """Accumulated ``Ā``, ``B̄`` of one layer plus what the update needs to scale them.
+
+    ``rows``: optional ``(r, d_in)`` matrix ``R`` with ``Ā = RᵀR`` and ``r < d_in`` (a layer
+    outside the ODEs seen by fewer input rows than its width, e.g. a head on a batch of 128):
+    the eigenbasis then comes from a QR of ``Rᵀ`` instead of an eigh of ``Ā``.
+    """
 
     A: Tensor
     B: Tensor
     locations: int = 1
     batch_size: int = 1
+    rows: Tensor | None = None
 
 
 @dataclass
