@@ -109,10 +109,14 @@ def _eigh_from_rows(rows: Tensor) -> tuple[Tensor, Tensor]:
     return torch.cat([lam, lam.new_zeros(Q.shape[0] - r)]), torch.cat([Q[:, :r] @ W, Q[:, r:]], 1)
 
 
+def _factor_pairs(f: Factors) -> tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor]]:
+    """(eigenvalues, eigenvectors) of ``Ā`` (from its rows when it has them) and of ``B̄``."""
+    return (_eigh(f.A) if f.rows is None else _eigh_from_rows(f.rows)), _eigh(f.B)
+
+
 def eigen_from_factors(f: Factors) -> _Eigen:
     """Fresh eigenbasis and ``m = L·λ_B λ_Aᵀ`` from sampled factors."""
-    pair_a = _eigh(f.A) if f.rows is None else _eigh_from_rows(f.rows)
-    return _eigen_from_pairs(f, pair_a, _eigh(f.B))
+    return _eigen_from_pairs(f, *_factor_pairs(f))
 
 
 def _eigen_from_pairs(
@@ -313,13 +317,10 @@ class SNOptPreconditioner:
             if not _all_finite([t for f in factors.values() for t in (f.A, f.B)]):
                 warnings.warn("non-finite curvature factor: SNOpt skipped this step", stacklevel=3)
                 return False
-            low_rank = {id(f.A): f.rows for f in factors.values() if f.rows is not None}
-
-            def decompose(matrix: Tensor) -> tuple[Tensor, Tensor]:
-                rows = low_rank.get(id(matrix))
-                return _eigh(matrix) if rows is None else _eigh_from_rows(rows)
-
-            pairs = self.sync.eigh([m for f in factors.values() for m in (f.A, f.B)], decompose)
+            if world == 1:  # one process: a low-rank Ā's rows are this process's own
+                pairs = [p for f in factors.values() for p in _factor_pairs(f)]
+            else:  # factors averaged over ranks (no rows), decompositions maybe shared out
+                pairs = self.sync.eigh([m for f in factors.values() for m in (f.A, f.B)], _eigh)
             fresh = {
                 a: _eigen_from_pairs(f, pairs[2 * i], pairs[2 * i + 1])
                 for i, (a, f) in enumerate(factors.items())
