@@ -67,7 +67,11 @@ def _restore(model: nn.Module, weights: dict) -> None:
             t.copy_(weights[n])
 
 
-def _setup(variant: str, args: argparse.Namespace, dims: tuple[int, int], weights: dict):
+def _setup(
+    variant: str, args: argparse.Namespace, dims: tuple[int, int], weights: dict
+) -> tuple[nn.Module, torch.optim.Optimizer]:
+    """The bench's model from ``weights`` and the optimizer of ``variant`` (``"armed"``:
+    SNOpt refreshing on every step, ``"plain"``: never after its first)."""
     model = build_model(args.model, dims[0], dims[1], "snopt")
     _restore(model, weights)
     key = (args.dataset, args.model)
@@ -80,7 +84,10 @@ def _setup(variant: str, args: argparse.Namespace, dims: tuple[int, int], weight
     return model, opt
 
 
-def _timed_step(model: nn.Module, opt, weights: dict, xb, yb) -> float:
+def _timed_step(
+    model: nn.Module, opt: torch.optim.Optimizer, weights: dict, xb: torch.Tensor, yb: torch.Tensor
+) -> float:
+    """Seconds of one training step; the weights are restored afterwards."""
     t0 = time.perf_counter()
     opt.zero_grad()
     F.cross_entropy(model(xb), yb).backward()
