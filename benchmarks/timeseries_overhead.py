@@ -50,9 +50,12 @@ def _warm_weights(model: nn.Module, data: tuple, batch: int, iters: int, lr: flo
     x, y = data[0], data[1]
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     g = torch.Generator().manual_seed(0)
-    perm = torch.randperm(len(x), generator=g)
-    for i in range(iters):
-        idx = perm[(i * batch) % len(x) :][:batch]
+    perm, cursor = torch.randperm(len(x), generator=g), 0
+    for _ in range(iters):  # drawn as ``train_for`` draws seed 0's minibatches
+        if cursor + batch > len(perm):
+            perm, cursor = torch.randperm(len(x), generator=g), 0
+        idx = perm[cursor : cursor + batch]
+        cursor += batch
         opt.zero_grad()
         F.cross_entropy(model(x[idx]), y[idx]).backward()
         opt.step()
