@@ -49,7 +49,12 @@ def integrate(
 
     s = s0
     k1 = f(s, y)
-    dt = init_step(f, k1, y, s, solver.order, atol, rtol)
+    dt = init_step(f, k1, y, s, solver.order, atol, rtol).reshape(())
+    # torchdyn keeps safety/min/max factors as 1-element float32 tensors: in its adapt_step
+    # they would turn dt (and so the running time s + dt) into float32. Hold them in s's dtype.
+    safety, min_factor, max_factor = (
+        c.to(s).reshape(()) for c in (solver.safety, solver.min_factor, solver.max_factor)
+    )
     span = float(s1 - s0)
     n = y.numel() if seminorm_dim is None else seminorm_dim
     while s < s1:
@@ -74,7 +79,5 @@ def integrate(
             y, k1 = y_new, f_new
             if on_accept is not None:
                 on_accept(s, y)
-        dt = adapt_step(
-            dt, ratio, solver.safety, solver.min_factor, solver.max_factor, solver.order
-        )
+        dt = adapt_step(dt, ratio.to(s), safety, min_factor, max_factor, solver.order)
     return y
