@@ -264,6 +264,51 @@ def _backsolve(
     return a.reshape(shape).detach(), t_grad, param_grads
 
 
+def checked_inputs(x: Tensor, t_span: Any, params: tuple[Tensor, ...]) -> Tensor:
+    """Refuse, before any solve starts, inputs on which torchdyn's adaptive loop would hang.
+
+    ``x`` must be a finite floating tensor and the field's trainable ``params`` finite and of
+    ``x``'s dtype and device; ``t_span`` a 1-D strictly monotonic sequence of >= 2 finite
+    times. An integer, other-precision or other-device ``t_span`` is converted to ``x``'s
+    dtype and device (as torch's arithmetic would); returns the ``t_span`` to integrate on.
+    """
+    if not isinstance(x, Tensor) or not x.is_floating_point():
+        kind = x.dtype if isinstance(x, Tensor) else type(x).__name__
+        raise TypeError(f"the initial state x has dtype {kind}; accepted: a floating tensor")
+    if not bool(torch.isfinite(x).all()):
+        raise ValueError(
+            "the initial state x holds non-finite values (NaN or inf); the ODE solve cannot "
+            "start from them: check the data and the layers before the NeuralODE"
+        )
+    for p in params:
+        if p.dtype != x.dtype or p.device != x.device:
+            raise TypeError(
+                f"the vector field's parameters are {p.dtype} on {p.device} but the state x is "
+                f"{x.dtype} on {x.device}; move one to the other, e.g. model.to(x)"
+            )
+        if not bool(torch.isfinite(p).all()):
+            raise ValueError(
+                "the vector field has non-finite parameters (NaN or inf); restore a checkpoint "
+                "or lower the learning rate"
+            )
+    t_span = torch.as_tensor(t_span)
+    if t_span.dim() != 1 or len(t_span) < 2:
+        raise ValueError(
+            f"t_span has shape {tuple(t_span.shape)}; accepted: a 1-D tensor of >= 2 times"
+        )
+    if t_span.dtype != x.dtype or t_span.device != x.device:
+        t_span = t_span.to(dtype=x.dtype, device=x.device)
+    if not bool(torch.isfinite(t_span).all()):
+        raise ValueError(f"t_span={t_span.tolist()} holds non-finite times")
+    steps = t_span[1:] - t_span[:-1]
+    if not (bool((steps > 0).all()) or bool((steps < 0).all())):
+        raise ValueError(
+            f"t_span={t_span.tolist()} is not strictly monotonic; accepted: strictly increasing "
+            "or strictly decreasing times, without repeats"
+        )
+    return t_span
+
+
 def snopt_odeint(
     problem: ODEProblem,
     vf_params: Tensor,
@@ -274,6 +319,7 @@ def snopt_odeint(
 ) -> tuple[Tensor, Tensor]:
     """Entry point torchdyn calls as ``problem._autograd_func()(vf_params, x, t_span, ...)``."""
     params = tuple(p for p in problem.vf.parameters() if p.requires_grad)
+    t_span = checked_inputs(x, t_span, params)
     if torch.is_grad_enabled() and (x.requires_grad or params):  # a training call
         sampler_of(problem).batch_size = x.shape[0] if x.dim() > 1 else 1
     return _SNOptAdjoint.apply(problem, x, t_span, save_at, args or {}, *params)

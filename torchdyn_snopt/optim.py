@@ -136,6 +136,26 @@ def solve_in_eigenbasis(G1: Tensor, eig: _Eigen, denom: Tensor) -> Tensor:
     return eig.UB @ (G1 / denom) @ eig.UA.t()
 
 
+class _PassCounter:
+    """Counts the backward passes that reached ``param`` (one per ``loss.backward()``).
+
+    A leaf's gradient is accumulated once per backward pass however often the graph uses it
+    (an ODE-RNN's many solves included), so this counts passes, not solves.
+    """
+
+    def __init__(self, param: Tensor) -> None:
+        self.count = 0
+        self.handle = param.register_post_accumulate_grad_hook(self._hit)
+
+    def _hit(self, _: Tensor) -> None:
+        self.count += 1
+
+    def take(self) -> int:
+        """Passes since the last call."""
+        count, self.count = self.count, 0
+        return count
+
+
 def _all_finite(tensors: list[Tensor]) -> bool:
     return all(bool(torch.isfinite(t).all()) for t in tensors)
 
@@ -245,6 +265,8 @@ class SNOptPreconditioner:
         self.adapters: list[LayerAdapter] = list(ode_adapters.values()) + outer
         self._ode_adapters = list(ode_adapters.values())
         self._handles = [attach(a) for a in self._ode_adapters]
+        self._passes = _PassCounter(self.adapters[0].params()[0])
+        self._handles.append(self._passes.handle)
         self._outer = OuterFactors(outer)
         self._eigen: dict[LayerAdapter, _Eigen] = {}
         self.sync = sync
@@ -279,7 +301,11 @@ class SNOptPreconditioner:
         self._outer.armed = armed
 
     def _collect(self) -> dict[LayerAdapter, Factors]:
-        """Factors sampled since arming, summed over ODEs (and calls)."""
+        """Factors sampled since arming: summed over ODEs (and calls) within a backward pass,
+        averaged over the backward passes since the last step (gradient accumulation: ``k``
+        passes, each loss a mean over its own samples, give the factors of one pass over the
+        concatenated batch)."""
+        passes = max(self._passes.take(), 1)
         total: dict[LayerAdapter, Factors] = {}
         for s in self._samplers:
             for adapter, f in s.factors.items():
@@ -289,7 +315,10 @@ class SNOptPreconditioner:
                 else:
                     total[adapter] = Factors(f.A.clone(), f.B.clone(), f.locations, f.batch_size)
             s.factors.clear()
-        total.update(self._outer.take())
+        if passes > 1:
+            for f in total.values():
+                f.A, f.B = f.A / passes, f.B / passes
+        total.update(self._outer.take(passes))
         return total
 
     def _batch_size(self, adapter: LayerAdapter) -> int:
@@ -303,6 +332,7 @@ class SNOptPreconditioner:
         """Precondition every covered gradient in place (eq. 14); ``False`` = step skipped."""
         grads = [p.grad for p in self.params if p.grad is not None]
         factors = self._collect() if self._armed else {}  # a skipped step drops its samples
+        self._passes.take()
         world = self.sync.world_size()
         # One collective with several processes: the flag, plus the factors at a refresh.
         bad, factors = self.sync.agree(
@@ -377,12 +407,44 @@ class SNOptPreconditioner:
             },
         }
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore :meth:`state_dict` output; layer names must match this model's."""
+    def check_state_dict(self, state: Any) -> None:
+        """Raise ``ValueError`` naming what in ``state`` does not fit this model (changes nothing).
+
+        Checks the keys of :meth:`state_dict`'s output, that every layer exists here, and that
+        its eigenbases ``UA`` (``d_in × d_in``), ``UB`` (``d_out × d_out``) and second moment
+        ``m`` (``d_out × d_in``) have this layer's shapes.
+        """
+        if not isinstance(state, dict):
+            raise ValueError(f"state={type(state).__name__} is not a preconditioner state_dict")
+        missing = [k for k in ("steps", "armed", "layers") if k not in state]
+        if missing:
+            raise ValueError(
+                f"state_dict lacks {missing}; accepted: the output of SNOptPreconditioner."
+                "state_dict() (keys 'steps', 'armed', 'layers')"
+            )
         by_name = {a.name: a for a in self.adapters}
         unknown = set(state["layers"]) - set(by_name)
         if unknown:
-            raise ValueError(f"state_dict has layers {sorted(unknown)} that this model lacks")
+            raise ValueError(
+                f"state_dict has layers {sorted(unknown)} that this model lacks; this model's "
+                f"layers are {sorted(by_name)}"
+            )
+        for name, e in state["layers"].items():
+            d_out, d_in = by_name[name].param_matrix().shape
+            want = {"UA": (d_in, d_in), "UB": (d_out, d_out), "m": (d_out, d_in)}
+            for key, shape in want.items():
+                got = tuple(e[key].shape) if key in e else None
+                if got != shape:
+                    raise ValueError(
+                        f"state_dict layer {name!r}: {key} has shape {got}, this model's layer "
+                        f"needs {shape}; was the state saved from a model with other widths?"
+                    )
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict` output; layer names and shapes must match this model's
+        (checked first by :meth:`check_state_dict`: a mismatch changes nothing)."""
+        self.check_state_dict(state)
+        by_name = {a.name: a for a in self.adapters}
         eigen = {}
         for name, e in state["layers"].items():
             ref = by_name[name].params()[0]
@@ -486,8 +548,28 @@ class SNOpt(torch.optim.Optimizer):
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict` output; every check runs before any state changes."""
         state_dict = dict(state_dict)
+        if "preconditioner" not in state_dict:
+            raise ValueError(
+                "state_dict has no 'preconditioner' entry; accepted: the output of "
+                "SNOpt.state_dict() (a plain torch optimizer's state lacks the curvature)"
+            )
         precond = state_dict.pop("preconditioner")
+        self.preconditioner.check_state_dict(precond)
+        params = [p for group in self.param_groups for p in group["params"]]
+        for index, entry in state_dict.get("state", {}).items():
+            buf = entry.get("momentum_buffer") if isinstance(entry, dict) else None
+            if not isinstance(index, int) or not 0 <= index < len(params):
+                raise ValueError(
+                    f"state_dict has state for parameter {index!r}; this optimizer has "
+                    f"{len(params)} parameters"
+                )
+            if buf is not None and buf.shape != params[index].shape:
+                raise ValueError(
+                    f"state_dict's momentum buffer of parameter {index} has shape "
+                    f"{tuple(buf.shape)}, the parameter {tuple(params[index].shape)}"
+                )
         super().load_state_dict(state_dict)
         self.preconditioner.load_state_dict(precond)
 

@@ -14,11 +14,37 @@ import inspect
 from typing import Any
 
 import torch.nn as nn
+import torchdyn
 from torchdyn.core.problems import ODEProblem
 
 SENSITIVITIES: tuple[str, ...] = ("snopt_adjoint", "snopt")
 TORCHDYN_SENSITIVITIES: tuple[str, ...] = ("autograd", "adjoint", "interpolated_adjoint")
+#: The torchdyn release whose private API (below) the registration was written against.
+SUPPORTED_TORCHDYN = "1.0.6"
 _MARK = "__torchdyn_snopt_wrapped__"
+#: ``ODEProblem.__init__`` arguments the wrapper reads, and ``ODEProblem`` attributes the
+#: sensitivity reads after construction (checked by :func:`check_torchdyn`).
+_INIT_ARGUMENTS = ("vector_field", "solver", "sensitivity", "solver_adjoint", "seminorm")
+_PROBLEM_ATTRIBUTES = ("_autograd_func", "odeint", "forward")
+
+
+def check_torchdyn() -> None:
+    """Fail with one clear error when the installed torchdyn lacks what the registration patches.
+
+    Checks ``ODEProblem.__init__``'s parameters and the methods the wrapper replaces or calls
+    (torchdyn 1.0.6's private dispatch). Raises ``ImportError`` naming the supported version.
+    """
+    init = getattr(ODEProblem.__init__, "__wrapped__", ODEProblem.__init__)
+    params = set(inspect.signature(init).parameters)
+    missing = [a for a in _INIT_ARGUMENTS if a not in params]
+    missing += [f"ODEProblem.{a}" for a in _PROBLEM_ATTRIBUTES if not hasattr(ODEProblem, a)]
+    if missing:
+        version = getattr(torchdyn, "__version__", "unknown")
+        raise ImportError(
+            f"torchdyn_snopt needs torchdyn=={SUPPORTED_TORCHDYN}; the installed torchdyn "
+            f"({version}) lacks {', '.join(missing)}, which the 'snopt' sensitivity patches. "
+            f'Install the supported release: pip install "torchdyn=={SUPPORTED_TORCHDYN}"'
+        )
 
 
 def is_snopt_problem(module: nn.Module) -> bool:
@@ -38,6 +64,14 @@ def _wrap_init(original: Any) -> Any:
             raise ValueError(
                 f"sensitivity={sensitivity!r} is not a known sensitivity; "
                 f"accepted values are {', '.join(repr(v) for v in valid)}"
+            )
+        if sensitivity in SENSITIVITIES and not getattr(type(self)._autograd_func, _MARK, False):
+            # e.g. MultipleShootingProblem: its own _autograd_func bypasses our dispatch and
+            # would hand torchdyn's forward a None.
+            raise ValueError(
+                f"sensitivity={sensitivity!r} is not supported by {type(self).__name__}, which "
+                "solves with its own backward dispatch; use NeuralODE/ODEProblem with "
+                f"sensitivity={sensitivity!r}, or sensitivity='autograd'/'adjoint' here"
             )
         solver_adjoint = arguments["solver_adjoint"]
         instance_adjoint = None
@@ -70,8 +104,10 @@ def _wrap_autograd_func(original: Any) -> Any:
 def register() -> None:
     """Teach torchdyn's ``ODEProblem`` (hence ``NeuralODE``) the SNOpt sensitivities.
 
-    Idempotent: calling it again leaves the already-wrapped methods in place.
+    Idempotent: calling it again leaves the already-wrapped methods in place. Raises
+    ``ImportError`` (via :func:`check_torchdyn`) when torchdyn's internals differ.
     """
+    check_torchdyn()
     if not getattr(ODEProblem.__init__, _MARK, False):
         ODEProblem.__init__ = _wrap_init(ODEProblem.__init__)
     if not getattr(ODEProblem._autograd_func, _MARK, False):

@@ -70,14 +70,16 @@ class OuterFactors:
 
         return hook
 
-    def take(self) -> dict[LayerAdapter, Factors]:
-        """Factors from the armed forward/backward, cleared afterwards (only complete ones)."""
+    def take(self, passes: int = 1) -> dict[LayerAdapter, Factors]:
+        """Factors from the armed forward/backward passes (``passes`` of them since the last
+        call: ``A`` and ``B`` are means over all their rows, the locations per pass), cleared
+        afterwards (only complete ones)."""
         out = {}
         for adapter, (zz, nz, gg, ng, loc, zs) in self._sums.items():
             if nz and ng:
                 rows = torch.cat(zs) / math.sqrt(nz) if zs else None
                 batch = self.batch_size.get(adapter, 1)
-                out[adapter] = Factors(zz / nz, gg / ng, loc, batch, rows)
+                out[adapter] = Factors(zz / nz, gg / ng, max(loc // passes, 1), batch, rows)
         self._sums.clear()
         return out
 
