@@ -27,7 +27,7 @@ from torchdyn.numerics.odeint import odeint
 
 from torchdyn_snopt.cnf import noise_snapshot, pinned_noise
 from torchdyn_snopt.curvature.sampler import CurvatureSampler
-from torchdyn_snopt.integrate import integrate
+from torchdyn_snopt.integrate import integrate, with_fixed_rk4
 
 
 def sampler_of(problem: ODEProblem) -> CurvatureSampler:
@@ -95,7 +95,7 @@ class _SNOptAdjoint(torch.autograd.Function):
             _CountingField(problem.vf, sampler),
             x,
             t_span,
-            problem.solver,
+            with_fixed_rk4(problem.solver),
             problem.atol,
             problem.rtol,
             interpolator=problem.interpolator,

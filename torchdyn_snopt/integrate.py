@@ -13,6 +13,7 @@ from collections.abc import Callable
 
 import torch
 from torch import Tensor
+from torchdyn.numerics.solvers.ode import RungeKutta4 as _TorchdynRK4
 from torchdyn.numerics.utils import adapt_step, hairer_norm, init_step
 
 Dynamics = Callable[[Tensor, Tensor], Tensor]
@@ -20,6 +21,34 @@ OnAccept = Callable[[Tensor, Tensor], None]
 
 #: Smallest step (relative to the interval) before the solve is declared stuck.
 _MIN_RELATIVE_STEP = 1e-12
+
+
+class RungeKutta4(_TorchdynRK4):
+    """Classical RK4 with its stages at ``t, t + dt/2, t + dt/2, t + dt``.
+
+    torchdyn 1.0.6's ``rk4`` reads the stage times of ``k2, k3, k4`` from ``c = [0, ½, ½, 1]``
+    starting at its first entry, so they land at ``t, t + dt/2, t + dt/2``: exact for
+    autonomous fields, first-order accurate for time-dependent ones (``DepthCat``, Galerkin).
+    :func:`with_fixed_rk4` puts it in place of torchdyn's in every solve of this package (the
+    user's solver object itself is left as it is).
+    """
+
+    def step(
+        self, f: Callable, x: Tensor, t: Tensor, dt: Tensor, k1: Tensor | None = None, args=None
+    ) -> tuple[None, Tensor, None]:
+        k1 = f(t, x) if k1 is None else k1
+        half = dt / 2
+        k2 = f(t + half, x + half * k1)
+        k3 = f(t + half, x + half * k2)
+        k4 = f(t + dt, x + dt * k3)
+        return None, x + dt / 6 * (k1 + 2 * (k2 + k3) + k4), None
+
+
+def with_fixed_rk4(solver: torch.nn.Module) -> torch.nn.Module:
+    """``solver``, or :class:`RungeKutta4` in its dtype when it is torchdyn's ``rk4``."""
+    if type(solver) is _TorchdynRK4:
+        return RungeKutta4(dtype=solver.dtype)
+    return solver
 
 
 def integrate(
@@ -39,6 +68,7 @@ def integrate(
     Fixed-step solvers take one step over the interval (as torchdyn's adjoint does between
     consecutive ``t_span`` points). ``on_accept(s, y)`` is called after each accepted step.
     """
+    solver = with_fixed_rk4(solver)
     y, _ = solver.sync_device_dtype(y, s0.reshape(1))
     args = args if args is not None else {}
     if solver.stepping_class == "fixed":

@@ -42,9 +42,10 @@ from torchdyn_snopt.cnf import without_trace
 from torchdyn_snopt.curvature.base import LayerAdapter, second_moment
 from torchdyn_snopt.curvature.capture import recording
 
-#: Input rows (samples × locations) per node and layer used for ``A``; beyond it a random
-#: subset of the batch's samples is taken (the batch is already a random draw, so the first
-#: samples are one), which keeps ``A`` unbiased and its cost independent of the batch size.
+#: Input rows (samples × locations) per node and layer used for ``A``; beyond it only the
+#: batch's first ``ceil(A_ROWS / locations)`` samples are used (no fresh random draw: with a
+#: shuffled minibatch the first samples are themselves a uniform random subset, so ``A`` stays
+#: unbiased; with an ordered batch they are not), keeping its cost independent of the batch.
 A_ROWS = 2048
 
 
