@@ -158,6 +158,7 @@ def _add_bench(subparsers: Any) -> None:
     _add_bench_second_order(groups)
     _add_bench_cnf(groups)
     _add_bench_timeseries(groups)
+    _add_bench_suite(groups)
 
 
 def _add_bench_image(groups: Any) -> None:
@@ -504,6 +505,113 @@ def _add_bench_timeseries(groups: Any) -> None:
             sweep=args.sweep,
             sweep_wd=args.sweep_wd,
             path_scale=args.path_scale,
+        )
+        return 0
+
+    p.set_defaults(func=run)
+
+
+def _choices(accepted: Sequence[str], what: str) -> Callable[[str], tuple[str, ...]]:
+    """argparse type: a comma-separated, non-empty subset of ``accepted``."""
+
+    def parse(text: str) -> tuple[str, ...]:
+        names = tuple(v.strip() for v in text.split(",") if v.strip())
+        bad = [v for v in names if v not in accepted]
+        if bad or not names:
+            why = f"unknown {what} {', '.join(map(repr, bad))}" if bad else "empty"
+            raise argparse.ArgumentTypeError(
+                f"{text!r} is invalid ({why}); accepted: a comma-separated subset of "
+                + ", ".join(accepted)
+            )
+        return names
+
+    return parse
+
+
+def _add_bench_suite(groups: Any) -> None:
+    from torchdyn_snopt.bench import suite
+
+    p = groups.add_parser(
+        "suite",
+        help="SNOpt vs Adam, SGD and SOAP on nine Neural-ODE tasks, training loss vs wall-clock",
+        description=suite.__doc__.split("\n\n")[1] if suite.__doc__ else None,
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument(
+        "--tasks",
+        type=_choices(tuple(suite.TASKS), "task"),
+        default=tuple(suite.TASKS),
+        help="comma-separated subset of " + ", ".join(suite.TASKS),
+    )
+    p.add_argument(
+        "--optimizers",
+        type=_choices(suite.SUITE_OPTIMIZERS, "optimizer"),
+        default=suite.SUITE_OPTIMIZERS,
+        help="comma-separated subset of " + ", ".join(suite.SUITE_OPTIMIZERS),
+    )
+    p.add_argument(
+        "--budget-s",
+        type=positive_float,
+        default=None,
+        help=f"training wall-clock per run (evaluations pause the clock); default "
+        f"{suite.DEFAULT_BUDGET_S:g} ({suite.QUICK_BUDGET_S:g} with --quick). All 9 tasks x 5 "
+        f"optimizers x {suite.DEFAULT_SEEDS} seeds = 135 runs: 135 x ({suite.DEFAULT_BUDGET_S:g} "
+        "s + about 3 s of evaluations and set-up) = about 52 min on 2 CPU cores",
+    )
+    p.add_argument(
+        "--seeds",
+        type=positive_int,
+        default=None,
+        help=f"number of seeds (0, 1, ...); default {suite.DEFAULT_SEEDS} (1 with --quick)",
+    )
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help=f"smoke run: one seed, {suite.QUICK_BUDGET_S:g} s per run unless given",
+    )
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument(
+        "--sweep",
+        action="store_true",
+        help="seed 0 of each tuned optimizer over its 10-point log grid of rates "
+        "(--grid-budget-s each); writes the best rate per task to --rates",
+    )
+    mode.add_argument(
+        "--lr-sensitivity",
+        action="store_true",
+        help="final training loss over the same grids, the usable range per optimizer and "
+        "task (within 2x of the best, no failure); one PNG",
+    )
+    p.add_argument(
+        "--grid-budget-s",
+        type=positive_float,
+        default=None,
+        help=f"training wall-clock per grid run; default {suite.DEFAULT_GRID_BUDGET_S:g} "
+        f"({suite.QUICK_BUDGET_S:g} with --quick): 9 tasks x 4 optimizers x 10 rates = 360 runs, "
+        "about 40 min",
+    )
+    p.add_argument(
+        "--rates",
+        default=str(suite.RATES_PATH),
+        help="JSON file of the grids and per-task rates (read; --sweep rewrites it)",
+    )
+    p.add_argument("--out", default="runs/suite", help="folder for the markdown, JSON and PNG")
+    p.add_argument("--quiet", action="store_true", help="no progress bars or tables")
+
+    def run(args: argparse.Namespace) -> int:
+        suite.bench_suite(
+            tasks=args.tasks,
+            optimizers=args.optimizers,
+            budget_s=args.budget_s,
+            seeds=args.seeds,
+            quick=args.quick,
+            sweep=args.sweep,
+            lr_sensitivity=args.lr_sensitivity,
+            grid_budget_s=args.grid_budget_s,
+            rates_path=args.rates,
+            out=args.out,
+            quiet=args.quiet,
+            command=" ".join(["torchdyn-snopt", *sys.argv[1:]]) if sys.argv[1:] else "",
         )
         return 0
 
