@@ -37,9 +37,15 @@ SNOPT_REFERENCE_LR = 0.01
 BENCH_EXTRA_HINT = 'pip install "torchdyn-snopt[bench]"'
 
 
+def snopt_default_lr() -> float | None:
+    """``SNOpt``'s default ``lr``; None while it has none (``SNOpt(model)`` fails)."""
+    default = inspect.signature(SNOpt).parameters["lr"].default
+    return None if default is inspect.Parameter.empty else float(default)
+
+
 def snopt_lr_has_default() -> bool:
     """Whether ``SNOpt(model)`` works, i.e. its ``lr`` argument has a default."""
-    return inspect.signature(SNOpt).parameters["lr"].default is not inspect.Parameter.empty
+    return snopt_default_lr() is not None
 
 
 def require_soap() -> type[torch.optim.Optimizer]:

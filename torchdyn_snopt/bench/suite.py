@@ -30,6 +30,7 @@ from torchdyn_snopt.bench.common import (
     RunResult,
     make_optimizer,
     require_soap,
+    snopt_default_lr,
     snopt_lr_has_default,
     train_for,
     with_bar,
@@ -109,13 +110,8 @@ def rate_of(rates: dict[str, Any], task: str, optimizer: str) -> tuple[float, st
     ``snopt-default`` the rate ``SNOpt(model)`` uses (``"default"``) or, while ``lr`` has no
     default, :data:`SNOPT_REFERENCE_LR` (``"reference"``)."""
     if optimizer == "snopt-default":
-        if snopt_lr_has_default():
-            import inspect
-
-            from torchdyn_snopt.optim import SNOpt
-
-            return float(inspect.signature(SNOpt).parameters["lr"].default), "default"
-        return SNOPT_REFERENCE_LR, "reference"
+        default = snopt_default_lr()
+        return (SNOPT_REFERENCE_LR, "reference") if default is None else (default, "default")
     entry = rates["rates"][task][optimizer]
     return float(entry["lr"]), str(entry["source"])
 
