@@ -183,6 +183,7 @@ def test_missing_pytorch_optimizer_names_the_bench_extra(monkeypatch, tmp_path):
         ({"seeds": 0}, r"seeds=0 is invalid; accepted: an int >= 1"),
         ({"sweep": True, "lr_sensitivity": True}, r"at most one"),
         ({"sweep": True, "grid_budget_s": -1.0}, r"budget_s=-1.0 is invalid"),
+        ({"lr_sensitivity": True, "optimizers": "snopt-default"}, r"at least one of adam"),
     ],
 )
 def test_bad_arguments_fail_before_anything_runs(kw, pattern, tmp_path, monkeypatch):
@@ -193,6 +194,17 @@ def test_bad_arguments_fail_before_anything_runs(kw, pattern, tmp_path, monkeypa
     monkeypatch.setattr(suite, "load_rates", boom)
     with pytest.raises(ValueError, match=pattern):
         suite.bench_suite(**{"tasks": "flowmap", **kw}, out=tmp_path / "o", quiet=True)
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_rates_file_without_the_task_fails_before_anything_runs(tmp_path, monkeypatch):
+    rates = json.loads(suite.RATES_PATH.read_text())
+    del rates["rates"]["spiral"]["sgd"]
+    path = tmp_path / "rates.json"
+    path.write_text(json.dumps(rates))
+    monkeypatch.setattr(suite, "run_trial", None)  # calling it would raise TypeError
+    with pytest.raises(ValueError, match=r"rates_path=.*rates.json.*'sgd'"):
+        suite.bench_suite(tasks="flowmap,spiral", rates_path=path, out=tmp_path / "o")
     assert not (tmp_path / "o").exists()
 
 
@@ -218,7 +230,8 @@ def test_cli_help_states_the_full_run_estimate(capsys):
     with pytest.raises(SystemExit):
         main(["bench", "suite", "--help"])
     text = " ".join(capsys.readouterr().out.split())
-    assert "135 runs" in text and "min on 2 CPU cores" in text and "--lr-sensitivity" in text
+    assert "135 runs" in text and "min on this 2-core machine" in text
+    assert "--lr-sensitivity" in text and "--grid-budget-s" in text
 
 
 # --------------------------------------------------------------------------- smoke runs
@@ -230,6 +243,8 @@ def test_quick_suite_writes_markdown_json_and_png(tmp_path, capsys):
             "adam,snopt", "--budget-s", "1", "--out", str(out), "--quiet"]  # fmt: skip
     assert main(argv) == 0
     assert capsys.readouterr().out == ""
+    doc = json.loads((out / "suite.json").read_text())
+    assert doc["command"] == "torchdyn-snopt " + " ".join(argv)
     doc = json.loads((out / "suite.json").read_text())
     for key in ("command", "date", "machine", "versions", "settings", "tasks", "summary"):
         assert key in doc

@@ -1,6 +1,6 @@
 """``torchdyn-snopt bench suite``: SNOpt vs Adam, SGD and SOAP on nine Neural-ODE tasks.
 
-Every optimizer trains each task of :mod:`~torchdyn_snopt.bench.suite_tasks` for the same
+Every optimizer trains each of the nine tasks (``bench/suite_tasks.py``) for the same
 training wall-clock, from the same initial weights (torch seeded with the seed) with the same
 minibatch stream (a generator seeded per task and seed); evaluations pause the clock. The
 headline is training loss against wall-clock: per seed, the time an optimizer needs to reach
@@ -16,6 +16,7 @@ import datetime as _dt
 import json
 import math
 import statistics
+import time
 import warnings
 import zlib
 from collections.abc import Callable, Sequence
@@ -41,13 +42,16 @@ from torchdyn_snopt.bench.suite_tasks import TASKS, Data, Task, mean_loss, quiet
 SUITE_OPTIMIZERS: tuple[str, ...] = ("adam", "sgd", "soap", "snopt", "snopt-default")
 #: Optimizers with a tuned rate (``snopt-default`` has none by design).
 TUNED: tuple[str, ...] = ("adam", "sgd", "soap", "snopt")
-#: Training seconds per run. Full run (9 tasks x 5 optimizers x 3 seeds = 135 runs) at 20 s:
-#: 2,700 s of training plus about 4 s of evaluations and set-up per run (13 training-loss
-#: evaluations, one test evaluation), about 50-55 min on 2 CPU cores (README of the module).
-DEFAULT_BUDGET_S = 20.0
+#: Training seconds per run. A full run (9 tasks x 5 optimizers x 3 seeds = 135 runs):
+#: 135 x 18 s = 2,430 s of training, plus evaluations and set-up measured at about 360 s in
+#: all on one core (per run: 13 training-loss evaluations and one test evaluation; 4.6-6.9 s
+#: for the image tasks, 0.3-1.8 s for the others): about 47 min, and under 53 min should the
+#: trained ODEs need twice the solver steps to evaluate.
+DEFAULT_BUDGET_S = 18.0
 DEFAULT_SEEDS = 3
 #: Training seconds per run of ``--sweep`` / ``--lr-sensitivity`` (one seed, 10 rates):
-#: 4 optimizers x 10 rates x 9 tasks = 360 runs, about 40-45 min.
+#: 4 optimizers x 10 rates x 9 tasks = 360 runs: 1,800 s of training plus about 490 s of
+#: evaluations (6 per run), about 38 min (more if large rates make the ODEs stiff).
 DEFAULT_GRID_BUDGET_S = 5.0
 #: ``--quick``: one seed, this many seconds per run (both kinds of run).
 QUICK_BUDGET_S = 2.0
@@ -159,9 +163,11 @@ def run_trial(
     first point at 0 s); the test metric is evaluated once, on the final model. A run that
     raised (solver failure, NLL blow-up) or whose loss went non-finite gets
     ``extra["diverged"] = 1``; one that did not get below :data:`STALL` of its initial loss
-    or whose ODE grew too stiff, ``extra["stalled"] = 1``.
+    or whose ODE grew too stiff, ``extra["stalled"] = 1``. ``extra["wall_s"]``: the whole
+    call's seconds (set-up and evaluations included).
     """
     task = trial.task
+    start = time.perf_counter()
     torch.manual_seed(trial.seed)
     model = quiet_build(task, data)
     with warnings.catch_warnings():
@@ -195,6 +201,7 @@ def run_trial(
             loss, acc, result.error = math.nan, math.nan, result.error or str(err)
         result.points[-1].test_loss, result.points[-1].test_acc = loss, acc
     flag_run(result)
+    result.extra["wall_s"] = time.perf_counter() - start  # training, evaluations, set-up
     return result
 
 
@@ -430,7 +437,20 @@ def bench_suite(
     grid_mode = sweep or lr_sensitivity
     if grid_mode:
         check_suite_args(tasks, optimizers, grid_budget_s, 1)
+        if not set(optimizers) & set(TUNED):
+            raise ValueError(
+                f"optimizers={','.join(optimizers)!r} is invalid with a learning-rate grid; "
+                f"accepted: at least one of {', '.join(TUNED)}"
+            )
     rates = load_rates(rates_path)
+    try:
+        chosen = {t: {o: rate_of(rates, t, o) for o in optimizers} for t in tasks}
+        grids = {o: lr_grid(rates, o) for o in optimizers if o in TUNED}
+    except (KeyError, TypeError, ValueError) as err:
+        raise ValueError(
+            f"rates_path={str(rates_path)!r} has no valid rate or grid for {err}; accepted: a "
+            "file like the packaged suite_rates.json"
+        ) from err
     log = (lambda *a: None) if quiet else print
     outdir = Path(out)
     settings = {
@@ -446,9 +466,10 @@ def bench_suite(
         "snopt_default": SNOPT_DEFAULT_NOTE if not snopt_lr_has_default() else "SNOpt(model)",
     }
     doc: dict[str, Any] = {**report.environment(command), "settings": settings, "tasks": {}}
+    doc["started"] = time.perf_counter()
     if grid_mode:
         return _grid_mode(
-            tasks, optimizers, grid_budget_s, sweep, rates, rates_path, outdir, doc, log, quiet
+            tasks, grids, grid_budget_s, sweep, rates, rates_path, outdir, doc, log, quiet
         )
 
     runs: dict[str, list[RunResult]] = {}
@@ -456,13 +477,12 @@ def bench_suite(
     for tname in tasks:
         task = TASKS[tname]
         data = task.load()
-        chosen = {o: rate_of(rates, tname, o) for o in optimizers}
-        doc["tasks"][tname] = report.task_info(task, data, chosen)
+        doc["tasks"][tname] = report.task_info(task, data, chosen[tname])
         log(task.describe())
         runs[tname] = []
         for seed in range(seeds):
             for name in optimizers:
-                trial = Trial(task, name, chosen[name][0], seed, budget_s)
+                trial = Trial(task, name, chosen[tname][name][0], seed, budget_s)
                 r = with_bar(
                     f"{tname} seed {seed} {name} lr={trial.lr:g}",
                     budget_s,
@@ -471,11 +491,13 @@ def bench_suite(
                 )
                 runs[tname].append(r)
                 log("  " + report.run_line(seed, r))
-        summary[tname] = task_rows(task, runs[tname], {o: s for o, (_, s) in chosen.items()})
+        sources = {o: s for o, (_, s) in chosen[tname].items()}
+        summary[tname] = task_rows(task, runs[tname], sources)
         log(report.format_rows(summary[tname]) + "\n")
     doc["summary"] = summary
     doc["overall"] = overall(summary)
     doc["runs"] = [report.run_record(t, r) for t, rs in runs.items() for r in rs]
+    doc["elapsed_s"] = time.perf_counter() - doc.pop("started")
     files = report.write_suite(doc, runs, outdir)
     log(report.overall_text(doc["overall"]))
     if "snopt-default" in optimizers:
@@ -486,7 +508,7 @@ def bench_suite(
 
 def _grid_mode(
     tasks: tuple[str, ...],
-    optimizers: tuple[str, ...],
+    grids: dict[str, list[float]],
     budget_s: float,
     sweep: bool,
     rates: dict[str, Any],
@@ -499,8 +521,7 @@ def _grid_mode(
     """``--sweep`` / ``--lr-sensitivity``: seed 0 of every tuned optimizer over its grid."""
     from torchdyn_snopt.bench import suite_report as report
 
-    tuned = [o for o in optimizers if o in TUNED]
-    if "snopt-default" in optimizers:
+    if "snopt-default" in doc["settings"]["optimizers"]:
         log("snopt-default has no rate to tune: left out of the grid")
     runs: list[tuple[str, RunResult]] = []
     for tname in tasks:
@@ -508,8 +529,8 @@ def _grid_mode(
         data = task.load()
         doc["tasks"][tname] = report.task_info(task, data, {})
         log(task.describe())
-        for name in tuned:
-            for lr in lr_grid(rates, name):
+        for name, grid in grids.items():
+            for lr in grid:
                 trial = Trial(task, name, lr, 0, budget_s, GRID_EVALS)
                 r = with_bar(
                     f"{tname} {name} lr={lr:g}",
@@ -520,8 +541,9 @@ def _grid_mode(
                 runs.append((tname, r))
                 log("  " + report.run_line(0, r))
     rows = grid_rows(runs)
-    doc["grid"] = {o: lr_grid(rates, o) for o in tuned}
+    doc["grid"] = grids
     doc["lr_runs"] = rows
+    doc["elapsed_s"] = time.perf_counter() - doc.pop("started")
     doc["sensitivity"] = sensitivity(rows)
     files = report.write_sensitivity(doc, outdir)
     log(report.sensitivity_text(doc["sensitivity"]))

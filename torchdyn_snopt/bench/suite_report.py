@@ -16,7 +16,8 @@ from typing import Any
 from torchdyn_snopt.bench.common import RunResult, _fmt, format_table
 from torchdyn_snopt.bench.suite_tasks import TASKS, Data, Task
 
-METRIC_LABEL = {"accuracy": "test accuracy", "mse": "test MSE", "nll": "test NLL (nats)"}
+#: The training loss of each kind of task (plot titles).
+LOSS_LABEL = {"accuracy": "cross-entropy", "mse": "MSE", "nll": "NLL (nats)"}
 
 
 def _cpu_model() -> str:
@@ -96,7 +97,8 @@ def run_line(seed: int, r: RunResult) -> str:
     last = r.points[-1].train_loss if r.points else math.nan
     return (
         f"seed {seed} {r.optimizer:13s} lr={r.lr:<8g} train loss {first:.4g} -> {last:.4g}, "
-        f"{r.iterations} iterations, {r.seconds_per_iter * 1e3:.0f} ms/iter{flags}"
+        f"{r.iterations} iterations, {r.seconds_per_iter * 1e3:.0f} ms/iter, "
+        f"{r.extra.get('wall_s', math.nan):.1f} s in all{flags}"
         + (f" ({r.error[:80]})" if r.error else "")
     )
 
@@ -109,6 +111,10 @@ def run_record(task: str, r: RunResult) -> dict[str, Any]:
 def format_rows(rows: list[dict[str, Any]]) -> str:
     """Aligned plain-text table of one task's rows."""
     return format_table(rows)
+
+
+def _fmt_load(load: list[float] | None) -> str:
+    return "unknown" if not load else " / ".join(f"{v:.2f}" for v in load)
 
 
 def _md_table(rows: list[dict[str, Any]]) -> list[str]:
@@ -142,10 +148,12 @@ def write_suite(doc: dict[str, Any], runs: dict[str, list[RunResult]], out: Path
     lines = [
         "# torchdyn-snopt bench suite",
         "",
-        f"`{doc['command']}` on {doc['date']}",
+        f"`{doc['command']}` on {doc['date']}, {doc['elapsed_s'] / 60:.1f} min in all",
         "",
         f"- machine: {doc['machine']['cpu']}, {doc['machine']['cpu_count']} CPUs, "
-        f"{doc['machine']['torch_threads']} torch threads; {doc['machine']['platform']}",
+        f"{doc['machine']['torch_threads']} torch threads; {doc['machine']['platform']}; "
+        f"load average at the start {_fmt_load(doc['machine']['load_average_at_start'])} "
+        "(wall-clock comparisons need an otherwise idle machine)",
         "- versions: " + ", ".join(f"{k} {v}" for k, v in doc["versions"].items()),
         f"- {s['budget_s']:g} s of training per run (evaluations pause the clock), "
         f"{s['seeds']} seed(s); same initial weights and minibatch stream for every optimizer",
@@ -158,6 +166,9 @@ def write_suite(doc: dict[str, Any], runs: dict[str, list[RunResult]], out: Path
         "- NFE: field evaluations per iteration of the forward and the backward (adjoint) "
         "solves, counted by `tds.read_nfe` (every task runs the snopt adjoint; Adam, SGD and "
         "SOAP never arm its curvature sampling)",
+        "- lr_source: `sweep` = best rate of `bench suite --sweep` on this task; `prior` = "
+        "taken from the other benches or the implementation notes, not swept on this task; "
+        "`reference` / `default` = snopt-default's (not tuned)",
         f"- {s['snopt_default']}",
         "",
         "## Overall",
@@ -220,7 +231,7 @@ def plot_suite(runs: dict[str, list[RunResult]], path: Path, title: str) -> None
         losses = [p.train_loss for r in rs for p in r.points]
         if losses and all(v > 0 for v in losses if math.isfinite(v)):
             ax.set_yscale("log")
-        ax.set_title(f"{tname} ({TASKS[tname].metric})" if tname in TASKS else tname)
+        ax.set_title(f"{tname}: {LOSS_LABEL[TASKS[tname].metric]}" if tname in TASKS else tname)
         ax.set_xlabel("training wall-clock (s)")
         ax.set_ylabel("training loss")
         ax.legend(fontsize=7)
