@@ -580,7 +580,7 @@ def _add_bench_suite(groups: Any) -> None:
         "--lr-sensitivity",
         action="store_true",
         help="final training loss over the same grids, the usable range per optimizer and "
-        "task (within 2x of the best, no failure); one PNG",
+        "task (within 2x of the best, neither diverged nor stalled); one PNG",
     )
     p.add_argument(
         "--grid-budget-s",

@@ -61,7 +61,9 @@ N_EVALS, GRID_EVALS = 12, 5
 #: (for a positive loss: not below 0.9x the initial).
 STALL = 0.9
 #: A rate is usable when its final training loss is within this factor of the grid's best
-#: (``loss − best <= (USABLE − 1) |best|``, so NLLs below 0 work too) and it did not fail.
+#: (``loss − best <= (USABLE − 1) |best|``, so NLLs below 0 work too) and its run neither
+#: failed nor stalled (the stall rule keeps an NLL's arbitrary offset from making every rate
+#: "within 2x").
 USABLE = 2.0
 RATES_PATH = Path(__file__).with_name("suite_rates.json")
 
@@ -353,14 +355,15 @@ def grid_rows(runs: list[tuple[str, RunResult]]) -> list[dict[str, Any]]:
 
 
 def sensitivity(rows: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, float]]]:
-    """``{task: {optimizer: usable_range(...)}}`` of :func:`grid_rows`' rows."""
+    """``{task: {optimizer: usable_range(...)}}`` of :func:`grid_rows`' rows (a diverged or
+    stalled run counts as failed)."""
     out: dict[str, dict[str, dict[str, float]]] = {}
     for row in rows:
         out.setdefault(row["task"], {}).setdefault(row["optimizer"], [])  # type: ignore[arg-type]
     for task, per in out.items():
         for name in per:
             pts = [
-                (r["lr"], r["final_train_loss"], bool(r["diverged"]))
+                (r["lr"], r["final_train_loss"], bool(r["diverged"] or r["stalled"]))
                 for r in rows
                 if r["task"] == task and r["optimizer"] == name
             ]

@@ -245,7 +245,10 @@ def plot_suite(runs: dict[str, list[RunResult]], path: Path, title: str) -> None
 
 def sensitivity_text(sens: dict[str, dict[str, dict[str, float]]]) -> str:
     """Per optimizer: the usable range on each task and the median max/min ratio."""
-    lines = ["usable learning rates (final training loss within 2x of the grid's best, no failure)"]
+    lines = [
+        "usable learning rates (final training loss within 2x of the grid's best; the run "
+        "neither diverged nor stalled)"
+    ]
     names = list(dict.fromkeys(n for per in sens.values() for n in per))
     for name in names:
         ratios = [per[name]["ratio"] for per in sens.values() if name in per]
