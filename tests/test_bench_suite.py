@@ -346,3 +346,73 @@ def test_task_model_trains_a_little_with_adam(name):
     after = mean_loss(task, model, x, y)
     assert math.isfinite(before) and math.isfinite(after)
     assert after < before
+
+
+# --------------------------------------------------------------------------- train_for additions
+
+
+def _linear_problem() -> tuple[torch.nn.Module, tuple[torch.Tensor, ...]]:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 3, generator=g)
+    y = x @ torch.tensor([[1.0], [-2.0], [0.5]])
+    torch.manual_seed(0)
+    return torch.nn.Linear(3, 1), (x, y, x[:8], y[:8])
+
+
+def _failing_loss(fail_at: int, how: str):
+    calls = [0]
+
+    def loss(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        calls[0] += 1
+        if calls[0] == fail_at:
+            if how == "raise":
+                raise RuntimeError("step size underflowed")
+            return torch.nn.functional.mse_loss(model(x), y) * math.nan
+        return torch.nn.functional.mse_loss(model(x), y)
+
+    return loss
+
+
+@pytest.mark.parametrize("how", ["raise", "nan"])
+def test_train_for_keeps_a_failed_runs_points_and_logs_from_zero(how):
+    model, data = _linear_problem()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    r = common.train_for(
+        model, opt, data, 60.0, name="sgd", lr=0.05, seed=0, batch_size=16, n_evals=10**6,
+        loss_fn=_failing_loss(6, how), eval_fn=lambda *_: (math.nan, math.nan),
+        train_eval_fn=lambda m: float(torch.nn.functional.mse_loss(m(data[0]), data[1]).detach()),
+        catch_failures=True, keep_partial=True,
+    )  # fmt: skip
+    assert r.extra.get("diverged") == 1.0 and r.seconds < 60.0
+    assert r.points[0].seconds == 0.0 and r.points[0].iteration == 0
+    assert [p.iteration for p in r.points][:6] == [0, 1, 2, 3, 4, 5]
+    assert r.points[4].train_loss < r.points[0].train_loss  # it trained before failing
+    assert (r.error == "step size underflowed") == (how == "raise")
+    assert r.iterations == (5 if how == "raise" else 6)
+
+
+def test_train_for_batch_seed_sets_the_minibatch_stream():
+    seen: dict[int | None, list[torch.Tensor]] = {}
+    for bs in (None, 7, 7):
+        model, data = _linear_problem()
+        batches: list[torch.Tensor] = []
+
+        def loss(
+            m: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batches: list = batches
+        ) -> torch.Tensor:
+            batches.append(x)
+            if len(batches) == 3:
+                raise RuntimeError("stop")
+            return torch.nn.functional.mse_loss(m(x), y)
+
+        opt = torch.optim.SGD(model.parameters(), lr=0.01)
+        common.train_for(
+            model, opt, data, 60.0, name="sgd", lr=0.01, seed=0, batch_size=8, loss_fn=loss,
+            eval_fn=lambda *_: (0.0, 0.0), batch_seed=bs, catch_failures=True, keep_partial=True,
+        )  # fmt: skip
+        if bs in seen:
+            assert all(torch.equal(a, b) for a, b in zip(seen[bs], batches))
+        seen[bs] = batches
+    assert not torch.equal(seen[None][0], seen[7][0])
+    assert suite.batch_seed("digits", 0) != suite.batch_seed("mnist", 0)
+    assert suite.batch_seed("digits", 0) != suite.batch_seed("digits", 1)

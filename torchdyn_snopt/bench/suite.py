@@ -470,6 +470,8 @@ def bench_suite(
     }
     doc: dict[str, Any] = {**report.environment(command), "settings": settings, "tasks": {}}
     doc["started"] = time.perf_counter()
+    for tname in tasks:  # a missing dataset fails now, not after an hour of other tasks
+        TASKS[tname].load()
     if grid_mode:
         return _grid_mode(
             tasks, grids, grid_budget_s, sweep, rates, rates_path, outdir, doc, log, quiet
