@@ -158,6 +158,7 @@ def _add_bench(subparsers: Any) -> None:
     _add_bench_second_order(groups)
     _add_bench_cnf(groups)
     _add_bench_timeseries(groups)
+    _add_bench_suite(groups)
 
 
 def _add_bench_image(groups: Any) -> None:
@@ -510,6 +511,116 @@ def _add_bench_timeseries(groups: Any) -> None:
     p.set_defaults(func=run)
 
 
+def _choices(accepted: Sequence[str], what: str) -> Callable[[str], tuple[str, ...]]:
+    """argparse type: a comma-separated, non-empty subset of ``accepted``."""
+
+    def parse(text: str) -> tuple[str, ...]:
+        names = tuple(v.strip() for v in text.split(",") if v.strip())
+        bad = [v for v in names if v not in accepted]
+        if bad or not names:
+            why = f"unknown {what} {', '.join(map(repr, bad))}" if bad else "empty"
+            raise argparse.ArgumentTypeError(
+                f"{text!r} is invalid ({why}); accepted: a comma-separated subset of "
+                + ", ".join(accepted)
+            )
+        return names
+
+    return parse
+
+
+def _add_bench_suite(groups: Any) -> None:
+    from torchdyn_snopt.bench import suite
+
+    p = groups.add_parser(
+        "suite",
+        help="SNOpt vs Adam, SGD and SOAP on nine Neural-ODE tasks, training loss vs wall-clock",
+        description=suite.__doc__.split("\n\n")[1] if suite.__doc__ else None,
+    )
+    p.add_argument(
+        "--tasks",
+        type=_choices(tuple(suite.TASKS), "task"),
+        default=tuple(suite.TASKS),
+        help="comma-separated subset of " + ", ".join(suite.TASKS) + " (default: all)",
+    )
+    p.add_argument(
+        "--optimizers",
+        type=_choices(suite.SUITE_OPTIMIZERS, "optimizer"),
+        default=suite.SUITE_OPTIMIZERS,
+        help="comma-separated subset of " + ", ".join(suite.SUITE_OPTIMIZERS) + " (default: all)",
+    )
+    p.add_argument(
+        "--budget-s",
+        type=positive_float,
+        default=None,
+        help=f"training wall-clock per run (evaluations pause the clock); default "
+        f"{suite.DEFAULT_BUDGET_S:g} ({suite.QUICK_BUDGET_S:g} with --quick). All 9 tasks x 5 "
+        f"optimizers x {suite.DEFAULT_SEEDS} seeds = 135 runs: 135 x {suite.DEFAULT_BUDGET_S:g} "
+        "s of training + about 360 s of evaluations and set-up = about 47 min on this 2-core "
+        "machine (under 53 min if the trained ODEs need twice the steps to evaluate)",
+    )
+    p.add_argument(
+        "--seeds",
+        type=positive_int,
+        default=None,
+        help=f"number of seeds (0, 1, ...); default {suite.DEFAULT_SEEDS} (1 with --quick)",
+    )
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help=f"smoke run: one seed, {suite.QUICK_BUDGET_S:g} s per run unless given",
+    )
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument(
+        "--sweep",
+        action="store_true",
+        help="seed 0 of each tuned optimizer over its 10-point log grid of rates "
+        "(--grid-budget-s each); writes the best rate per task to --rates",
+    )
+    mode.add_argument(
+        "--lr-sensitivity",
+        action="store_true",
+        help="final training loss over the same grids, the usable range per optimizer and "
+        "task (within 2x of the best, neither diverged nor stalled); one PNG",
+    )
+    p.add_argument(
+        "--grid-budget-s",
+        type=positive_float,
+        default=None,
+        help=f"training wall-clock per grid run; default {suite.DEFAULT_GRID_BUDGET_S:g} "
+        f"({suite.QUICK_BUDGET_S:g} with --quick): 9 tasks x 4 optimizers x 10 rates = 360 runs, "
+        "about 38 min",
+    )
+    p.add_argument(
+        "--rates",
+        default=str(suite.RATES_PATH),
+        help="JSON file of the grids and per-task rates (read; --sweep rewrites it); default: "
+        "the packaged suite_rates.json",
+    )
+    p.add_argument(
+        "--out", default="runs/suite", help="folder for the markdown, JSON and PNG (runs/suite)"
+    )
+    p.add_argument("--quiet", action="store_true", help="no progress bars or tables")
+
+    def run(args: argparse.Namespace) -> int:
+        suite.bench_suite(
+            tasks=args.tasks,
+            optimizers=args.optimizers,
+            budget_s=args.budget_s,
+            seeds=args.seeds,
+            quick=args.quick,
+            sweep=args.sweep,
+            lr_sensitivity=args.lr_sensitivity,
+            grid_budget_s=args.grid_budget_s,
+            rates_path=args.rates,
+            out=args.out,
+            quiet=args.quiet,
+            command=" ".join(["torchdyn-snopt", *args.argv]),
+        )
+        return 0
+
+    p.set_defaults(func=run)
+
+
 _COMMANDS: list[Callable[[Any], None]] = [_add_demo, _add_bench]
 
 
@@ -529,6 +640,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse ``argv`` (default: ``sys.argv[1:]``), run the command, return its exit status."""
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # for the records of a run
     return args.func(args)
 
 

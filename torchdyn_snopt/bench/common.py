@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import gc
+import inspect
 import json
 import math
 import time
@@ -28,6 +29,34 @@ from torchdyn_snopt.registration import is_snopt_problem
 
 #: The optimizers every bench compares.
 OPTIMIZERS: tuple[str, ...] = ("adam", "sgd", "snopt")
+#: Every name :func:`make_optimizer` builds (``bench suite`` also compares the last two).
+KNOWN_OPTIMIZERS: tuple[str, ...] = (*OPTIMIZERS, "soap", "snopt-default")
+#: The rate ``snopt-default`` passes while ``SNOpt``'s ``lr`` has no default: the reference
+#: rate of the released image experiments (implementation notes: SNOpt 0.01-0.02 on images).
+SNOPT_REFERENCE_LR = 0.01
+BENCH_EXTRA_HINT = 'pip install "torchdyn-snopt[bench]"'
+
+
+def snopt_default_lr() -> float | None:
+    """``SNOpt``'s default ``lr``; None while it has none (``SNOpt(model)`` fails)."""
+    default = inspect.signature(SNOpt).parameters["lr"].default
+    return None if default is inspect.Parameter.empty else float(default)
+
+
+def snopt_lr_has_default() -> bool:
+    """Whether ``SNOpt(model)`` works, i.e. its ``lr`` argument has a default."""
+    return snopt_default_lr() is not None
+
+
+def require_soap() -> type[torch.optim.Optimizer]:
+    """``pytorch_optimizer.SOAP``; ImportError naming the bench extra when it is missing."""
+    try:
+        from pytorch_optimizer import SOAP
+    except ImportError as err:
+        raise ImportError(
+            f"the soap optimizer needs pytorch-optimizer: {BENCH_EXTRA_HINT}"
+        ) from err
+    return SOAP
 
 
 def make_optimizer(
@@ -37,17 +66,32 @@ def make_optimizer(
     snopt_options: dict[str, Any],
     weight_decay: float = 0.0,
 ) -> torch.optim.Optimizer:
-    """Adam, SGD (momentum 0.9) or ``SNOpt(**snopt_options)`` over all of ``model``'s
-    parameters, each with the coupled L2 weight decay ``weight_decay`` (``γθ`` added to the
-    gradient, so all three minimise the same regularised loss; SNOpt also adds ``γ`` to its
-    damping, §3.2). Default 0."""
+    """Adam, SGD (momentum 0.9), SOAP (``pytorch_optimizer``'s defaults otherwise) or
+    ``SNOpt(**snopt_options)`` over all of ``model``'s parameters, each with the weight decay
+    ``weight_decay`` (default 0): coupled L2 (``γθ`` added to the gradient, so Adam, SGD and
+    SNOpt minimise the same regularised loss; SNOpt also adds ``γ`` to its damping, §3.2),
+    decoupled for SOAP (its own rule).
+
+    ``snopt-default`` is ``SNOpt(model)`` with nothing else: ``lr`` and ``snopt_options`` are
+    ignored, except that while ``SNOpt``'s ``lr`` has no default it gets
+    :data:`SNOPT_REFERENCE_LR`; it takes no weight decay (ValueError if ``weight_decay`` is
+    not 0).
+    """
     if name == "adam":
         return torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
     if name == "sgd":
         return torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=weight_decay)
+    if name == "soap":
+        return require_soap()(model.parameters(), lr=lr, weight_decay=weight_decay)
     if name == "snopt":
         return SNOpt(model, lr=lr, weight_decay=weight_decay, **snopt_options)
-    raise ValueError(f"optimizer={name!r} is unknown; accepted: {', '.join(OPTIMIZERS)}")
+    if name == "snopt-default":
+        if weight_decay:
+            raise ValueError(
+                f"weight_decay={weight_decay!r} is invalid for snopt-default; accepted: 0"
+            )
+        return SNOpt(model) if snopt_lr_has_default() else SNOpt(model, lr=SNOPT_REFERENCE_LR)
+    raise ValueError(f"optimizer={name!r} is unknown; accepted: {', '.join(KNOWN_OPTIMIZERS)}")
 
 
 @dataclass
@@ -63,7 +107,8 @@ class Point:
 
 @dataclass
 class RunResult:
-    """Everything one (optimizer, lr, seed) run produced."""
+    """Everything one (optimizer, lr, seed) run produced (``error``: the message of the
+    exception that ended a failed run, else empty)."""
 
     optimizer: str
     lr: float
@@ -75,6 +120,7 @@ class RunResult:
     nfe_backward: float = float("nan")
     peak_memory_mb: float = float("nan")
     extra: dict[str, Any] = field(default_factory=dict)
+    error: str = ""
 
     @property
     def final_acc(self) -> float:
@@ -157,6 +203,9 @@ def train_for(
     eval_fn: Callable[[nn.Module, Tensor, Tensor], tuple[float, float]] | None = None,
     max_nfe: int | None = None,
     catch_failures: bool = False,
+    train_eval_fn: Callable[[nn.Module], float] | None = None,
+    batch_seed: int | None = None,
+    keep_partial: bool = False,
 ) -> RunResult:
     """Train for ``budget_s`` seconds of training time; evaluate ``n_evals`` times evenly.
 
@@ -165,11 +214,18 @@ def train_for(
     ``loss_fn(model, x, y)`` is the training loss (default: cross-entropy of ``model(x)``);
     ``eval_fn(model, x_test, y_test)`` returns ``(test_loss, test_acc)`` (default:
     :func:`evaluate`; a density model returns its test NLL and NaN).
+    ``train_eval_fn(model)``: when given, the logged training loss is its value (e.g. the
+    loss on the whole training set, untimed) instead of the mean minibatch loss since the
+    previous evaluation, and a first point is logged at 0 s before any step.
+    ``batch_seed``: seed of the minibatch order (default ``seed``).
     ``max_nfe``: a run whose forward solve of one iteration takes more field evaluations than
     this has made its ODE too stiff to train in any budget; it is evaluated once more and
-    stopped with ``extra["stalled"] = 1`` (default None: never stop).
+    stopped with ``extra["stalled"] = 1`` (default None: never stop). A non-finite minibatch
+    loss is evaluated at once and ends the run with ``extra["diverged"] = 1``.
     ``catch_failures``: a RuntimeError during training (the ODE solve failed) ends the run
-    with a warning, no points and ``extra["diverged"] = 1`` instead of propagating.
+    with a warning, no points and ``extra["diverged"] = 1`` instead of propagating;
+    ``keep_partial`` (with it) keeps instead, without a warning, what the run had logged and
+    counted until then, with the message in ``error``.
     """
     if loss_fn is None:
         loss_fn = _cross_entropy
@@ -177,12 +233,32 @@ def train_for(
         eval_fn = evaluate
     x_train, y_train, x_test, y_test = data
     result = RunResult(name, lr, seed)
-    g = torch.Generator().manual_seed(seed)
+    g = torch.Generator().manual_seed(seed if batch_seed is None else batch_seed)
     perm, cursor = torch.randperm(len(x_train), generator=g), 0
     next_eval, spent, window = budget_s / n_evals, 0.0, []
-    nfe_f = nfe_b = 0
+    nfe = [0, 0]
+
+    def log_point() -> float:
+        test_loss, acc = eval_fn(model, x_test, y_test)
+        if train_eval_fn is not None:
+            train_loss = train_eval_fn(model)
+        else:
+            train_loss = sum(window) / len(window) if window else float("nan")
+        _nfe_of(model)  # the evaluations' solves are not the next iteration's
+        result.points.append(Point(spent, result.iterations, train_loss, test_loss, acc))
+        return train_loss
+
+    def finish() -> RunResult:
+        result.seconds = spent
+        if result.iterations and nfe[0]:
+            result.nfe_forward = nfe[0] / result.iterations
+            result.nfe_backward = nfe[1] / result.iterations
+        return result
+
     _nfe_of(model)  # reset counters
     try:
+        if train_eval_fn is not None:
+            log_point()
         while spent < budget_s:
             if cursor + batch_size > len(perm):
                 perm, cursor = torch.randperm(len(x_train), generator=g), 0
@@ -200,29 +276,29 @@ def train_for(
             window.append(loss.item())
             counts = _nfe_of(model)
             if counts is not None:
-                nfe_f, nfe_b = nfe_f + counts[0], nfe_b + counts[1]
+                nfe[0], nfe[1] = nfe[0] + counts[0], nfe[1] + counts[1]
             stalled = max_nfe is not None and counts is not None and counts[0] > max_nfe
             if stalled:
                 result.extra["stalled"] = 1.0
+            blown = not math.isfinite(window[-1])
+            if blown:
+                result.extra["diverged"] = 1.0
             if progress is not None:
                 progress(min(spent, budget_s))
-            if spent >= next_eval or spent >= budget_s or stalled:
-                test_loss, acc = eval_fn(model, x_test, y_test)
-                train_loss = sum(window) / len(window) if window else float("nan")
-                result.points.append(Point(spent, result.iterations, train_loss, test_loss, acc))
+            if spent >= next_eval or spent >= budget_s or stalled or blown:
+                train_loss = log_point()
                 window, next_eval = [], next_eval + budget_s / n_evals
-                if not math.isfinite(train_loss) or stalled:
+                if not math.isfinite(train_loss) or stalled or blown:
                     break
     except RuntimeError as err:  # the solver gave up: step size underflow, NLL blow-up, ...
         if not catch_failures:
             raise
+        if keep_partial:
+            result.extra["diverged"], result.error = 1.0, str(err)
+            return finish()
         warnings.warn(f"{name} lr={lr:g} seed {seed} diverged: {err}", stacklevel=2)
         return RunResult(name, lr, seed, extra={"diverged": 1.0})
-    result.seconds = spent
-    if result.iterations and nfe_f:
-        result.nfe_forward = nfe_f / result.iterations
-        result.nfe_backward = nfe_b / result.iterations
-    return result
+    return finish()
 
 
 def _heap_in_use() -> Callable[[], int] | None:

@@ -110,13 +110,19 @@ def build_optimizer(
 
 
 def prepare(
-    dataset: str, model: str, device: torch.device, path_scale: float | None = None
+    dataset: str,
+    model: str,
+    device: torch.device,
+    path_scale: float | None = None,
+    stride: int = 1,
 ) -> tuple[tuple, int, int]:
     """``(data, channels, classes)``; for the CDE the inputs are its path coefficients, built
-    from the value channels times ``path_scale`` (default :data:`PATH_SCALE` of the dataset)."""
+    from the value channels times ``path_scale`` (default :data:`PATH_SCALE` of the dataset).
+    ``stride``: keep every ``stride``-th observation of each series (1: all)."""
     from torchdyn_snopt.data import load_uea
 
     x_train, y_train, x_test, y_test = load_uea(dataset)
+    x_train, x_test = x_train[:, ::stride], x_test[:, ::stride]
     channels = x_train.shape[-1] - 1
     classes = int(y_train.max()) + 1
     if model == "ncde":

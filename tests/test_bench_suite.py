@@ -1,0 +1,418 @@
+"""``torchdyn-snopt bench suite``: smoke runs and outputs, the time-to-loss arithmetic, argument
+checks, the snopt-default construction, and every task's model training a little."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from torchdyn_snopt.__main__ import main
+from torchdyn_snopt.bench import common, suite
+from torchdyn_snopt.bench.common import Point, RunResult
+from torchdyn_snopt.bench.suite_tasks import TASKS, mean_loss, quiet_build
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def _run(name: str, curve: list[tuple[float, float]], seed: int = 0) -> RunResult:
+    """A run whose logged (seconds, training loss) points are ``curve``."""
+    r = RunResult(name, 0.01, seed, iterations=10 * len(curve), seconds=curve[-1][0])
+    r.points = [Point(t, 10 * i, v, math.nan, math.nan) for i, (t, v) in enumerate(curve)]
+    return r
+
+
+# --------------------------------------------------------------------------- arithmetic
+
+
+def test_time_to_adam_loss_and_ratio_on_a_hand_made_curve():
+    adam = _run("adam", [(0.0, 1.0), (1.0, 0.5), (2.0, 0.3), (3.0, 0.31), (4.0, 0.3)])
+    fast = _run("snopt", [(0.0, 1.0), (0.5, 0.4), (1.0, 0.25), (4.0, 0.1)])
+    never = _run("sgd", [(0.0, 1.0), (4.0, 0.6)])
+    # Adam's final loss is 0.3; Adam first reaches it at 2 s (not at its last point)
+    assert suite.time_to_loss(adam, 0.3) == 2.0
+    assert suite.time_to_loss(fast, 0.3) == 1.0
+    assert suite.time_to_loss(never, 0.3) == math.inf
+    assert math.isnan(suite.time_to_loss(never, math.nan))
+    ratios = suite.adam_ratios([adam, fast, never])
+    assert ratios == {("adam", 0): 1.0, ("snopt", 0): 0.5, ("sgd", 0): math.inf}
+
+
+def test_ratio_is_per_seed_and_undefined_without_adam_progress():
+    runs = [
+        _run("adam", [(0.0, 1.0), (2.0, 0.5)], seed=0),
+        _run("snopt", [(0.0, 1.0), (1.0, 0.5)], seed=0),
+        # seed 1: Adam never improves, so it "reaches" its final loss at 0 s: no ratio
+        _run("adam", [(0.0, 1.0), (2.0, 1.2)], seed=1),
+        _run("snopt", [(0.0, 1.0), (1.0, 0.1)], seed=1),
+        _run("snopt", [(0.0, 1.0), (1.0, 0.1)], seed=2),  # no Adam run of seed 2
+    ]
+    ratios = suite.adam_ratios(runs)
+    assert ratios[("snopt", 0)] == 0.5
+    assert math.isnan(ratios[("adam", 1)]) and math.isnan(ratios[("snopt", 1)])
+    assert math.isnan(ratios[("snopt", 2)])
+    assert suite.median([0.5, math.nan, math.inf]) == pytest.approx(math.inf)
+    assert suite.median([0.5, 2.0, math.inf]) == 2.0 and math.isnan(suite.median([math.nan]))
+
+
+def test_summary_rows_winner_and_overall():
+    task = TASKS["flowmap"]
+    runs = []
+    for seed in range(3):
+        runs += [
+            _run("adam", [(0.0, 1.0), (1.0, 0.5), (2.0, 0.2)], seed),
+            _run("snopt", [(0.0, 1.0), (0.5, 0.2), (2.0, 0.1)], seed),
+            _run("sgd", [(0.0, 1.0), (2.0, 0.95)], seed),
+        ]
+    for r in runs:
+        suite.flag_run(r)
+    rows = {r["optimizer"]: r for r in suite.task_rows(task, runs, {"adam": "prior"})}
+    assert rows["snopt"]["x_adam_time"] == 0.25 and rows["snopt"]["reached"] == 3
+    assert rows["snopt"]["s_to_adam_loss"] == 0.5 and rows["adam"]["x_adam_time"] == 1.0
+    assert rows["sgd"]["x_adam_time"] == math.inf and rows["sgd"]["stalled"] == 3
+    assert rows["adam"]["lr_source"] == "prior" and rows["snopt"]["diverged"] == 0
+    assert rows["snopt"]["final_train_loss"] == pytest.approx(0.1)
+    o = suite.overall({"flowmap": list(rows.values()), "spiral": list(rows.values())})
+    assert o["winners"] == {"flowmap": "snopt", "spiral": "snopt"}
+    assert o["wins"] == {"adam": 0, "snopt": 2, "sgd": 0}
+    assert o["median_x_adam_time"]["snopt"] == 0.25
+
+
+def test_flags_diverged_and_stalled_also_for_negative_losses():
+    cases = {
+        "ok": ([(0.0, 2.0), (1.0, 1.7)], {}),
+        "stall": ([(0.0, 2.0), (1.0, 1.9)], {"stalled": 1.0}),
+        "nll_ok": ([(0.0, -1.0), (1.0, -1.2)], {}),
+        "nll_stall": ([(0.0, -1.0), (1.0, -1.05)], {"stalled": 1.0}),
+        "nan": ([(0.0, 2.0), (1.0, math.nan)], {"diverged": 1.0}),
+    }
+    for curve, expected in cases.values():
+        r = _run("adam", curve)
+        suite.flag_run(r)
+        assert r.extra == expected, curve
+    r = _run("adam", [(0.0, 2.0), (1.0, 0.1)])
+    r.error = "step size underflowed"
+    suite.flag_run(r)
+    assert r.extra == {"diverged": 1.0}
+
+
+def test_usable_range_of_a_grid():
+    pts = [(1e-4, 0.9, False), (1e-3, 0.3, False), (1e-2, 0.2, False), (1e-1, 0.35, False)]
+    u = suite.usable_range(pts + [(1.0, 0.01, True)])  # the failed rate does not count
+    assert u["best_lr"] == 1e-2 and u["best_loss"] == 0.2
+    assert (u["low"], u["high"], u["count"]) == (1e-3, 1e-1, 3)
+    assert u["ratio"] == pytest.approx(100.0)
+    neg = suite.usable_range([(1e-3, -2.0, False), (1e-2, -0.5, False), (1e-1, 0.5, False)])
+    assert (neg["low"], neg["high"]) == (1e-3, 1e-2)  # within |best| of best = -2
+    assert suite.usable_range([(1e-3, 1.0, True)])["count"] == 0
+
+
+def test_rates_file_covers_every_task_and_ships_as_package_data():
+    rates = suite.load_rates()
+    for task in TASKS:
+        for name in suite.TUNED:
+            entry = rates["rates"][task][name]
+            assert entry["lr"] > 0 and entry["source"] in ("prior", "sweep")
+    for name in suite.TUNED:
+        grid = suite.lr_grid(rates, name)
+        assert len(grid) == 10 and grid == sorted(grid)
+    assert suite.lr_grid(rates, "adam")[0] == 1e-4 and suite.lr_grid(rates, "adam")[-1] == 0.1
+    text = (Path(__file__).resolve().parents[1] / "pyproject.toml").read_text()
+    package_data = text.split("[tool.setuptools.package-data]", 1)[1].split("\n[", 1)[0]
+    assert '"torchdyn_snopt.bench" = ["suite_rates.json"]' in package_data
+    extras = text.split("[project.optional-dependencies]", 1)[1].split("\n[", 1)[0]
+    for extra in ("bench", "test"):
+        line = next(v for v in extras.splitlines() if v.startswith(f"{extra} = "))
+        assert '"pytorch-optimizer' in line
+    core = text.split("dependencies = [", 1)[1].split("]", 1)[0]
+    assert "pytorch-optimizer" not in core
+
+
+# --------------------------------------------------------------------------- optimizers
+
+
+def test_snopt_default_passes_the_reference_rate_only_while_lr_has_no_default(monkeypatch):
+    model = quiet_build(TASKS["flowmap"], TASKS["flowmap"].load())
+    opt = common.make_optimizer("snopt-default", model, 123.0, {"update_freq": 1})
+    assert opt.param_groups[0]["lr"] == common.SNOPT_REFERENCE_LR  # neither 123 nor options
+    assert opt.preconditioner.update_freq != 1
+    calls = []
+
+    class WithDefaults:
+        def __init__(self, model: torch.nn.Module, lr: float = 0.05, **kw: object) -> None:
+            calls.append((lr, kw))
+
+    monkeypatch.setattr(common, "SNOpt", WithDefaults)
+    assert common.snopt_lr_has_default()
+    common.make_optimizer("snopt-default", model, 123.0, {"update_freq": 1})
+    assert calls == [(0.05, {})]  # exactly SNOpt(model)
+    assert suite.rate_of({}, "flowmap", "snopt-default") == (0.05, "default")
+
+
+def test_soap_is_built_with_the_given_rate_and_no_weight_decay():
+    model = quiet_build(TASKS["flowmap"], TASKS["flowmap"].load())
+    opt = common.make_optimizer("soap", model, 0.02, {})
+    assert type(opt).__name__ == "SOAP"
+    assert opt.param_groups[0]["lr"] == 0.02 and opt.param_groups[0]["weight_decay"] == 0.0
+
+
+def test_missing_pytorch_optimizer_names_the_bench_extra(monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, "pytorch_optimizer", None)
+    with pytest.raises(ImportError, match=r'pip install "torchdyn-snopt\[bench\]"'):
+        suite.bench_suite(tasks="flowmap", optimizers="adam,soap", out=tmp_path / "o")
+    assert not (tmp_path / "o").exists()
+
+
+# --------------------------------------------------------------------------- arguments
+
+
+@pytest.mark.parametrize(
+    ("kw", "pattern"),
+    [
+        ({"tasks": "flowmap,imagenet"}, r"tasks='flowmap,imagenet'.*'imagenet'.*accepted.*digits"),
+        ({"tasks": ""}, r"tasks=''.*empty.*accepted"),
+        ({"optimizers": "adam,lbfgs"}, r"optimizers=.*'lbfgs'.*accepted.*snopt-default"),
+        ({"budget_s": 0.0}, r"budget_s=0.0 is invalid; accepted: a finite float > 0"),
+        ({"budget_s": -3.0}, r"budget_s=-3.0 is invalid"),
+        ({"budget_s": math.inf}, r"budget_s=inf is invalid"),
+        ({"seeds": 0}, r"seeds=0 is invalid; accepted: an int >= 1"),
+        ({"sweep": True, "lr_sensitivity": True}, r"at most one"),
+        ({"sweep": True, "grid_budget_s": -1.0}, r"budget_s=-1.0 is invalid"),
+        ({"lr_sensitivity": True, "optimizers": "snopt-default"}, r"at least one of adam"),
+    ],
+)
+def test_bad_arguments_fail_before_anything_runs(kw, pattern, tmp_path, monkeypatch):
+    def boom(*a: object, **k: object) -> None:
+        raise AssertionError("a run started")
+
+    monkeypatch.setattr(suite, "run_trial", boom)
+    monkeypatch.setattr(suite, "load_rates", boom)
+    with pytest.raises(ValueError, match=pattern):
+        suite.bench_suite(**{"tasks": "flowmap", **kw}, out=tmp_path / "o", quiet=True)
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_rates_file_without_the_task_fails_before_anything_runs(tmp_path, monkeypatch):
+    rates = json.loads(suite.RATES_PATH.read_text())
+    del rates["rates"]["spiral"]["sgd"]
+    path = tmp_path / "rates.json"
+    path.write_text(json.dumps(rates))
+    monkeypatch.setattr(suite, "run_trial", None)  # calling it would raise TypeError
+    with pytest.raises(ValueError, match=r"rates_path=.*rates.json.*'sgd'"):
+        suite.bench_suite(tasks="flowmap,spiral", rates_path=path, out=tmp_path / "o")
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize(
+    ("argv", "pattern"),
+    [
+        (["--tasks", "mnist,cifar"], r"--tasks: 'mnist,cifar' is invalid \(unknown task 'cifar'\)"),
+        (["--optimizers", "adamw"], r"--optimizers: 'adamw' is invalid.*accepted: .*soap"),
+        (["--budget-s", "0"], r"--budget-s: '0' is invalid; accepted: a finite float > 0"),
+        (["--seeds", "0"], r"--seeds: '0' is invalid; accepted: an int >= 1"),
+        (["--sweep", "--lr-sensitivity"], r"not allowed with argument"),
+    ],
+)
+def test_cli_bad_arguments_name_the_option(argv, pattern, capsys):
+    with pytest.raises(SystemExit):
+        main(["bench", "suite", *argv])
+    import re
+
+    assert re.search(pattern, capsys.readouterr().err)
+
+
+def test_cli_help_states_the_full_run_estimate(capsys):
+    with pytest.raises(SystemExit):
+        main(["bench", "suite", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "135 runs" in text and "min on this 2-core machine" in text
+    assert "--lr-sensitivity" in text and "--grid-budget-s" in text
+
+
+# --------------------------------------------------------------------------- smoke runs
+
+
+def test_quick_suite_writes_markdown_json_and_png(tmp_path, capsys):
+    out = tmp_path / "out"
+    argv = ["bench", "suite", "--quick", "--tasks", "flowmap,spiral", "--optimizers",
+            "adam,snopt", "--budget-s", "1", "--out", str(out), "--quiet"]  # fmt: skip
+    assert main(argv) == 0
+    assert capsys.readouterr().out == ""
+    doc = json.loads((out / "suite.json").read_text())
+    assert doc["command"] == "torchdyn-snopt " + " ".join(argv)
+    doc = json.loads((out / "suite.json").read_text())
+    for key in ("command", "date", "machine", "versions", "settings", "tasks", "summary"):
+        assert key in doc
+    assert doc["settings"]["budget_s"] == 1.0 and doc["settings"]["seeds"] == 1
+    assert doc["machine"]["cpu_count"] >= 1 and doc["versions"]["torch"] == torch.__version__
+    assert set(doc["summary"]) == {"flowmap", "spiral"}
+    assert set(doc["overall"]["wins"]) == {"adam", "snopt"}
+    for task in ("flowmap", "spiral"):
+        info = doc["tasks"][task]
+        assert info["solver"] and info["batch_size"] > 0 and info["description"].startswith(task)
+        assert set(info["rates"]) == {"adam", "snopt"}
+        rows = {r["optimizer"]: r for r in doc["summary"][task]}
+        assert rows["adam"]["reached"] == 1  # Adam reaches its own final loss
+        assert rows["adam"]["x_adam_time"] == 1.0 or math.isnan(rows["adam"]["x_adam_time"])
+        for row in rows.values():
+            assert math.isfinite(row["final_train_loss"]) and math.isfinite(row["test_mse"])
+            assert row["s_per_iter"] > 0 and row["nfe_forward"] > 0 and row["nfe_backward"] > 0
+    runs = doc["runs"]
+    assert {(r["task"], r["optimizer"]) for r in runs} == {
+        (t, o) for t in ("flowmap", "spiral") for o in ("adam", "snopt")
+    }
+    for r in runs:
+        assert r["points"][0]["seconds"] == 0.0 and r["points"][0]["iteration"] == 0
+        assert r["points"][-1]["seconds"] >= 1.0 and r["iterations"] >= 1
+    md = (out / "suite.md").read_text()
+    assert "## Overall" in md and "## flowmap" in md and "## spiral" in md
+    assert "| optimizer |" in md and "suite.png" in md
+    assert (out / "suite.png").read_bytes()[:8] == PNG
+
+
+def test_sweep_rewrites_the_rates_file_and_reports_sensitivity(tmp_path, monkeypatch):
+    """The grid plumbing on made-up runs (no training): final loss ``(log10 lr + 2)² + 0.2``
+    has its best at 1e-2; rates above 0.05 diverge."""
+
+    def fake(trial: suite.Trial, data: object, progress: object = None) -> RunResult:
+        if trial.lr > 0.05:
+            r = _run(trial.optimizer, [(0.0, 1.0)])
+            r.error = "step size underflowed"
+        else:
+            final = (math.log10(trial.lr) + 2) ** 2 + 0.2
+            r = _run(trial.optimizer, [(0.0, 10.0), (trial.budget_s, final)])
+        r.lr = trial.lr
+        suite.flag_run(r)
+        return r
+
+    monkeypatch.setattr(suite, "run_trial", fake)
+    rates = tmp_path / "rates.json"
+    shutil.copy(suite.RATES_PATH, rates)
+    doc = suite.bench_suite(
+        tasks="flowmap,spiral",
+        optimizers="adam,snopt-default",
+        sweep=True,
+        grid_budget_s=0.2,
+        rates_path=rates,
+        out=tmp_path / "out",
+        quiet=True,
+    )
+    grid = suite.lr_grid(suite.load_rates(rates), "adam")
+    assert [r["lr"] for r in doc["lr_runs"]] == grid + grid  # snopt-default has no grid
+    new = json.loads(rates.read_text())
+    assert new["rates"]["flowmap"]["adam"] == {
+        "lr": 0.01,
+        "source": "sweep",
+        "note": new["rates"]["flowmap"]["adam"]["note"],
+    }
+    assert new["rates"]["flowmap"]["sgd"]["source"] == "prior"  # not swept: kept
+    assert new["sweeps"]["spiral"]["budget_s"] == 0.2 and new["grid"] == suite.load_rates()["grid"]
+    u = doc["sensitivity"]["flowmap"]["adam"]
+    # usable: loss <= 2 x 0.2, i.e. |log10 lr + 2| <= 0.447: 4.64e-3, 1e-2 and 2.15e-2
+    assert (u["low"], u["high"], u["count"]) == (0.00464, 0.0215, 3)
+    assert u["ratio"] == pytest.approx(0.0215 / 0.00464) and u["best_lr"] == 0.01
+    assert [r["lr"] for r in doc["lr_runs"] if r["diverged"]] == [0.1, 0.1]
+    for name in ("lr_sensitivity.md", "lr_sensitivity.json"):
+        assert (tmp_path / "out" / name).is_file()
+    assert (tmp_path / "out" / "lr_sensitivity.png").read_bytes()[:8] == PNG
+    assert "adam: median max/min" in (tmp_path / "out" / "lr_sensitivity.md").read_text()
+
+
+# --------------------------------------------------------------------------- the nine tasks
+
+
+@pytest.mark.parametrize("name", list(TASKS))
+def test_task_model_trains_a_little_with_adam(name):
+    """Finite loss that decreases over a few Adam steps on one fixed minibatch (evaluated with
+    fixed noise); a missing dataset fails here with its loader's install hint."""
+    task = TASKS[name]
+    data = task.load()
+    torch.manual_seed(0)
+    model = quiet_build(task, data)
+    x, y = data[0][: min(task.batch_size, 64)], data[1][: min(task.batch_size, 64)]
+    # Adam's first steps move every weight by about lr: 3e-4 is gentle enough for all nine
+    # (circles integrates to t = 10 with a noisy trace: at 1e-3 its first step overshoots)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-4)
+    before = mean_loss(task, model, x, y)
+    for _ in range(4):
+        opt.zero_grad()
+        task.loss(model, x, y).backward()
+        opt.step()
+    after = mean_loss(task, model, x, y)
+    assert math.isfinite(before) and math.isfinite(after)
+    assert after < before
+
+
+# --------------------------------------------------------------------------- train_for additions
+
+
+def _linear_problem() -> tuple[torch.nn.Module, tuple[torch.Tensor, ...]]:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 3, generator=g)
+    y = x @ torch.tensor([[1.0], [-2.0], [0.5]])
+    torch.manual_seed(0)
+    return torch.nn.Linear(3, 1), (x, y, x[:8], y[:8])
+
+
+def _failing_loss(fail_at: int, how: str):
+    calls = [0]
+
+    def loss(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        calls[0] += 1
+        if calls[0] == fail_at:
+            if how == "raise":
+                raise RuntimeError("step size underflowed")
+            return torch.nn.functional.mse_loss(model(x), y) * math.nan
+        return torch.nn.functional.mse_loss(model(x), y)
+
+    return loss
+
+
+@pytest.mark.parametrize("how", ["raise", "nan"])
+def test_train_for_keeps_a_failed_runs_points_and_logs_from_zero(how):
+    model, data = _linear_problem()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    r = common.train_for(
+        model, opt, data, 60.0, name="sgd", lr=0.05, seed=0, batch_size=16, n_evals=10**6,
+        loss_fn=_failing_loss(6, how), eval_fn=lambda *_: (math.nan, math.nan),
+        train_eval_fn=lambda m: float(torch.nn.functional.mse_loss(m(data[0]), data[1]).detach()),
+        catch_failures=True, keep_partial=True,
+    )  # fmt: skip
+    assert r.extra.get("diverged") == 1.0 and r.seconds < 60.0
+    assert r.points[0].seconds == 0.0 and r.points[0].iteration == 0
+    assert [p.iteration for p in r.points][:6] == [0, 1, 2, 3, 4, 5]
+    assert r.points[4].train_loss < r.points[0].train_loss  # it trained before failing
+    assert (r.error == "step size underflowed") == (how == "raise")
+    assert r.iterations == (5 if how == "raise" else 6)
+
+
+def test_train_for_batch_seed_sets_the_minibatch_stream():
+    seen: dict[int | None, list[torch.Tensor]] = {}
+    for bs in (None, 7, 7):
+        model, data = _linear_problem()
+        batches: list[torch.Tensor] = []
+
+        def loss(
+            m: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batches: list = batches
+        ) -> torch.Tensor:
+            batches.append(x)
+            if len(batches) == 3:
+                raise RuntimeError("stop")
+            return torch.nn.functional.mse_loss(m(x), y)
+
+        opt = torch.optim.SGD(model.parameters(), lr=0.01)
+        common.train_for(
+            model, opt, data, 60.0, name="sgd", lr=0.01, seed=0, batch_size=8, loss_fn=loss,
+            eval_fn=lambda *_: (0.0, 0.0), batch_seed=bs, catch_failures=True, keep_partial=True,
+        )  # fmt: skip
+        if bs in seen:
+            assert all(torch.equal(a, b) for a, b in zip(seen[bs], batches))
+        seen[bs] = batches
+    assert not torch.equal(seen[None][0], seen[7][0])
+    assert suite.batch_seed("digits", 0) != suite.batch_seed("mnist", 0)
+    assert suite.batch_seed("digits", 0) != suite.batch_seed("digits", 1)
