@@ -24,6 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from torchdyn_snopt.bench.provenance import environment
 from torchdyn_snopt.optim import SNOpt, read_nfe
 from torchdyn_snopt.registration import is_snopt_problem
 
@@ -469,7 +470,8 @@ def write_outputs(
     out.mkdir(parents=True, exist_ok=True)
     paths = [out / f"{stem}.json", out / f"{stem}.csv", out / f"{stem}.png"]
     with open(paths[0], "w") as fh:
-        json.dump({"summary": rows, "runs": [asdict(r) for r in runs]}, fh, indent=1, default=float)
+        doc = {"environment": environment(), "summary": rows, "runs": [asdict(r) for r in runs]}
+        json.dump(doc, fh, indent=1, default=float)
     with open(paths[1], "w", newline="") as fh:
         w = csv.writer(fh)
         w.writerow(["optimizer", "lr", "seed", *Point.__dataclass_fields__])

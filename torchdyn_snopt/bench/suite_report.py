@@ -3,12 +3,8 @@
 
 from __future__ import annotations
 
-import datetime as _dt
 import json
 import math
-import os
-import platform
-import sys
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -18,59 +14,6 @@ from torchdyn_snopt.bench.suite_tasks import TASKS, Data, Task
 
 #: The training loss of each kind of task (plot titles).
 LOSS_LABEL = {"accuracy": "cross-entropy", "mse": "MSE", "nll": "NLL (nats)"}
-
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def environment(command: str = "") -> dict[str, Any]:
-    """Command line, date, machine and versions for the JSON and markdown headers."""
-    import torch
-    import torchdyn
-
-    import torchdyn_snopt
-
-    try:
-        import pytorch_optimizer
-
-        popt = getattr(pytorch_optimizer, "__version__", None) or _dist_version("pytorch_optimizer")
-    except ImportError:
-        popt = None
-    return {
-        "command": command or " ".join(sys.argv),
-        "date": _dt.datetime.now().isoformat(timespec="seconds"),
-        "machine": {
-            "platform": platform.platform(),
-            "cpu": _cpu_model(),
-            "cpu_count": os.cpu_count(),
-            "torch_threads": torch.get_num_threads(),
-            "load_average_at_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
-        },
-        "versions": {
-            "python": platform.python_version(),
-            "torch": torch.__version__,
-            "torchdyn": getattr(torchdyn, "__version__", None) or _dist_version("torchdyn"),
-            "torchdyn_snopt": torchdyn_snopt.__version__,
-            "pytorch_optimizer": popt,
-        },
-    }
-
-
-def _dist_version(name: str) -> str | None:
-    from importlib import metadata
-
-    try:
-        return metadata.version(name)
-    except metadata.PackageNotFoundError:
-        return None
 
 
 def task_info(task: Task, data: Data, rates: dict[str, tuple[float, str]]) -> dict[str, Any]:
@@ -144,9 +87,19 @@ def write_suite(doc: dict[str, Any], runs: dict[str, list[RunResult]], out: Path
     paths = [out / "suite.md", out / "suite.json", out / "suite.png"]
     with open(paths[1], "w") as fh:
         json.dump(doc, fh, indent=1, default=float)
+    paths[0].write_text(suite_markdown(doc, paths[2].name))
+    s = doc["settings"]
+    plot_suite(runs, paths[2], f"{s['budget_s']:g} s per run, {s['seeds']} seed(s)")
+    return paths
+
+
+def suite_markdown(
+    doc: dict[str, Any], png: str = "suite.png", title: str = "# torchdyn-snopt bench suite"
+) -> str:
+    """The markdown page of a ``suite.json`` document (also used by ``torchdyn-snopt report``)."""
     s = doc["settings"]
     lines = [
-        "# torchdyn-snopt bench suite",
+        title,
         "",
         f"`{doc['command']}` on {doc['date']}, {doc['elapsed_s'] / 60:.1f} min in all",
         "",
@@ -175,24 +128,22 @@ def write_suite(doc: dict[str, Any], runs: dict[str, list[RunResult]], out: Path
         "",
         *_md_table([{"task": t, "winner": w or "-"} for t, w in doc["overall"]["winners"].items()]),
         "",
-        *_md_table(
-            [
-                {
-                    "optimizer": n,
-                    "median_x_adam_time": doc["overall"]["median_x_adam_time"][n],
-                    "wins": doc["overall"]["wins"][n],
-                }
-                for n in doc["overall"]["wins"]
-            ]
-        ),
+        *_md_table(overall_rows(doc)),
     ]
     for tname, rows in doc["summary"].items():
         info = doc["tasks"][tname]
         lines += ["", f"## {tname}", "", info["description"], "", *_md_table(rows)]
-    lines += ["", f"![training loss against wall-clock]({paths[2].name})", ""]
-    paths[0].write_text("\n".join(lines))
-    plot_suite(runs, paths[2], f"{s['budget_s']:g} s per run, {s['seeds']} seed(s)")
-    return paths
+    lines += ["", f"![training loss against wall-clock]({png})", ""]
+    return "\n".join(lines)
+
+
+def overall_rows(doc: dict[str, Any]) -> list[dict[str, Any]]:
+    """Per optimizer: median time to Adam's final loss (× Adam's) across tasks and wins."""
+    o = doc["overall"]
+    return [
+        {"optimizer": n, "median_x_adam_time": o["median_x_adam_time"][n], "wins": o["wins"][n]}
+        for n in o["wins"]
+    ]
 
 
 def _panels(n: int) -> tuple[Any, Any]:

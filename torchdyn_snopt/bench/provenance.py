@@ -1,0 +1,79 @@
+"""Where a benchmark number came from: command line, date, machine and package versions.
+
+Every bench writes :func:`environment` into its JSON; ``torchdyn-snopt report`` prints it as
+the footer of each table it generates.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import os
+import platform
+import sys
+from typing import Any
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def environment(command: str = "") -> dict[str, Any]:
+    """Command line, date, machine and versions for the JSON and markdown headers."""
+    import torch
+    import torchdyn
+
+    import torchdyn_snopt
+
+    try:
+        import pytorch_optimizer
+
+        popt = getattr(pytorch_optimizer, "__version__", None) or _dist_version("pytorch_optimizer")
+    except ImportError:
+        popt = None
+    return {
+        "command": command or " ".join(sys.argv),
+        "date": _dt.datetime.now().isoformat(timespec="seconds"),
+        "machine": {
+            "platform": platform.platform(),
+            "cpu": _cpu_model(),
+            "cpu_count": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(),
+            "load_average_at_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+        },
+        "versions": {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "torchdyn": getattr(torchdyn, "__version__", None) or _dist_version("torchdyn"),
+            "torchdyn_snopt": torchdyn_snopt.__version__,
+            "pytorch_optimizer": popt,
+        },
+    }
+
+
+def _dist_version(name: str) -> str | None:
+    from importlib import metadata
+
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def footer(env: dict[str, Any] | None) -> str:
+    """One markdown line: command, date, machine and versions of a run (or that it is unknown)."""
+    if not env:
+        return "_Run record without command, date or machine (written before they were kept)._"
+    m, v = env.get("machine", {}), env.get("versions", {})
+    versions = ", ".join(f"{k} {val}" for k, val in v.items() if val)
+    return (
+        f"_`{env.get('command', '?')}` on {env.get('date', '?')}; {m.get('cpu', '?')}, "
+        f"{m.get('cpu_count', '?')} CPUs, {m.get('torch_threads', '?')} torch threads; "
+        f"{versions}._"
+    )
