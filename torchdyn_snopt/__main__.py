@@ -158,6 +158,7 @@ def _add_bench(subparsers: Any) -> None:
     _add_bench_second_order(groups)
     _add_bench_cnf(groups)
     _add_bench_timeseries(groups)
+    _add_bench_refresh_cost(groups)
 
 
 def _add_bench_image(groups: Any) -> None:
@@ -504,6 +505,64 @@ def _add_bench_timeseries(groups: Any) -> None:
             sweep=args.sweep,
             sweep_wd=args.sweep_wd,
             path_scale=args.path_scale,
+        )
+        return 0
+
+    p.set_defaults(func=run)
+
+
+def _add_bench_refresh_cost(groups: Any) -> None:
+    from torchdyn_snopt.bench import refresh_cost
+
+    defaults = refresh_cost.RefreshCostConfig()
+    p = groups.add_parser(
+        "refresh-cost",
+        help="s/iter of Adam and SNOpt (not armed, armed exact/power, amortized) vs layer width",
+        description=refresh_cost.__doc__.split("\n\n")[1] if refresh_cost.__doc__ else None,
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument(
+        "--widths",
+        type=_world_sizes,
+        default=None,
+        help="MLP hidden widths, e.g. 64,256,1024 (default: "
+        + ",".join(map(str, refresh_cost.WIDTHS))
+        + "; with --quick "
+        + ",".join(map(str, refresh_cost.QUICK_WIDTHS))
+        + ")",
+    )
+    p.add_argument(
+        "--channels",
+        type=_world_sizes,
+        default=None,
+        help="conv channel counts (default: "
+        + ",".join(map(str, refresh_cost.CHANNELS))
+        + "; with --quick "
+        + ",".join(map(str, refresh_cost.QUICK_CHANNELS))
+        + ")",
+    )
+    p.add_argument(
+        "--repeats",
+        type=positive_int,
+        default=None,
+        help=f"timed iterations per variant, the minimum is kept (default {defaults.repeats}; "
+        "with --quick 1)",
+    )
+    p.add_argument("--threads", type=positive_int, default=defaults.threads, help="CPU threads")
+    p.add_argument("--out", default="runs/refresh_cost", help="folder for the JSON and PNG")
+    p.add_argument("--quick", action="store_true", help="few sizes, one timed iteration")
+    p.add_argument("--quiet", action="store_true", help="print nothing")
+
+    def run(args: argparse.Namespace) -> int:
+        repeats = args.repeats or (1 if args.quick else defaults.repeats)
+        cfg = refresh_cost.RefreshCostConfig(repeats=repeats, threads=args.threads)
+        refresh_cost.bench_refresh_cost(
+            widths=args.widths,
+            channels=args.channels,
+            cfg=cfg,
+            out=args.out,
+            quick=args.quick,
+            quiet=args.quiet,
         )
         return 0
 
