@@ -10,6 +10,8 @@ and starts the second-moment estimate in the Kronecker eigenbasis at ``m = L·λ
 
 which is eq. 14, ``B̄⁻¹ G Ā⁻ᵀ``, with the inverse taken in the eigenbasis (George et al. 2018).
 Weight decay ``γ`` enters as ``γθ`` in the gradient and ``γI`` in the damping (Remark, §3.2).
+How a refresh gets ``U_A``, ``U_B`` (``torch.linalg.eigh``, or a warm start from the previous
+bases, ``refresh="power"``) lives in :mod:`torchdyn_snopt.curvature.eigenbasis`.
 """
 
 from __future__ import annotations
