@@ -58,10 +58,10 @@ def _state(model: nn.Module, opt: tds.SNOpt) -> dict:
 def _worker(rank: int, port: int, out: str) -> None:
     init_gloo(rank, WORLD, port)
     try:
-        for distribute in (False, True):
+        for refresh, distribute in ((r, d) for r in ("exact", "power") for d in (False, True)):
             model = _model()
             ddp = DistributedDataParallel(model)
-            opt = tds.SNOpt(ddp, distribute_eigh=distribute, **OPTS)
+            opt = tds.SNOpt(ddp, distribute_eigh=distribute, refresh=refresh, **OPTS)
             opt.preconditioner.sync.stats.reset()
             for i in range(STEPS):
                 x, y = _batch(i)
@@ -70,7 +70,8 @@ def _worker(rank: int, port: int, out: str) -> None:
                 opt.step()
             state = _state(model, opt)
             state["stats"] = opt.preconditioner.sync.stats
-            torch.save(state, Path(out) / f"eigh{int(distribute)}_rank{rank}.pt")
+            stem = "eigh" if refresh == "exact" else "power"
+            torch.save(state, Path(out) / f"{stem}{int(distribute)}_rank{rank}.pt")
 
         # A NaN gradient on rank 1 only (after DDP's averaging, so DDP cannot spread it).
         model = _model()
@@ -107,12 +108,12 @@ def _load(out: Path, name: str) -> list[dict]:
     return [torch.load(out / f"{name}_rank{r}.pt", weights_only=False) for r in range(WORLD)]
 
 
-def _reference(steps: int = STEPS, skip: tuple[int, ...] = ()) -> dict:
+def _reference(steps: int = STEPS, skip: tuple[int, ...] = (), refresh: str = "exact") -> dict:
     """One process, the concatenated batch; steps in ``skip`` are skipped (as by a NaN)."""
     model = _model()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        opt = tds.SNOpt(model, **OPTS)
+        opt = tds.SNOpt(model, refresh=refresh, **OPTS)
     for i in range(steps):
         x, y = _batch(i)
         opt.zero_grad()
@@ -160,6 +161,24 @@ def test_two_ranks_equal_one_process_on_concatenated_batch(ranks, distribute):
     assert mine["layers"].keys() == theirs["layers"].keys()
     for name, e in theirs["layers"].items():
         assert _rel(mine["layers"][name]["m"], e["m"]) <= REL
+
+
+@pytest.mark.parametrize("distribute", [False, True], ids=["power-everywhere", "power-split"])
+def test_power_refresh_on_two_ranks_equals_one_process(ranks, distribute):
+    """Warm-started refreshes (steps 3 and 6) from bases every rank holds: ranks stay
+    bit-identical and match one process on the concatenated batch."""
+    states = _load(ranks, f"power{int(distribute)}")
+    _assert_same_ranks(states)
+    ref = _reference(refresh="power")
+    for p, q in zip(states[0]["params"], ref["params"]):
+        assert _rel(p, q) <= REL
+    for name, e in ref["precond"]["layers"].items():
+        assert _rel(states[0]["precond"]["layers"][name]["m"], e["m"]) <= REL
+    exact = _load(ranks, f"eigh{int(distribute)}")[0]  # the warm start did change the bases
+    assert any(
+        not torch.allclose(exact["precond"]["layers"][n]["UB"].abs(), e["UB"].abs())
+        for n, e in states[0]["precond"]["layers"].items()
+    )
 
 
 def test_one_collective_per_step_and_split_eigh_adds_one_per_refresh(ranks):

@@ -13,6 +13,7 @@ register()
 from torchdyn_snopt import models, nn, second_order  # noqa: E402
 from torchdyn_snopt.cde import CurvatureTap  # noqa: E402
 from torchdyn_snopt.curvature import LayerAdapter, register_adapter  # noqa: E402
+from torchdyn_snopt.curvature.eigenbasis import Refresh  # noqa: E402
 from torchdyn_snopt.horizon import FreeHorizon  # noqa: E402
 from torchdyn_snopt.optim import SNOpt, SNOptPreconditioner, read_nfe  # noqa: E402
 
@@ -26,6 +27,7 @@ __all__ = [
     "CurvatureTap",
     "FreeHorizon",
     "LayerAdapter",
+    "Refresh",
     "SNOpt",
     "SNOptPreconditioner",
     "models",

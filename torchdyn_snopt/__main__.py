@@ -159,6 +159,7 @@ def _add_bench(subparsers: Any) -> None:
     _add_bench_cnf(groups)
     _add_bench_timeseries(groups)
     _add_bench_suite(groups)
+    _add_bench_refresh_cost(groups)
 
 
 def _add_bench_image(groups: Any) -> None:
@@ -621,7 +622,94 @@ def _add_bench_suite(groups: Any) -> None:
     p.set_defaults(func=run)
 
 
-_COMMANDS: list[Callable[[Any], None]] = [_add_demo, _add_bench]
+def _add_bench_refresh_cost(groups: Any) -> None:
+    from torchdyn_snopt.bench import refresh_cost
+
+    defaults = refresh_cost.RefreshCostConfig()
+    p = groups.add_parser(
+        "refresh-cost",
+        help="s/iter of Adam and SNOpt (not armed, armed exact/power, amortized) vs layer width",
+        description=refresh_cost.__doc__.split("\n\n")[1] if refresh_cost.__doc__ else None,
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument(
+        "--widths",
+        type=_world_sizes,
+        default=None,
+        help="MLP hidden widths, e.g. 64,256,1024 (default: "
+        + ",".join(map(str, refresh_cost.WIDTHS))
+        + "; with --quick "
+        + ",".join(map(str, refresh_cost.QUICK_WIDTHS))
+        + ")",
+    )
+    p.add_argument(
+        "--channels",
+        type=_world_sizes,
+        default=None,
+        help="conv channel counts (default: "
+        + ",".join(map(str, refresh_cost.CHANNELS))
+        + "; with --quick "
+        + ",".join(map(str, refresh_cost.QUICK_CHANNELS))
+        + ")",
+    )
+    p.add_argument(
+        "--repeats",
+        type=positive_int,
+        default=None,
+        help=f"timed iterations per variant, the minimum is kept (default {defaults.repeats}; "
+        "with --quick 1)",
+    )
+    p.add_argument("--threads", type=positive_int, default=defaults.threads, help="CPU threads")
+    p.add_argument("--out", default="runs/refresh_cost", help="folder for the JSON and PNG")
+    p.add_argument("--quick", action="store_true", help="few sizes, one timed iteration")
+    p.add_argument("--quiet", action="store_true", help="print nothing")
+
+    def run(args: argparse.Namespace) -> int:
+        repeats = args.repeats or (1 if args.quick else defaults.repeats)
+        cfg = refresh_cost.RefreshCostConfig(repeats=repeats, threads=args.threads)
+        refresh_cost.bench_refresh_cost(
+            widths=args.widths,
+            channels=args.channels,
+            cfg=cfg,
+            out=args.out,
+            quick=args.quick,
+            quiet=args.quiet,
+        )
+        return 0
+
+    p.set_defaults(func=run)
+
+
+def _add_report(subparsers: Any) -> None:
+    p = subparsers.add_parser(
+        "report",
+        help="turn benchmark JSON into markdown pages (and the README's results table)",
+        description=(
+            "Read the JSON of benchmark runs (a bench suite output directory with suite.json, "
+            "or the JSON of bench image/timeseries/cnf) and write one markdown page per run, "
+            "with its PNG, under --out, plus index.md. With --readme, replace the README's "
+            "generated results block by the suite's table. Every number comes from the files."
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("runs", nargs="+", help="run directories or JSON files")
+    p.add_argument("--out", default="docs/benchmarks", help="directory of the pages")
+    p.add_argument("--readme", default=None, help="README whose results block to regenerate")
+
+    def run(args: argparse.Namespace) -> int:
+        from pathlib import Path
+
+        from torchdyn_snopt.bench.report import report
+
+        readme = Path(args.readme) if args.readme else None
+        for path in report([Path(r) for r in args.runs], Path(args.out), readme):
+            print(path)
+        return 0
+
+    p.set_defaults(func=run)
+
+
+_COMMANDS: list[Callable[[Any], None]] = [_add_demo, _add_bench, _add_report]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -173,13 +173,24 @@ class RankSync:
 
     # --- eigendecompositions --------------------------------------------------------------
     def eigh(
-        self, matrices: list[Tensor], fn: Callable[[Tensor], tuple[Tensor, Tensor]]
+        self,
+        matrices: list[Tensor],
+        fn: Callable[..., tuple[Tensor, Tensor]],
+        priors: Sequence[Any] | None = None,
     ) -> list[tuple[Tensor, Tensor]]:
         """``fn(m)`` (eigenvalues, eigenvectors) for every matrix, split across ranks when
-        ``distribute_eigh`` is set and the job has more than one process."""
+        ``distribute_eigh`` is set and the job has more than one process. With ``priors``
+        (one per matrix, e.g. its previous eigenbasis, identical on every rank) the call is
+        ``fn(m, prior)``."""
         world = self.world_size()
+        if priors is not None:
+            if len(priors) != len(matrices):
+                raise ValueError(f"priors has {len(priors)} entries for {len(matrices)} matrices")
+            calls = [lambda m=m, p=p: fn(m, p) for m, p in zip(matrices, priors)]
+        else:
+            calls = [lambda m=m: fn(m) for m in matrices]
         if not (self.distribute_eigh and world > 1 and matrices):
-            return [fn(m) for m in matrices]
+            return [call() for call in calls]
         rank = dist.get_rank(self._group())
         sizes = [m.shape[0] for m in matrices]
         owners = assign([n**3 for n in sizes], world)  # same matrices, same owners everywhere
@@ -187,9 +198,9 @@ class RankSync:
             sum(n + n * n for n in sizes), dtype=_common_dtype(matrices), device=matrices[0].device
         )
         o = 0
-        for m, n, owner in zip(matrices, sizes, owners):
+        for call, n, owner in zip(calls, sizes, owners):
             if owner == rank:
-                evals, evecs = fn(m)
+                evals, evecs = call()
                 buf[o : o + n] = evals
                 buf[o + n : o + n + n * n] = evecs.reshape(-1)
             o += n + n * n

@@ -10,6 +10,8 @@ and starts the second-moment estimate in the Kronecker eigenbasis at ``m = L·λ
 
 which is eq. 14, ``B̄⁻¹ G Ā⁻ᵀ``, with the inverse taken in the eigenbasis (George et al. 2018).
 Weight decay ``γ`` enters as ``γθ`` in the gradient and ``γI`` in the damping (Remark, §3.2).
+How a refresh gets ``U_A``, ``U_B`` (``torch.linalg.eigh``, or a warm start from the previous
+bases, ``refresh="power"``) lives in :mod:`torchdyn_snopt.curvature.eigenbasis`.
 """
 
 from __future__ import annotations
@@ -28,6 +30,14 @@ from torchdyn_snopt.adjoint import sampler_of
 from torchdyn_snopt.cde import CurvatureTap, TapSampler
 from torchdyn_snopt.curvature.base import LayerAdapter
 from torchdyn_snopt.curvature.capture import attach
+from torchdyn_snopt.curvature.eigenbasis import (
+    Eigenpairs,
+    Refresh,
+    parse_refresh,
+    refresh_eigh,
+)
+from torchdyn_snopt.curvature.eigenbasis import eigh_exact as _eigh  # noqa: F401 (old name)
+from torchdyn_snopt.curvature.eigenbasis import eigh_from_rows as _eigh_from_rows
 from torchdyn_snopt.curvature.outer import OuterFactors
 from torchdyn_snopt.curvature.registry import adapter_for
 from torchdyn_snopt.curvature.sampler import CurvatureSampler, Factors
@@ -73,45 +83,41 @@ def _check_hyper(
 
 @dataclass
 class _Eigen:
-    """Kronecker eigenbasis of one layer and the running second moment ``m`` in it."""
+    """Kronecker eigenbasis of one layer and the running second moment ``m`` in it.
+
+    ``lamA``, ``lamB``: the eigenvalues the bases came with (the warm start of the next
+    :attr:`Refresh.POWER` refresh; None from a checkpoint that predates them).
+    """
 
     UA: Tensor
     UB: Tensor
     m: Tensor
+    lamA: Tensor | None = None
+    lamB: Tensor | None = None
+
+    def pairs(self) -> tuple[Eigenpairs | None, Eigenpairs | None]:
+        """``(λ_A, U_A)`` and ``(λ_B, U_B)``, each None when its eigenvalues are unknown."""
+        return (
+            None if self.lamA is None else (self.lamA, self.UA),
+            None if self.lamB is None else (self.lamB, self.UB),
+        )
 
 
-def _eigh(matrix: Tensor) -> tuple[Tensor, Tensor]:
-    """Eigen-decomposition of a symmetric PSD factor, eigenvalues clamped at 0.
-
-    Runs in the factor's dtype (float32 halves the cost of the large head factors) and
-    falls back to float64 when LAPACK does not converge.
-    """
-    sym = (matrix + matrix.t()) / 2
-    try:
-        evals, evecs = torch.linalg.eigh(sym)
-    except torch.linalg.LinAlgError:
-        evals, evecs = torch.linalg.eigh(sym.double())
-    return evals.clamp(min=0).to(matrix.dtype), evecs.to(matrix.dtype)
-
-
-def _eigh_from_rows(rows: Tensor) -> tuple[Tensor, Tensor]:
-    """Eigen-decomposition of ``A = RᵀR`` from its ``r < d`` rows ``R`` (``r × d``).
-
-    A complete QR ``Rᵀ = Q [S; 0]`` gives ``A = Q diag(S Sᵀ, 0) Qᵀ``, so ``Q``'s first ``r``
-    columns rotated by the eigenvectors of the small ``S Sᵀ`` and its other ``d − r`` columns
-    (eigenvalue 0) are a complete orthonormal eigenbasis: O(d² r) instead of eigh's O(d³)
-    (785-wide head, batch 128: 5.5 ms vs 37 ms on one core).
-    """
-    r = rows.shape[0]
-    Q, S = torch.linalg.qr(rows.t(), mode="complete")
-    S = S[:r]
-    lam, W = _eigh(S @ S.t())
-    return torch.cat([lam, lam.new_zeros(Q.shape[0] - r)]), torch.cat([Q[:, :r] @ W, Q[:, r:]], 1)
+def _factor_pairs(
+    f: Factors, refresh: Refresh = Refresh.EXACT, prior: _Eigen | None = None
+) -> tuple[Eigenpairs, Eigenpairs]:
+    """(eigenvalues, eigenvectors) of ``Ā`` (from its rows when it has them) and of ``B̄``;
+    ``refresh`` and the layer's previous eigenbasis ``prior``: see :func:`refresh_eigh`."""
+    prior_a, prior_b = _priors(prior)
+    if f.rows is not None:
+        pair_a = _eigh_from_rows(f.rows)
+    else:
+        pair_a = refresh_eigh(f.A, prior_a, refresh)
+    return pair_a, refresh_eigh(f.B, prior_b, refresh)
 
 
-def _factor_pairs(f: Factors) -> tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor]]:
-    """(eigenvalues, eigenvectors) of ``Ā`` (from its rows when it has them) and of ``B̄``."""
-    return (_eigh(f.A) if f.rows is None else _eigh_from_rows(f.rows)), _eigh(f.B)
+def _priors(eig: _Eigen | None) -> tuple[Eigenpairs | None, Eigenpairs | None]:
+    return (None, None) if eig is None else eig.pairs()
 
 
 def eigen_from_factors(f: Factors) -> _Eigen:
@@ -123,7 +129,7 @@ def _eigen_from_pairs(
     f: Factors, pair_a: tuple[Tensor, Tensor], pair_b: tuple[Tensor, Tensor]
 ) -> _Eigen:
     (lam_a, UA), (lam_b, UB) = pair_a, pair_b
-    return _Eigen(UA, UB, torch.outer(lam_b, lam_a) * f.locations)
+    return _Eigen(UA, UB, torch.outer(lam_b, lam_a) * f.locations, lam_a, lam_b)
 
 
 def project(G: Tensor, eig: _Eigen) -> Tensor:
@@ -183,6 +189,14 @@ class SNOptPreconditioner:
             with more than one process, ``None`` = never communicate, or a ``ProcessGroup``.
         distribute_eigh: with several processes, each rank eigendecomposes a share of the
             factors and the results are exchanged (default False: every rank decomposes all).
+        refresh: how a refresh gets the eigenbases (keyword only; a
+            :class:`~torchdyn_snopt.curvature.eigenbasis.Refresh` or its string):
+            ``"exact"`` (default) = ``torch.linalg.eigh`` of every factor; ``"power"`` = a
+            warm start from the layer's previous eigenbasis (one subspace-iteration step;
+            the top 128 eigenpairs plus an isotropic tail for wider factors), exact at a
+            layer's first refresh. Factors with low-rank rows always use their exact QR path;
+            with several processes the warm start works the same way (every rank holds the
+            same previous bases), with or without ``distribute_eigh``.
 
     ``model`` may be wrapped in ``DistributedDataParallel``; the layers are found (and named)
     inside the wrapper. Under DDP the factors are averaged over ranks at every refresh and a
@@ -206,12 +220,15 @@ class SNOptPreconditioner:
         lr: float = 1.0,
         process_group: Any = AUTO,
         distribute_eigh: bool = False,
+        *,
+        refresh: Refresh | str = Refresh.EXACT,
         _stacklevel: int = 2,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model={type(model).__name__} must be a torch.nn.Module")
         _check_hyper(eps, update_freq, alpha, grid_size, weight_decay, kl_clip)
         _check_lr(lr)
+        refresh = parse_refresh(refresh)
         sync = RankSync(process_group, distribute_eigh)  # validates both
         model = unwrap(model)
         problems = [m for m in model.modules() if is_snopt_problem(m)]
@@ -270,6 +287,7 @@ class SNOptPreconditioner:
         self._outer = OuterFactors(outer)
         self._eigen: dict[LayerAdapter, _Eigen] = {}
         self.sync = sync
+        self.refresh = refresh
         self._device = self.adapters[0].params()[0].device  # where collectives' buffers live
         self.steps = 0
         covered = {id(p) for a in self.adapters for p in a.params()}
@@ -347,10 +365,18 @@ class SNOptPreconditioner:
             if not _all_finite([t for f in factors.values() for t in (f.A, f.B)]):
                 warnings.warn("non-finite curvature factor: SNOpt skipped this step", stacklevel=3)
                 return False
+            refresh, old = self.refresh, self._eigen
             if world == 1:  # one process: a low-rank Ā's rows are this process's own
-                pairs = [p for f in factors.values() for p in _factor_pairs(f)]
+                pairs = [
+                    p for a, f in factors.items() for p in _factor_pairs(f, refresh, old.get(a))
+                ]
             else:  # factors averaged over ranks (no rows), decompositions maybe shared out
-                pairs = self.sync.eigh([m for f in factors.values() for m in (f.A, f.B)], _eigh)
+                priors = [p for a in factors for p in _priors(old.get(a))]
+                pairs = self.sync.eigh(
+                    [m for f in factors.values() for m in (f.A, f.B)],
+                    lambda m, prior: refresh_eigh(m, prior, refresh),
+                    priors=priors,
+                )
             fresh = {
                 a: _eigen_from_pairs(f, pairs[2 * i], pairs[2 * i + 1])
                 for i, (a, f) in enumerate(factors.items())
@@ -397,12 +423,17 @@ class SNOptPreconditioner:
 
     # --- persistence ----------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        """Step count, arming and each layer's eigenbasis and second moment, by layer name."""
+        """Step count, arming and each layer's eigenbasis (with its eigenvalues, the warm
+        start of ``refresh="power"``) and second moment, by layer name."""
         return {
             "steps": self.steps,
             "armed": self._armed,
             "layers": {
-                a.name: {"UA": e.UA.clone(), "UB": e.UB.clone(), "m": e.m.clone()}
+                a.name: {
+                    k: getattr(e, k).clone()
+                    for k in ("UA", "UB", "m", "lamA", "lamB")
+                    if getattr(e, k) is not None
+                }
                 for a, e in self._eigen.items()
             },
         }
@@ -449,7 +480,10 @@ class SNOptPreconditioner:
         for name, e in state["layers"].items():
             ref = by_name[name].params()[0]
             eigen[by_name[name]] = _Eigen(
-                *(e[k].to(device=ref.device, dtype=ref.dtype) for k in ("UA", "UB", "m"))
+                *(
+                    e[k].to(device=ref.device, dtype=ref.dtype) if k in e else None
+                    for k in ("UA", "UB", "m", "lamA", "lamB")
+                )
             )
         self._eigen, self.steps = eigen, int(state["steps"])
         self._set_armed(bool(state["armed"]))
@@ -472,8 +506,9 @@ class SNOpt(torch.optim.Optimizer):
         lr: learning rate ``η > 0``.
         momentum: heavy-ball momentum in ``[0, 1)`` (default 0.9, as in the paper's runs).
         eps, update_freq, alpha, full_precond, grid_size, weight_decay, kl_clip,
-            process_group, distribute_eigh: as in :class:`SNOptPreconditioner` (``kl_clip``
-            uses this optimizer's ``lr``). ``model`` may be wrapped in DDP.
+            process_group, distribute_eigh, refresh: as in :class:`SNOptPreconditioner`
+            (``kl_clip`` uses this optimizer's ``lr``; ``refresh`` is keyword only). ``model``
+            may be wrapped in DDP.
 
     Per iteration: ``zero_grad()``, ``loss.backward()``, ``step()``; the curvature sampling
     of the backward passes is armed by the optimizer itself.
@@ -493,6 +528,8 @@ class SNOpt(torch.optim.Optimizer):
         kl_clip: float | None = None,
         process_group: Any = AUTO,
         distribute_eigh: bool = False,
+        *,
+        refresh: Refresh | str = Refresh.EXACT,
     ) -> None:
         _check_lr(lr)
         if not (isinstance(momentum, (int, float)) and 0.0 <= momentum < 1.0):
@@ -500,6 +537,7 @@ class SNOpt(torch.optim.Optimizer):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model={type(model).__name__} must be a torch.nn.Module")
         _check_hyper(eps, update_freq, alpha, grid_size, weight_decay, kl_clip)
+        parse_refresh(refresh)
         precond = SNOptPreconditioner(
             model,
             eps,
@@ -512,6 +550,7 @@ class SNOpt(torch.optim.Optimizer):
             lr,
             process_group,
             distribute_eigh,
+            refresh=refresh,
             _stacklevel=3,
         )
         super().__init__(precond.params, {"lr": lr, "momentum": momentum})

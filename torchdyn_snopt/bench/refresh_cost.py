@@ -1,0 +1,273 @@
+"""``torchdyn-snopt bench refresh-cost``: what a curvature refresh costs as layers widen.
+
+Seconds per training iteration of one Neural ODE (dopri5, tolerances 1e-3 forward and
+backward, ``t`` from 0 to 1, squared error to a fixed random target), one intra-op thread:
+
+- MLP fields ``32 → w → 32`` (Linear, tanh, Linear), batch 256, for each width ``w``;
+- conv fields on ``c``-channel 8×8 states (3×3 conv ``c → c``, tanh, 3×3 conv ``c → c``,
+  padding 1), batch 16, for each channel count ``c``.
+
+Variants, all from the same initial weights and batch: ``adam`` (torchdyn's
+``sensitivity="adjoint"`` and Adam), ``not_armed`` (SNOpt between refreshes),
+``armed_exact`` / ``armed_power`` (SNOpt refreshing at every step, ``update_freq=1``, with
+``refresh="exact"`` / ``"power"``), and ``amortized_<refresh> = ((u − 1)·not_armed + armed) / u``
+at SNOpt's default ``update_freq`` ``u``. Each is also given as a ratio to Adam. Per row:
+the decomposition alone (``refresh_<refresh>_s``, on the factors of the last refresh) and the
+memory of the layer factors ``Ā``, ``B̄`` and of the eigenbases ``U_A``, ``U_B`` (bytes).
+Timings are wall-clock minima over ``repeats`` iterations after one untimed warm-up.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+from torchdyn.core import NeuralODE
+
+from torchdyn_snopt.bench.common import format_table
+from torchdyn_snopt.curvature.eigenbasis import Refresh, refresh_eigh
+from torchdyn_snopt.optim import SNOpt, SNOptPreconditioner
+
+WIDTHS: tuple[int, ...] = (64, 128, 256, 512, 1024, 2048, 4096)
+CHANNELS: tuple[int, ...] = (16, 32, 64, 128, 256)
+QUICK_WIDTHS: tuple[int, ...] = (64, 256)
+QUICK_CHANNELS: tuple[int, ...] = (16,)
+#: SNOpt's default refresh period, the ``u`` of the amortized cost.
+DEFAULT_UPDATE_FREQ: int = inspect.signature(SNOptPreconditioner).parameters["update_freq"].default
+VARIANTS: tuple[str, ...] = ("adam", "not_armed", "armed_exact", "armed_power")
+
+
+@dataclass
+class RefreshCostConfig:
+    """Problem sizes and timing; see the module docstring."""
+
+    mlp_dim: int = 32
+    mlp_batch: int = 256
+    conv_batch: int = 16
+    conv_size: int = 8
+    tol: float = 1e-3
+    repeats: int = 3
+    threads: int = 1
+    update_freq: int = DEFAULT_UPDATE_FREQ
+    lr: float = 1e-3
+    seed: int = 0
+
+
+class MLPField(nn.Module):
+    """``F(t, x) = l2(tanh(l1(x)))``, ``dim → width → dim``."""
+
+    def __init__(self, dim: int, width: int) -> None:
+        super().__init__()
+        self.l1, self.l2 = nn.Linear(dim, width), nn.Linear(width, dim)
+
+    def forward(self, t: Tensor, x: Tensor, args: Any = None) -> Tensor:
+        return self.l2(torch.tanh(self.l1(x)))
+
+
+class ConvField(nn.Module):
+    """``F(t, x) = c2(tanh(c1(x)))``, 3×3 convolutions ``channels → channels``."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.c1 = nn.Conv2d(channels, channels, 3, padding=1)
+        self.c2 = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, t: Tensor, x: Tensor, args: Any = None) -> Tensor:
+        return self.c2(torch.tanh(self.c1(x)))
+
+
+def _problem(
+    field: str, width: int, cfg: RefreshCostConfig
+) -> tuple[Callable[[str], NeuralODE], Tensor, Tensor]:
+    """A builder of the ODE (same weights every call) for a sensitivity, input and target."""
+    g = torch.Generator().manual_seed(cfg.seed)
+    if field == "mlp":
+        shape: tuple[int, ...] = (cfg.mlp_batch, cfg.mlp_dim)
+    else:
+        shape = (cfg.conv_batch, width, cfg.conv_size, cfg.conv_size)
+    x, y = torch.randn(shape, generator=g), torch.randn(shape, generator=g)
+
+    def build(sensitivity: str) -> NeuralODE:
+        torch.manual_seed(cfg.seed)
+        vf = MLPField(cfg.mlp_dim, width) if field == "mlp" else ConvField(width)
+        return NeuralODE(
+            vf,
+            sensitivity=sensitivity,
+            solver="dopri5",
+            atol=cfg.tol,
+            rtol=cfg.tol,
+            atol_adjoint=cfg.tol,
+            rtol_adjoint=cfg.tol,
+            return_t_eval=False,
+        )
+
+    return build, x, y
+
+
+def _seconds_per_iter(
+    node: NeuralODE, opt: torch.optim.Optimizer, x: Tensor, y: Tensor, repeats: int
+) -> float:
+    """Minimum over ``repeats`` timed iterations after one untimed one."""
+    t_span = torch.tensor([0.0, 1.0])
+
+    def iteration() -> None:
+        opt.zero_grad()
+        ((node(x, t_span)[-1] - y) ** 2).mean().backward()
+        opt.step()
+
+    iteration()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        iteration()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def _decomposition_seconds(pre: SNOptPreconditioner, refresh: Refresh) -> float:
+    """One refresh's decompositions alone, on the last refresh's factors (warm-started from
+    the bases that refresh produced)."""
+    by_name = {a.name: a for a in pre.adapters}
+    start = time.perf_counter()
+    for name, f in pre.last_factors.items():
+        prior_a, prior_b = pre._eigen[by_name[name]].pairs()
+        refresh_eigh(f.A, prior_a, refresh)
+        refresh_eigh(f.B, prior_b, refresh)
+    return time.perf_counter() - start
+
+
+def _memory(pre: SNOptPreconditioner) -> tuple[int, int]:
+    """Bytes of the factors ``Ā``, ``B̄`` and of the eigenbases ``U_A``, ``U_B``."""
+    factors = sum(t.nbytes for f in pre.last_factors.values() for t in (f.A, f.B))
+    bases = sum(t.nbytes for e in pre._eigen.values() for t in (e.UA, e.UB))
+    return factors, bases
+
+
+def measure(field: str, width: int, cfg: RefreshCostConfig) -> dict[str, Any]:
+    """One row: every variant's s/iter, ratios to Adam, amortized costs, memory."""
+    build, x, y = _problem(field, width, cfg)
+    row: dict[str, Any] = {"field": field, "width": width}
+    node = build("adjoint")
+    row["adam_s"] = _seconds_per_iter(
+        node, torch.optim.Adam(node.parameters(), lr=cfg.lr), x, y, cfg.repeats
+    )
+    for name, update_freq, refresh in (
+        ("not_armed", 10**9, Refresh.EXACT),
+        ("armed_exact", 1, Refresh.EXACT),
+        ("armed_power", 1, Refresh.POWER),
+    ):
+        node = build("snopt")
+        opt = SNOpt(node, lr=cfg.lr, update_freq=update_freq, refresh=refresh)
+        row[f"{name}_s"] = _seconds_per_iter(node, opt, x, y, cfg.repeats)
+        if name == "armed_power":
+            pre = opt.preconditioner
+            row["refresh_exact_s"] = _decomposition_seconds(pre, Refresh.EXACT)
+            row["refresh_power_s"] = _decomposition_seconds(pre, Refresh.POWER)
+            row["factor_bytes"], row["eigenbasis_bytes"] = _memory(pre)
+            row["memory_bytes"] = row["factor_bytes"] + row["eigenbasis_bytes"]
+    u = cfg.update_freq
+    for refresh in ("exact", "power"):
+        row[f"amortized_{refresh}_s"] = (
+            (u - 1) * row["not_armed_s"] + row[f"armed_{refresh}_s"]
+        ) / u
+    for v in (*VARIANTS[1:], "amortized_exact", "amortized_power"):
+        row[f"{v}_ratio"] = row[f"{v}_s"] / row["adam_s"]
+    return row
+
+
+def _table(rows: list[dict[str, Any]]) -> str:
+    cols = ["field", "width", "adam_s", "not_armed_ratio", "armed_exact_ratio"]
+    cols += ["armed_power_ratio", "amortized_exact_ratio", "amortized_power_ratio"]
+    cols += ["refresh_exact_s", "refresh_power_s", "memory_bytes"]
+    return format_table([{c: r[c] for c in cols} for r in rows])
+
+
+def plot(rows: list[dict[str, Any]], path: Path) -> None:
+    """Log-log s/iter against width (MLP) and channels (conv), one line per variant."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fields = [f for f in ("mlp", "conv") if any(r["field"] == f for r in rows)]
+    fig, axes = plt.subplots(1, len(fields), figsize=(5.2 * len(fields), 4), squeeze=False)
+    for ax, field in zip(axes[0], fields):
+        mine = [r for r in rows if r["field"] == field]
+        widths = [r["width"] for r in mine]
+        for v in (*VARIANTS, "amortized_exact", "amortized_power"):
+            style = "--" if v.startswith("amortized") else "-"
+            ax.plot(widths, [r[f"{v}_s"] for r in mine], style, marker="o", label=v)
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("hidden width w" if field == "mlp" else "channels c")
+        ax.set_ylabel("s / iteration (1 thread)")
+        ax.set_title(f"{field} field")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def bench_refresh_cost(
+    widths: Sequence[int] | None = None,
+    channels: Sequence[int] | None = None,
+    cfg: RefreshCostConfig | None = None,
+    out: str | Path | None = "runs/refresh_cost",
+    quick: bool = False,
+    quiet: bool = False,
+) -> list[dict[str, Any]]:
+    """Time every variant per MLP width and conv channel count (``quick``: 2 widths, 1
+    channel count, one timed iteration, unless given), print the table, write
+    ``refresh_cost.json`` and ``refresh_cost.png`` under ``out``. Returns the rows."""
+    cfg = cfg or RefreshCostConfig(repeats=1 if quick else 3)
+    widths = tuple(widths) if widths is not None else (QUICK_WIDTHS if quick else WIDTHS)
+    channels = tuple(channels) if channels is not None else (QUICK_CHANNELS if quick else CHANNELS)
+    for name, sizes in (("widths", widths), ("channels", channels)):
+        if any(isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in sizes):
+            raise ValueError(f"{name}={sizes!r} is invalid; accepted: ints >= 1")
+    if not widths and not channels:
+        raise ValueError("widths=() and channels=() leave nothing to time; give one of them")
+    if cfg.repeats < 1 or cfg.threads < 1:
+        raise ValueError(f"cfg={cfg!r} is invalid: repeats and threads must be >= 1")
+    log: Callable[..., None] = (lambda *a: None) if quiet else print
+    log(
+        f"refresh cost, {cfg.threads} thread(s), dopri5 tol {cfg.tol:g}, "
+        f"min of {cfg.repeats} iteration(s), amortized at update_freq {cfg.update_freq}"
+    )
+    old = torch.get_num_threads()
+    torch.set_num_threads(cfg.threads)
+    rows = []
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # uncovered-parameter notes: every field is covered
+            for field, sizes in (("mlp", widths), ("conv", channels)):
+                for size in sizes:
+                    row = measure(field, size, cfg)
+                    rows.append(row)
+                    log(
+                        f"  {field:4s} {size:5d}: adam {row['adam_s']:.3g} s, armed exact "
+                        f"x{row['armed_exact_ratio']:.3g}, power x{row['armed_power_ratio']:.3g}"
+                    )
+    finally:
+        torch.set_num_threads(old)
+    log("")
+    log(_table(rows))
+    if out is not None:
+        path = Path(out)
+        path.mkdir(parents=True, exist_ok=True)
+        config = {**asdict(cfg), "mlp_field": f"{cfg.mlp_dim} -> w -> {cfg.mlp_dim}"}
+        config["conv_field"] = f"c x {cfg.conv_size} x {cfg.conv_size}, conv3x3, tanh, conv3x3"
+        files = [path / "refresh_cost.json", path / "refresh_cost.png"]
+        files[0].write_text(json.dumps({"config": config, "rows": rows}, indent=1))
+        plot(rows, files[1])
+        log("wrote " + ", ".join(str(p) for p in files))
+    return rows

@@ -1,0 +1,159 @@
+"""Eigenbasis of one Kronecker factor at a curvature refresh: exact, or warm-started and cheap.
+
+EKFAC (George et al. 2018; the paper's Alg. 2) needs ``F = U diag(λ) Uᵀ`` of every factor
+``F`` (``Ā`` or ``B̄``, ``n × n``, symmetric PSD) at each refresh. :attr:`Refresh.EXACT` runs
+``torch.linalg.eigh``: O(n³) with a large constant (one thread, float32: 1.4 s at n = 2048).
+
+:attr:`Refresh.POWER` starts from the layer's previous eigenbasis ``(λ₀, U₀)`` instead, which
+is close to the new one when the factors drift slowly (SOAP, Vyas et al. 2024, refreshes its
+Shampoo eigenbases the same way):
+
+- ``n <= rank``: one subspace-iteration step on the whole basis, ``U ← qr(F U₀)``, columns
+  first ordered by their Rayleigh quotients ``diag(U₀ᵀ F U₀)`` (descending, so the dominant
+  directions lead the QR) and signed so that ``diag(R) >= 0``; eigenvalue estimates are the
+  Rayleigh quotients ``diag(Uᵀ F U)`` of the new basis (two GEMMs and one QR).
+- ``n > rank``: the top-``rank`` subspace only (cost O(n² rank), the factors of wide layers
+  are numerically low-rank: a 32 → 2048 → 32 MLP field's two 2048-wide factors keep 97.6 % and
+  99.3 % of their trace in their top 128 eigenvalues): ``V ← qr(F V₀)`` from ``U₀``'s
+  ``rank`` leading columns, Rayleigh-Ritz on ``Vᵀ F V``, and the rest of the basis any
+  orthonormal complement of ``V`` (compact-WY Householder, one ``n × rank × n`` GEMM) sharing
+  the tail's mean eigenvalue ``(tr F − Σ μ) / (n − rank)``. EKFAC's running second moment
+  then adapts every direction of that tail from the gradients themselves.
+
+Every result keeps the factor's device and dtype; ``λ[i]`` belongs to ``U[:, i]`` (the order
+is not sorted). Without a usable previous basis (first refresh, other shape) the refresh is
+exact.
+"""
+
+from __future__ import annotations
+
+import enum
+
+import torch
+from torch import Tensor
+
+#: ``(eigenvalues (n,), eigenvectors (n, n))`` of one factor, column ``i`` for value ``i``.
+Eigenpairs = tuple[Tensor, Tensor]
+
+#: Subspace-iteration steps per :attr:`Refresh.POWER` refresh (SOAP uses one).
+POWER_STEPS = 1
+#: Leading eigenpairs :attr:`Refresh.POWER` tracks; wider factors get an isotropic tail.
+POWER_RANK = 128
+
+
+class Refresh(str, enum.Enum):
+    """How a curvature refresh obtains each factor's eigenbasis (a string works too)."""
+
+    EXACT = "exact"
+    POWER = "power"
+
+
+def parse_refresh(value: Refresh | str) -> Refresh:
+    """``value`` as a :class:`Refresh`; ``ValueError`` naming it and the accepted values."""
+    try:
+        return Refresh(value)
+    except ValueError:
+        accepted = ", ".join(repr(r.value) for r in Refresh)
+        raise ValueError(f"refresh={value!r} is invalid; accepted: {accepted}") from None
+
+
+def eigh_exact(matrix: Tensor) -> Eigenpairs:
+    """Eigen-decomposition of a symmetric PSD factor, eigenvalues clamped at 0 (ascending).
+
+    Runs in the factor's dtype (float32 halves the cost of the large head factors) and
+    falls back to float64 when LAPACK does not converge.
+    """
+    sym = (matrix + matrix.t()) / 2
+    try:
+        evals, evecs = torch.linalg.eigh(sym)
+    except torch.linalg.LinAlgError:
+        evals, evecs = torch.linalg.eigh(sym.double())
+    return evals.clamp(min=0).to(matrix.dtype), evecs.to(matrix.dtype)
+
+
+def eigh_from_rows(rows: Tensor) -> Eigenpairs:
+    """Eigen-decomposition of ``A = RᵀR`` from its ``r < d`` rows ``R`` (``r × d``).
+
+    A complete QR ``Rᵀ = Q [S; 0]`` gives ``A = Q diag(S Sᵀ, 0) Qᵀ``, so ``Q``'s first ``r``
+    columns rotated by the eigenvectors of the small ``S Sᵀ`` and its other ``d − r`` columns
+    (eigenvalue 0) are a complete orthonormal eigenbasis: O(d² r) instead of eigh's O(d³)
+    (785-wide head, batch 128: 5.5 ms vs 37 ms on one core). Already cheaper than a
+    :attr:`Refresh.POWER` step, so it is used whatever the refresh.
+    """
+    r = rows.shape[0]
+    Q, S = torch.linalg.qr(rows.t(), mode="complete")
+    S = S[:r]
+    lam, W = eigh_exact(S @ S.t())
+    return torch.cat([lam, lam.new_zeros(Q.shape[0] - r)]), torch.cat([Q[:, :r] @ W, Q[:, r:]], 1)
+
+
+def refresh_eigh(
+    matrix: Tensor,
+    prior: Eigenpairs | None,
+    refresh: Refresh = Refresh.EXACT,
+    *,
+    steps: int = POWER_STEPS,
+    rank: int = POWER_RANK,
+) -> Eigenpairs:
+    """Eigenpairs of ``matrix`` (``n × n``): exact, or warm-started from ``prior`` (see module)."""
+    if refresh is Refresh.EXACT or prior is None or prior[1].shape != matrix.shape:
+        return eigh_exact(matrix)
+    lam0, U0 = (t.to(device=matrix.device, dtype=matrix.dtype) for t in prior)
+    sym = (matrix + matrix.t()) / 2
+    if matrix.shape[0] <= rank:
+        return power_step(sym, U0, steps)
+    return top_subspace(sym, lam0, U0, rank, steps)
+
+
+def _signed_qr(Y: Tensor) -> Tensor:
+    """``Q`` of ``Y = QR`` with ``diag(R) >= 0`` (column ``i`` of ``Q`` leans towards ``Y``'s)."""
+    Q, R = torch.linalg.qr(Y)
+    sign = torch.where(R.diagonal() < 0, -1.0, 1.0).to(Q.dtype)
+    return Q * sign
+
+
+def power_step(F: Tensor, U0: Tensor, steps: int = POWER_STEPS) -> Eigenpairs:
+    """``steps`` whole-basis iterations ``U ← qr(F U)`` from ``U0`` (``n × n`` orthonormal),
+    each after ordering ``U`` by descending Rayleigh quotient; returns ``(diag(Uᵀ F U), U)``."""
+    U, Y = U0, F @ U0
+    for _ in range(steps):
+        order = torch.argsort((U * Y).sum(0), descending=True)
+        U = _signed_qr(Y[:, order])
+        Y = F @ U
+    return (U * Y).sum(0).clamp(min=0), U
+
+
+def top_subspace(F: Tensor, lam0: Tensor, U0: Tensor, rank: int, steps: int) -> Eigenpairs:
+    """Top-``rank`` Ritz pairs of ``F`` by subspace iteration from ``U0``'s leading columns
+    (by ``lam0``), completed to an orthonormal ``n × n`` basis whose other ``n − rank``
+    columns share the tail's mean eigenvalue ``(tr F − Σ Ritz values) / (n − rank)``."""
+    n = F.shape[0]
+    V = U0[:, torch.topk(lam0, rank).indices]
+    for _ in range(steps):
+        V = _signed_qr(F @ V)
+    mu, W = eigh_exact(V.t() @ (F @ V))  # Rayleigh-Ritz in span(V)
+    V = V @ W
+    tail = ((F.diagonal().sum() - mu.sum()) / (n - rank)).clamp(min=0)
+    return torch.cat([tail.expand(n - rank), mu]), torch.cat([complement(V), V], 1)
+
+
+def complement(V: Tensor) -> Tensor:
+    """An orthonormal basis (``n × (n − k)``) of the complement of ``V``'s columns (``n × k``,
+    orthonormal): the last ``n − k`` columns of the Householder ``Q = I − W T Wᵀ`` of ``V``
+    (compact WY form; ``T`` by LAPACK's ``larft`` recurrence), O(n² k)."""
+    n, k = V.shape
+    a, tau = torch.geqrf(V)
+    W = a.tril(-1)
+    W.diagonal().fill_(1.0)
+    G = W.t() @ W
+    if bool((tau != 0).all()):  # T⁻¹ = striu(WᵀW) + diag(1/τ) (Joffrain et al. 2006)
+        TWt = torch.linalg.solve_triangular(G.triu(1) + torch.diag(1 / tau), W[k:].t(), upper=True)
+    else:  # a reflector is the identity (τ = 0): LAPACK's larft recurrence
+        T = torch.zeros(k, k, dtype=V.dtype, device=V.device)
+        for i in range(k):
+            T[:i, i] = -tau[i] * (T[:i, :i] @ G[:i, i])
+            T[i, i] = tau[i]
+        TWt = T @ W[k:].t()
+    C = -W @ TWt
+    C[k:] += torch.eye(n - k, dtype=V.dtype, device=V.device)
+    return C
