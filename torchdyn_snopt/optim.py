@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn as nn
@@ -196,13 +196,14 @@ class SNOptPreconditioner:
         model = unwrap(model)
         problems = [m for m in model.modules() if is_snopt_problem(m)]
         taps = [m for m in model.modules() if isinstance(m, CurvatureTap)]  # torchcde.cdeint
-        fields = [p.vf for p in model.modules() if isinstance(p, ODEProblem)]
+        # torchdyn is untyped: an ODEProblem's vf is its vector field module
+        fields = [cast(nn.Module, p.vf) for p in model.modules() if isinstance(p, ODEProblem)]
         in_ode = {id(m) for f in fields + [t.func for t in taps] for m in f.modules()}
         names = {id(m): n for n, m in model.named_modules()}
 
         ode_adapters: dict[int, LayerAdapter] = {}
         per_problem: list[list[LayerAdapter]] = []
-        for vf in [p.vf for p in problems] + [t.func for t in taps]:
+        for vf in [cast(nn.Module, p.vf) for p in problems] + [t.func for t in taps]:
             mine = []
             for module in vf.modules():
                 if id(module) not in ode_adapters:
@@ -327,7 +328,7 @@ class SNOptPreconditioner:
             }
         eigen = {**self._eigen, **fresh}
         updates: dict[LayerAdapter, tuple[Tensor, Tensor]] = {}
-        vg = 0.0
+        vg: Tensor | None = None  # Σ ⟨P, G⟩ over the updated layers
         for adapter, eig in eigen.items():
             if not adapter.has_grad():
                 continue
@@ -339,8 +340,8 @@ class SNOptPreconditioner:
                 G1 = G1 + self.weight_decay * project(adapter.param_matrix(), eig)
             P = solve_in_eigenbasis(G1, eig, m + self.eps + self.weight_decay)
             updates[adapter] = (P, m)
-            vg = vg + (P * G).sum()
-        if self.kl_clip is not None and updates:
+            vg = (P * G).sum() if vg is None else vg + (P * G).sum()
+        if self.kl_clip is not None and vg is not None:  # vg is None iff updates is empty
             nu = torch.clamp(torch.sqrt(self.kl_clip / (self.lr**2 * vg.abs() + 1e-30)), max=1.0)
             updates = {a: (P * nu, m) for a, (P, m) in updates.items()}
         if not _all_finite([u for pair in updates.values() for u in pair]):

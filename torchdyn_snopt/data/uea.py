@@ -17,7 +17,6 @@ with the mean and std of the training split's observed values.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch
@@ -103,7 +102,7 @@ def sktime_ts_path(name: str, split: str) -> Path:
     """Path of ``<name>_<split>.ts`` inside sktime's bundled ``datasets/data`` folder."""
     sktime = require("sktime", "the bundled UEA datasets")
 
-    root = Path(os.path.dirname(sktime.__file__)) / "datasets" / "data"
+    root = Path(sktime.__path__[0]) / "datasets" / "data"
     return root / name / f"{name}_{split}.ts"
 
 

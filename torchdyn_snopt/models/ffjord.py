@@ -150,16 +150,17 @@ class FFJORD(nn.Module):
                 raise ValueError(f"{arg}={value!r} is invalid; accepted: {', '.join(accepted)}")
         self.dim, self.times, self.solver, self.atol, self.rtol = dim, times, solver, atol, rtol
         self.noise = (Rademacher if noise == "rademacher" else StandardNormal)(dim)
-        self.nets = nn.ModuleList(
-            make_field(dim, tuple(hidden), conditioning, activation) for _ in range(n_blocks)
-        )
+        fields = [make_field(dim, tuple(hidden), conditioning, activation) for _ in range(n_blocks)]
+        self.nets = nn.ModuleList(fields)
         if identity_init:
-            for net in self.nets:
-                last = net[-1].linear if conditioning == "concatsquash" else net[-1]
+            for net in fields:
+                last = net[-1]  # ConcatSquashLinear, or nn.Linear after DepthCat
+                if isinstance(last, ConcatSquashLinear):
+                    nn.init.zeros_(last.shift.weight)
+                    last = last.linear
+                assert isinstance(last, nn.Linear)
                 nn.init.zeros_(last.weight)
                 nn.init.zeros_(last.bias)
-                if conditioning == "concatsquash":
-                    nn.init.zeros_(net[-1].shift.weight)
         estimator = hutch_trace if trace == "hutchinson" else autograd_trace
         self.blocks = nn.ModuleList(
             NeuralODE(
