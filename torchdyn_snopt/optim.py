@@ -410,9 +410,10 @@ class SNOpt(torch.optim.Optimizer):
             :class:`SNOptPreconditioner`); all its trainable parameters are optimized.
         lr: learning rate ``η > 0``.
         momentum: heavy-ball momentum in ``[0, 1)`` (default 0.9, as in the paper's runs).
-        eps, update_freq, alpha, full_precond, grid_size, weight_decay, kl_clip,
-            process_group, distribute_eigh: as in :class:`SNOptPreconditioner` (``kl_clip``
-            uses this optimizer's ``lr``). ``model`` may be wrapped in DDP.
+        eps: as in :class:`SNOptPreconditioner`, and so are ``update_freq``, ``alpha``,
+            ``full_precond``, ``grid_size``, ``weight_decay``, ``kl_clip`` (with this
+            optimizer's ``lr``), ``process_group`` and ``distribute_eigh``. ``model`` may be
+            wrapped in DDP.
 
     Per iteration: ``zero_grad()``, ``loss.backward()``, ``step()``; the curvature sampling
     of the backward passes is armed by the optimizer itself.

@@ -107,9 +107,9 @@ class FFJORD(nn.Module):
         identity_init: zero the last layer of every field, so training starts from the
             identity flow (``log p`` = the base density); long horizons such as circles'
             ``t1 = 10`` otherwise start from a wildly expanding random flow (default True).
-        sensitivity, solver (name or solver module), atol, rtol, atol_adjoint, rtol_adjoint:
-            passed to ``NeuralODE``
-            (defaults ``"snopt"``, ``"dopri5"``, 1e-5 everywhere).
+        sensitivity: of every block's ``NeuralODE`` (default ``"snopt"``); ``solver`` (a name
+            or a solver module), ``atol``, ``rtol``, ``atol_adjoint`` and ``rtol_adjoint`` go
+            to it too (defaults ``"dopri5"``, 1e-5 everywhere).
     """
 
     def __init__(

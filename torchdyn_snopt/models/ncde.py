@@ -99,11 +99,13 @@ class NeuralCDE(nn.Module):
     Args:
         channels: input channels of the path, time included.
         num_classes: output logits.
-        hidden: state size (default 32). width: inner width of ``g`` (64).
+        hidden: state size (default 32).
+        width: inner width of ``g`` (64).
         interpolation: "hermite" (cubic Hermite with backward differences, default),
             "natural" (natural cubic spline) or "linear".
-        sensitivity, solver, tol: of the ``NeuralODE`` (default "snopt", rk4 with one step per
-            observation interval; ``tol`` is atol = rtol for adaptive solvers).
+        sensitivity: of the ``NeuralODE`` (default "snopt").
+        solver: of the ``NeuralODE`` (default rk4, one step per observation interval).
+        tol: atol = rtol of adaptive solvers.
     """
 
     def __init__(
