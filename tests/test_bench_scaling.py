@@ -27,6 +27,7 @@ def _check(rows: list[dict]) -> None:
     assert one["nfe_per_iter"] > 0 and two["nfe_per_iter"] > 0
 
 
+@pytest.mark.slow
 def test_cli_times_one_and_two_processes_side_by_side(tmp_path, capsys):
     assert main(["bench", "scaling", "--world-sizes", "1,2", "--out", str(tmp_path), *TINY]) == 0
     table = capsys.readouterr().out

@@ -146,6 +146,7 @@ def _assert_same_ranks(states: list[dict]) -> None:
 # --------------------------------------------------------------------------- tests
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("distribute", [False, True], ids=["eigh-everywhere", "eigh-split"])
 def test_two_ranks_equal_one_process_on_concatenated_batch(ranks, distribute):
     states = _load(ranks, f"eigh{int(distribute)}")
@@ -163,6 +164,7 @@ def test_two_ranks_equal_one_process_on_concatenated_batch(ranks, distribute):
         assert _rel(mine["layers"][name]["m"], e["m"]) <= REL
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("distribute", [False, True], ids=["power-everywhere", "power-split"])
 def test_power_refresh_on_two_ranks_equals_one_process(ranks, distribute):
     """Warm-started refreshes (steps 3 and 6) from bases every rank holds: ranks stay
@@ -181,6 +183,7 @@ def test_power_refresh_on_two_ranks_equals_one_process(ranks, distribute):
     )
 
 
+@pytest.mark.slow
 def test_one_collective_per_step_and_split_eigh_adds_one_per_refresh(ranks):
     refreshes = len(range(0, STEPS, OPTS["update_freq"]))
     plain, split = (_load(ranks, f"eigh{d}")[0]["stats"] for d in (0, 1))
@@ -189,6 +192,7 @@ def test_one_collective_per_step_and_split_eigh_adds_one_per_refresh(ranks):
     assert split.bytes > plain.bytes > 0 and plain.seconds > 0
 
 
+@pytest.mark.slow
 def test_nan_on_one_rank_skips_the_step_on_every_rank(ranks):
     states = _load(ranks, "nan")
     _assert_same_ranks(states)

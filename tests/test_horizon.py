@@ -256,6 +256,7 @@ def _distributed_worker(rank: int, port: int, out: str) -> None:
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_ranks_average_dl_dt_and_keep_one_horizon(tmp_path):
     """Under DDP every rank ends with the same T, equal to one process on both ranks' data."""
     out = str(tmp_path / "rank")

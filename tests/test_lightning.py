@@ -155,6 +155,7 @@ def _ddp_worker(rank: int, port: int, out: str) -> None:
     )
 
 
+@pytest.mark.slow
 def test_ddp_strategy_on_two_processes_equals_one_process(tmp_path):
     spawn(_ddp_worker, 2, free_port(), str(tmp_path), timeout_s=150)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]

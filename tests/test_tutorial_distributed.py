@@ -6,9 +6,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from tests.fixtures import repo_env
+
+pytestmark = [pytest.mark.slow, pytest.mark.notebook]
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "tutorials" / "06_distributed.py"

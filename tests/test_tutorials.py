@@ -55,6 +55,7 @@ def _with_test_budget(nb) -> None:
         )
 
 
+@pytest.mark.notebook
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.name for p in NOTEBOOKS])
 def test_tutorial_runs(path: Path, kernel_dir: Path):
     nb = nbformat.read(path, as_version=4)

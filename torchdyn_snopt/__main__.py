@@ -15,6 +15,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from torchdyn_snopt import __version__
+from torchdyn_snopt._extras import EXTRA_OF, install_hint
 
 
 def positive_int(text: str) -> int:
@@ -726,10 +727,26 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Parse ``argv`` (default: ``sys.argv[1:]``), run the command, return its exit status."""
+    """Parse ``argv`` (default: ``sys.argv[1:]``), run the command, return its exit status.
+
+    A command whose optional dependency (plotting, progress bars, datasets, torchcde) is not
+    installed exits with status 1 and a message naming the extra that installs it.
+    """
     args = build_parser().parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)  # for the records of a run
-    return args.func(args)
+    try:
+        status: int = args.func(args)
+    except ModuleNotFoundError as err:
+        missing = (err.name or "").partition(".")[0]
+        if missing not in EXTRA_OF:
+            raise
+        print(
+            f"torchdyn-snopt {args.command}: {missing} is not installed: {install_hint(missing)}"
+            f"\n({err})",
+            file=sys.stderr,
+        )
+        return 1
+    return status
 
 
 if __name__ == "__main__":

@@ -223,7 +223,7 @@ def _backsolve(
         if i is not None:
             g = grad_sol[i]
             a = a + g
-            if need_t:  # ∂L/∂t_i = ∂L/∂x(t_i) · F(t_i, x_i)  (+ ℓ at the last time)
+            if t_grad is not None:  # ∂L/∂t_i = ∂L/∂x(t_i) · F(t_i, x_i)  (+ ℓ at the last time)
                 t_grad[k] = (g * field_at(t_hi, x)).sum()
                 if k == len(knots) - 1:
                     t_grad[k] += ell_at(t_hi, x)
@@ -253,7 +253,7 @@ def _backsolve(
             sampler.end_interval()
 
     i0 = out_at_knot.get(0)
-    if need_t:  # ∂L/∂t0 = -a(t0⁺)·F(t0, x0) - ℓ(t0)
+    if t_grad is not None:  # ∂L/∂t0 = -a(t0⁺)·F(t0, x0) - ℓ(t0)
         t_grad[0] = -(a * field_at(knots[0], x)).sum() - ell_at(knots[0], x)
     if i0 is not None:
         a = a + grad_sol[i0]

@@ -154,7 +154,7 @@ class TapSampler:
                 continue
             for adapter, (zz, nz) in e.zz.items():
                 gg, ng = e.gg.get(adapter, (None, 0))
-                if not ng:
+                if gg is None or not ng:
                     continue
                 A, B = w * zz / nz, w * scale2 * gg / ng
                 acc = self._factors.get(adapter)

@@ -19,14 +19,16 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from typing import Any
 
 import torch.nn as nn
 from torch import Tensor
 
-NoiseSnapshot = list[tuple[nn.Module, Tensor | None]]
+# torchdyn's CNF modules are untyped: Any lets us set their ``noise``/``trace_estimator``.
+NoiseSnapshot = list[tuple[Any, Tensor | None]]
 
 
-def trace_modules(module: nn.Module) -> list[nn.Module]:
+def trace_modules(module: nn.Module) -> list[Any]:
     """Submodules that carry a ``trace_estimator`` (torchdyn's own test for a CNF)."""
     return [m for m in module.modules() if hasattr(m, "trace_estimator")]
 

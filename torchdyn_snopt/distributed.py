@@ -27,6 +27,7 @@ The code is device-agnostic: buffers live on the parameters' device, so gloo (CP
 
 from __future__ import annotations
 
+import functools
 import socket
 import time
 from collections.abc import Callable, Sequence
@@ -183,12 +184,12 @@ class RankSync:
         (one per matrix, e.g. its previous eigenbasis, identical on every rank) the call is
         ``fn(m, prior)``."""
         world = self.world_size()
-        if priors is not None:
-            if len(priors) != len(matrices):
-                raise ValueError(f"priors has {len(priors)} entries for {len(matrices)} matrices")
-            calls = [lambda m=m, p=p: fn(m, p) for m, p in zip(matrices, priors)]
-        else:
-            calls = [lambda m=m: fn(m) for m in matrices]
+        if priors is not None and len(priors) != len(matrices):
+            raise ValueError(f"priors has {len(priors)} entries for {len(matrices)} matrices")
+        calls: list[Callable[[], tuple[Tensor, Tensor]]] = [
+            functools.partial(fn, m) if priors is None else functools.partial(fn, m, priors[i])
+            for i, m in enumerate(matrices)
+        ]
         if not (self.distribute_eigh and world > 1 and matrices):
             return [call() for call in calls]
         rank = dist.get_rank(self._group())

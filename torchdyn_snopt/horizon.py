@@ -239,8 +239,9 @@ class FreeHorizon(nn.Module):
         non-finite one is skipped with a warning and changes nothing.
         """
         leaf, self._leaf = self._leaf, None
-        has_grad = leaf is not None and leaf.grad is not None
-        s = float(leaf.grad) if has_grad else 0.0  # ∂L/∂T of the data loss
+        grad = leaf.grad if leaf is not None else None
+        has_grad = grad is not None
+        s = float(grad) if grad is not None else 0.0  # ∂L/∂T of the data loss
         world = self._sync.world_size()
         if world > 1:  # DDP averages ∂L/∂θ over ranks; T is not a DDP parameter: same here
             buf = torch.tensor([s, float(not has_grad)], dtype=torch.float64, device=self.T.device)

@@ -14,6 +14,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 from torchdyn.numerics.solvers.ode import RungeKutta4 as _TorchdynRK4
+from torchdyn.numerics.solvers.templates import DiffEqSolver
 from torchdyn.numerics.utils import adapt_step, hairer_norm, init_step
 
 Dynamics = Callable[[Tensor, Tensor], Tensor]
@@ -56,7 +57,7 @@ def integrate(
     y: Tensor,
     s0: Tensor,
     s1: Tensor,
-    solver: torch.nn.Module,
+    solver: DiffEqSolver,
     atol: float,
     rtol: float,
     seminorm_dim: int | None = None,

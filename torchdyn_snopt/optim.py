@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn as nn
@@ -233,13 +233,14 @@ class SNOptPreconditioner:
         model = unwrap(model)
         problems = [m for m in model.modules() if is_snopt_problem(m)]
         taps = [m for m in model.modules() if isinstance(m, CurvatureTap)]  # torchcde.cdeint
-        fields = [p.vf for p in model.modules() if isinstance(p, ODEProblem)]
+        # torchdyn is untyped: an ODEProblem's vf is its vector field module
+        fields = [cast(nn.Module, p.vf) for p in model.modules() if isinstance(p, ODEProblem)]
         in_ode = {id(m) for f in fields + [t.func for t in taps] for m in f.modules()}
         names = {id(m): n for n, m in model.named_modules()}
 
         ode_adapters: dict[int, LayerAdapter] = {}
         per_problem: list[list[LayerAdapter]] = []
-        for vf in [p.vf for p in problems] + [t.func for t in taps]:
+        for vf in [cast(nn.Module, p.vf) for p in problems] + [t.func for t in taps]:
             mine = []
             for module in vf.modules():
                 if id(module) not in ode_adapters:
@@ -383,7 +384,7 @@ class SNOptPreconditioner:
             }
         eigen = {**self._eigen, **fresh}
         updates: dict[LayerAdapter, tuple[Tensor, Tensor]] = {}
-        vg = 0.0
+        vg: Tensor | None = None  # Σ ⟨P, G⟩ over the updated layers
         for adapter, eig in eigen.items():
             if not adapter.has_grad():
                 continue
@@ -395,8 +396,8 @@ class SNOptPreconditioner:
                 G1 = G1 + self.weight_decay * project(adapter.param_matrix(), eig)
             P = solve_in_eigenbasis(G1, eig, m + self.eps + self.weight_decay)
             updates[adapter] = (P, m)
-            vg = vg + (P * G).sum()
-        if self.kl_clip is not None and updates:
+            vg = (P * G).sum() if vg is None else vg + (P * G).sum()
+        if self.kl_clip is not None and vg is not None:  # vg is None iff updates is empty
             nu = torch.clamp(torch.sqrt(self.kl_clip / (self.lr**2 * vg.abs() + 1e-30)), max=1.0)
             updates = {a: (P * nu, m) for a, (P, m) in updates.items()}
         if not _all_finite([u for pair in updates.values() for u in pair]):
@@ -479,11 +480,9 @@ class SNOptPreconditioner:
         eigen = {}
         for name, e in state["layers"].items():
             ref = by_name[name].params()[0]
+            put = {k: v.to(device=ref.device, dtype=ref.dtype) for k, v in e.items()}
             eigen[by_name[name]] = _Eigen(
-                *(
-                    e[k].to(device=ref.device, dtype=ref.dtype) if k in e else None
-                    for k in ("UA", "UB", "m", "lamA", "lamB")
-                )
+                put["UA"], put["UB"], put["m"], put.get("lamA"), put.get("lamB")
             )
         self._eigen, self.steps = eigen, int(state["steps"])
         self._set_armed(bool(state["armed"]))
@@ -505,10 +504,10 @@ class SNOpt(torch.optim.Optimizer):
             :class:`SNOptPreconditioner`); all its trainable parameters are optimized.
         lr: learning rate ``η > 0``.
         momentum: heavy-ball momentum in ``[0, 1)`` (default 0.9, as in the paper's runs).
-        eps, update_freq, alpha, full_precond, grid_size, weight_decay, kl_clip,
-            process_group, distribute_eigh, refresh: as in :class:`SNOptPreconditioner`
-            (``kl_clip`` uses this optimizer's ``lr``; ``refresh`` is keyword only). ``model``
-            may be wrapped in DDP.
+        eps: as in :class:`SNOptPreconditioner`, and so are ``update_freq``, ``alpha``,
+            ``full_precond``, ``grid_size``, ``weight_decay``, ``kl_clip`` (with this
+            optimizer's ``lr``), ``process_group``, ``distribute_eigh`` and ``refresh``
+            (keyword only). ``model`` may be wrapped in DDP.
 
     Per iteration: ``zero_grad()``, ``loss.backward()``, ``step()``; the curvature sampling
     of the backward passes is armed by the optimizer itself.

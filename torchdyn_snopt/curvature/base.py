@@ -10,7 +10,7 @@ factors of eq. (13) are then ``A = E[z zᵀ]`` (``d_in × d_in``) and ``B = E[g 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn as nn
@@ -65,8 +65,16 @@ class WeightBiasAdapter(LayerAdapter):
     """Base for modules whose parameters are ``weight`` and an optional ``bias``."""
 
     def params(self) -> list[nn.Parameter]:
+        weight = cast(nn.Parameter, self.module.weight)
         bias = getattr(self.module, "bias", None)
-        return [self.module.weight] + ([bias] if bias is not None else [])
+        return [weight] + ([bias] if bias is not None else [])
+
+
+def grad_of(p: Tensor) -> Tensor:
+    """``p.grad``; adapters read gradients only once :meth:`LayerAdapter.has_grad` holds."""
+    if p.grad is None:
+        raise RuntimeError("the parameter has no .grad: run backward() before reading it")
+    return p.grad
 
 
 def second_moment(rows: Tensor) -> Tensor:

@@ -14,7 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from torchdyn_snopt.curvature.base import WeightBiasAdapter, append_ones
+from torchdyn_snopt.curvature.base import WeightBiasAdapter, append_ones, grad_of
 
 
 def conv_padding(module: nn.Conv2d) -> tuple[int, int]:
@@ -56,7 +56,7 @@ class Conv2dAdapter(WeightBiasAdapter):
 
     module: nn.Conv2d
 
-    def __init__(self, module: nn.Module, name: str) -> None:
+    def __init__(self, module: nn.Conv2d, name: str) -> None:
         super().__init__(module, name)
         self._padding = conv_padding(module)
 
@@ -72,15 +72,15 @@ class Conv2dAdapter(WeightBiasAdapter):
 
     def grad_matrix(self) -> Tensor:
         m = self.module
-        w = m.weight.grad.reshape(m.out_channels, -1)
-        return w if m.bias is None else torch.cat([w, m.bias.grad[:, None]], dim=1)
+        w = grad_of(m.weight).reshape(m.out_channels, -1)
+        return w if m.bias is None else torch.cat([w, grad_of(m.bias)[:, None]], dim=1)
 
     def set_grad_matrix(self, matrix: Tensor) -> None:
         m = self.module
         n = m.weight[0].numel()
-        m.weight.grad.copy_(matrix[:, :n].reshape_as(m.weight))
+        grad_of(m.weight).copy_(matrix[:, :n].reshape_as(m.weight))
         if m.bias is not None:
-            m.bias.grad.copy_(matrix[:, -1])
+            grad_of(m.bias).copy_(matrix[:, -1])
 
     def param_matrix(self) -> Tensor:
         m = self.module

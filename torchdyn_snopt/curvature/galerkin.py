@@ -16,11 +16,11 @@ import torch.nn as nn
 from torch import Tensor
 from torchdyn.nn import GalConv2d, GalLinear
 
-from torchdyn_snopt.curvature.base import LayerAdapter, append_ones
+from torchdyn_snopt.curvature.base import LayerAdapter, append_ones, grad_of
 from torchdyn_snopt.curvature.conv import channel_rows
 
 
-def basis_values(layer: nn.Module, t: Tensor) -> Tensor:
+def basis_values(layer: GalLinear | GalConv2d, t: Tensor) -> Tensor:
     """``φ(t)`` flattened as ``k = i·n_eig + e`` (the order of ``coeffs[p, i, e]``)."""
     device = layer.coeffs.device
     n_range = torch.linspace(0, layer.deg, layer.deg).to(device)
@@ -40,7 +40,9 @@ def _kron_rows(rows: Tensor, phi: Tensor) -> Tensor:
 class _GalerkinAdapter(LayerAdapter):
     """Shared matrix view of ``coeffs``: first ``d_out·d_in`` rows weights, last ``d_out`` bias."""
 
-    def __init__(self, module: nn.Module, name: str) -> None:
+    module: GalLinear | GalConv2d
+
+    def __init__(self, module: GalLinear | GalConv2d, name: str) -> None:
         super().__init__(module, name)
         self.n_basis = module.deg * module.n_eig
 
@@ -59,14 +61,14 @@ class _GalerkinAdapter(LayerAdapter):
         return torch.cat([w, b], dim=1)
 
     def grad_matrix(self) -> Tensor:
-        return self._coeff_view(self.module.coeffs.grad)
+        return self._coeff_view(grad_of(self.module.coeffs))
 
     def param_matrix(self) -> Tensor:
         return self._coeff_view(self.module.coeffs.detach())
 
     def set_grad_matrix(self, matrix: Tensor) -> None:
         d_out, d_in = self._shape
-        grad = self.module.coeffs.grad
+        grad = grad_of(self.module.coeffs)
         k, n_eig = self.n_basis, self.module.n_eig
         w = matrix[:, : d_in * k].reshape(d_out * d_in, self.module.deg, n_eig)
         b = matrix[:, d_in * k :].reshape(d_out, self.module.deg, n_eig)

@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from torchdyn_snopt.curvature.base import WeightBiasAdapter, append_ones
+from torchdyn_snopt.curvature.base import WeightBiasAdapter, append_ones, grad_of
 
 
 class LinearAdapter(WeightBiasAdapter):
@@ -26,14 +26,14 @@ class LinearAdapter(WeightBiasAdapter):
     def grad_matrix(self) -> Tensor:
         m = self.module
         if m.bias is None:
-            return m.weight.grad
-        return torch.cat([m.weight.grad, m.bias.grad[:, None]], dim=1)
+            return grad_of(m.weight)
+        return torch.cat([grad_of(m.weight), grad_of(m.bias)[:, None]], dim=1)
 
     def set_grad_matrix(self, matrix: Tensor) -> None:
         m = self.module
-        m.weight.grad.copy_(matrix[:, : m.in_features])
+        grad_of(m.weight).copy_(matrix[:, : m.in_features])
         if m.bias is not None:
-            m.bias.grad.copy_(matrix[:, -1])
+            grad_of(m.bias).copy_(matrix[:, -1])
 
     def param_matrix(self) -> Tensor:
         m = self.module

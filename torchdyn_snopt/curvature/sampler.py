@@ -162,6 +162,8 @@ class CurvatureSampler:
     def _evaluate(self, node: _Node) -> dict[LayerAdapter, tuple[Tensor, Tensor, int]]:
         """One evaluation of F at the node: ``A_n(t_k)``, ``B_n(t_k)`` per adapter (eq. 13)."""
         vf = self._vf
+        if vf is None:
+            raise RuntimeError("curvature node outside a backward solve (no vector field set)")
         ours = set(self.adapters)
         t = torch.as_tensor(node.t, dtype=node.x.dtype, device=node.x.device)
         # A CNF contributes f(t, x) only: no trace-estimator passes in the factors (§4).

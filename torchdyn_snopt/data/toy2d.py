@@ -12,6 +12,8 @@ import math
 import torch
 from torch import Tensor
 
+from torchdyn_snopt._extras import require
+
 
 def _check(n_train: int, n_test: int) -> None:
     for arg, value in (("n_train", n_train), ("n_test", n_test)):
@@ -20,15 +22,13 @@ def _check(n_train: int, n_test: int) -> None:
 
 
 def _circles(n: int, seed: int) -> Tensor:
-    from sklearn.datasets import make_circles
-
+    make_circles = require("sklearn.datasets", "the circles dataset").make_circles
     x, _ = make_circles(n_samples=n, noise=0.06, factor=0.5, random_state=seed)
     return torch.as_tensor(x)
 
 
 def _moons(n: int, seed: int) -> Tensor:
-    from sklearn.datasets import make_moons
-
+    make_moons = require("sklearn.datasets", "the moons dataset").make_moons
     x, _ = make_moons(n_samples=n, noise=0.05, random_state=seed)
     x = torch.as_tensor(x)
     return (x - torch.tensor([0.5, 0.25])) / torch.tensor([0.87, 0.5])  # about unit scale

@@ -17,11 +17,12 @@ with the mean and std of the training split's observed values.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch
 from torch import Tensor
+
+from torchdyn_snopt._extras import require
 
 #: UEA datasets that ship inside sktime and load by name.
 UEA_DATASETS: tuple[str, ...] = ("BasicMotions", "JapaneseVowels")
@@ -29,14 +30,11 @@ UEA_DATASETS: tuple[str, ...] = ("BasicMotions", "JapaneseVowels")
 
 def _read_ts(path: str | Path) -> tuple[list[Tensor], list[str]]:
     """Series (each ``(L_i, C)`` float64, NaN for missing) and string labels of one file."""
-    try:
-        from sktime.datasets import load_from_tsfile_to_dataframe
-    except ImportError as err:  # pragma: no cover - sktime is a core dependency
-        raise ImportError("reading UEA .ts files needs sktime: pip install sktime") from err
+    sktime_datasets = require("sktime.datasets", "reading UEA .ts files")
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"path={str(path)!r} is not a file; expected a UEA .ts file")
-    frame, labels = load_from_tsfile_to_dataframe(str(path))
+    frame, labels = sktime_datasets.load_from_tsfile_to_dataframe(str(path))
     series = []
     for i in range(len(frame)):
         cols = [torch.tensor(frame.iloc[i, c].to_numpy(dtype=float)) for c in range(frame.shape[1])]
@@ -102,9 +100,9 @@ def load_uea_ts(
 
 def sktime_ts_path(name: str, split: str) -> Path:
     """Path of ``<name>_<split>.ts`` inside sktime's bundled ``datasets/data`` folder."""
-    import sktime
+    sktime = require("sktime", "the bundled UEA datasets")
 
-    root = Path(os.path.dirname(sktime.__file__)) / "datasets" / "data"
+    root = Path(sktime.__path__[0]) / "datasets" / "data"
     return root / name / f"{name}_{split}.ts"
 
 

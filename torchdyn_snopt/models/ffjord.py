@@ -107,9 +107,9 @@ class FFJORD(nn.Module):
         identity_init: zero the last layer of every field, so training starts from the
             identity flow (``log p`` = the base density); long horizons such as circles'
             ``t1 = 10`` otherwise start from a wildly expanding random flow (default True).
-        sensitivity, solver (name or solver module), atol, rtol, atol_adjoint, rtol_adjoint:
-            passed to ``NeuralODE``
-            (defaults ``"snopt"``, ``"dopri5"``, 1e-5 everywhere).
+        sensitivity: of every block's ``NeuralODE`` (default ``"snopt"``); ``solver`` (a name
+            or a solver module), ``atol``, ``rtol``, ``atol_adjoint`` and ``rtol_adjoint`` go
+            to it too (defaults ``"dopri5"``, 1e-5 everywhere).
     """
 
     def __init__(
@@ -150,16 +150,17 @@ class FFJORD(nn.Module):
                 raise ValueError(f"{arg}={value!r} is invalid; accepted: {', '.join(accepted)}")
         self.dim, self.times, self.solver, self.atol, self.rtol = dim, times, solver, atol, rtol
         self.noise = (Rademacher if noise == "rademacher" else StandardNormal)(dim)
-        self.nets = nn.ModuleList(
-            make_field(dim, tuple(hidden), conditioning, activation) for _ in range(n_blocks)
-        )
+        fields = [make_field(dim, tuple(hidden), conditioning, activation) for _ in range(n_blocks)]
+        self.nets = nn.ModuleList(fields)
         if identity_init:
-            for net in self.nets:
-                last = net[-1].linear if conditioning == "concatsquash" else net[-1]
+            for net in fields:
+                last = net[-1]  # ConcatSquashLinear, or nn.Linear after DepthCat
+                if isinstance(last, ConcatSquashLinear):
+                    nn.init.zeros_(last.shift.weight)
+                    last = last.linear
+                assert isinstance(last, nn.Linear)
                 nn.init.zeros_(last.weight)
                 nn.init.zeros_(last.bias)
-                if conditioning == "concatsquash":
-                    nn.init.zeros_(net[-1].shift.weight)
         estimator = hutch_trace if trace == "hutchinson" else autograd_trace
         self.blocks = nn.ModuleList(
             NeuralODE(

@@ -3,26 +3,41 @@
 ``dz = g(z) dX(t)`` with ``X`` the interpolation of the observations (torchcde) becomes the ODE
 ``dz/dt = g(z) dX/dt``, integrated by a ``NeuralODE`` with the snopt sensitivity, so SNOpt's
 curvature (eq. 13) covers the layers of ``g``.
+
+torchcde is imported when a model is built (the ``cde`` extra), not when this module is.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from types import ModuleType
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn as nn
-import torchcde
 from torch import Tensor
 from torchdyn.core import NeuralODE
 
-Path = torchcde.interpolation_base.InterpolationBase
+from torchdyn_snopt._extras import require
+
+if TYPE_CHECKING:
+    from torchcde.interpolation_base import InterpolationBase as Path
 
 INTERPOLATIONS: tuple[str, ...] = ("hermite", "natural", "linear")
-_COEFFS: dict[str, Callable[[Tensor], Tensor]] = {
-    "hermite": torchcde.hermite_cubic_coefficients_with_backward_differences,
-    "natural": torchcde.natural_cubic_coeffs,
-    "linear": torchcde.linear_interpolation_coeffs,
+#: torchcde's coefficient function of each interpolation.
+_COEFF_FUNCTIONS: dict[str, str] = {
+    "hermite": "hermite_cubic_coefficients_with_backward_differences",
+    "natural": "natural_cubic_coeffs",
+    "linear": "linear_interpolation_coeffs",
 }
+
+
+def _torchcde() -> ModuleType:
+    return require("torchcde", "the Neural CDE model")
+
+
+def _coeff_function(interpolation: str) -> Callable[[Tensor, Tensor], Tensor]:
+    return getattr(_torchcde(), _COEFF_FUNCTIONS[interpolation])
 
 
 class CDEFunc(nn.Module):
@@ -63,6 +78,7 @@ def control_path(coeffs: Tensor, interpolation: str) -> Path:
     """torchcde's path for coefficients of ``interpolation`` (one of INTERPOLATIONS) built on
     :func:`unit_times` (linear coefficients hold one row per observation, cubic ones one row
     per interval)."""
+    torchcde = _torchcde()
     if interpolation == "linear":
         return torchcde.LinearInterpolation(coeffs, unit_times(coeffs.shape[-2], coeffs))
     return torchcde.CubicSpline(coeffs, unit_times(coeffs.shape[-2] + 1, coeffs))
@@ -83,11 +99,13 @@ class NeuralCDE(nn.Module):
     Args:
         channels: input channels of the path, time included.
         num_classes: output logits.
-        hidden: state size (default 32). width: inner width of ``g`` (64).
+        hidden: state size (default 32).
+        width: inner width of ``g`` (64).
         interpolation: "hermite" (cubic Hermite with backward differences, default),
             "natural" (natural cubic spline) or "linear".
-        sensitivity, solver, tol: of the ``NeuralODE`` (default "snopt", rk4 with one step per
-            observation interval; ``tol`` is atol = rtol for adaptive solvers).
+        sensitivity: of the ``NeuralODE`` (default "snopt").
+        solver: of the ``NeuralODE`` (default rk4, one step per observation interval).
+        tol: atol = rtol of adaptive solvers.
     """
 
     def __init__(
@@ -102,6 +120,7 @@ class NeuralCDE(nn.Module):
         tol: float = 1e-3,
     ) -> None:
         super().__init__()
+        _torchcde()  # fail at construction, with the install command, when torchcde is missing
         if interpolation not in INTERPOLATIONS:
             raise ValueError(
                 f"interpolation={interpolation!r} is invalid; accepted: {', '.join(INTERPOLATIONS)}"
@@ -127,7 +146,7 @@ class NeuralCDE(nn.Module):
             raise ValueError(
                 f"x has shape {tuple(x.shape)}; accepted: (N, L, channels={self.channels})"
             )
-        return _COEFFS[self.interpolation](x, unit_times(x.shape[-2], x))
+        return _coeff_function(self.interpolation)(x, unit_times(x.shape[-2], x))
 
     def path(self, coeffs: Tensor) -> Path:
         return control_path(coeffs, self.interpolation)

@@ -40,9 +40,11 @@ class ODERNN(nn.Module):
     Args:
         in_channels: value channels ``C`` (time excluded).
         num_classes: output logits.
-        hidden: hidden-state size (default 32). width: the ODE field's inner width (64).
-        sensitivity, solver, tol: of the hidden-state ``NeuralODE`` (default "snopt", rk4 with
-            one step per observation gap; ``tol`` is atol = rtol for adaptive solvers).
+        hidden: hidden-state size (default 32).
+        width: the ODE field's inner width (64).
+        sensitivity: of the hidden-state ``NeuralODE`` (default "snopt").
+        solver: of that ``NeuralODE`` (default rk4, one step per observation gap).
+        tol: atol = rtol of adaptive solvers.
     """
 
     def __init__(

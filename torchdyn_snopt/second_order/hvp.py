@@ -33,6 +33,7 @@ product is the exact Hessian of the whole model times ``v``.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any, cast
 
 import torch
 from torch import Tensor
@@ -101,11 +102,11 @@ def hvp(
         s = sol.detach().requires_grad_(True)
         loss = scalar_loss(loss_fn, s, fn)
         g_all = torch.autograd.grad(loss, (s, *params), create_graph=True, allow_unused=True)
-        g_sol, g_par = g_all[0], g_all[1:]
-        direc = _dot([g_sol], [dsol]) + _dot(g_par, vs)
+        g_sol, g_par_raw = g_all[0], g_all[1:]
+        direc = _dot([g_sol], [dsol]) + _dot(g_par_raw, vs)
         h_all = _grad_or_zero(direc, (s, *params))
     h_sol, h_par = h_all[0], list(h_all[1:])
-    g_par = [torch.zeros_like(p) if g is None else g.detach() for g, p in zip(g_par, params)]
+    g_par = [torch.zeros_like(p) if g is None else g.detach() for g, p in zip(g_par_raw, params)]
 
     a0, da0, mu, eta = _backward(problem, sol, dsol, g_sol.detach(), h_sol, v_field)
 
@@ -194,7 +195,7 @@ def _field_jvp(problem: Problem, shape: torch.Size, v_field: list[Tensor]):
         def f(x_: Tensor, *ps: Tensor) -> Tensor:
             return functional_call(vf, dict(zip(names, ps)), (t, x_))
 
-        return jvp(f, (x, *params), (dx, *v_field))
+        return cast(tuple[Tensor, Tensor], jvp(f, (x, *params), (dx, *v_field)))
 
     return call
 
@@ -254,7 +255,7 @@ def _backward(
             ]
         )
 
-    opts = {"dtype": sol.dtype, "device": sol.device}
+    opts: dict[str, Any] = {"dtype": sol.dtype, "device": sol.device}
     x, dx = sol[-1].reshape(-1), dsol[-1].reshape(-1)
     a, da = torch.zeros(m, **opts), torch.zeros(m, **opts)
     mu, eta = torch.zeros(n, **opts), torch.zeros(n, **opts)

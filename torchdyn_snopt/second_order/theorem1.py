@@ -26,6 +26,7 @@ along as ``C_j = ∂²Q/∂x∂x_j`` (``dC_j/ds = F_xᵀC_j``) and ``D_j = ∂²
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -143,7 +144,7 @@ def _backward(
     problem: Problem, loss_fn: LossFn, sol: Tensor, g_sol: Tensor, field_curvature: bool
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     shape, n_state, n = sol[0].shape, sol[0].numel(), problem.n_params
-    opts = {"dtype": sol.dtype, "device": sol.device}
+    opts: dict[str, Any] = {"dtype": sol.dtype, "device": sol.device}
     x = sol[-1].reshape(-1)
     a = torch.zeros(n_state, **opts)
     mu = torch.zeros(n, **opts)
