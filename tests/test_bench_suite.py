@@ -119,16 +119,21 @@ def test_rates_file_covers_every_task_and_ships_as_package_data():
             entry = rates["rates"][task][name]
             assert entry["lr"] > 0 and entry["source"] in ("prior", "sweep")
     for name in suite.TUNED:
-        grid = suite.lr_grid(rates, name)
-        assert len(grid) == 10 and grid == sorted(grid)
-    assert suite.lr_grid(rates, "adam")[0] == 1e-4 and suite.lr_grid(rates, "adam")[-1] == 0.1
+        grid = suite.lr_grid(rates, name)  # the sweep's: half a decade apart
+        assert len(grid) == 5 and grid == sorted(grid)
+        fine = suite.lr_grid(rates, name, suite.SENSITIVITY_POINTS)  # --lr-sensitivity's
+        assert len(fine) == 10 and (fine[0], fine[-1]) == (grid[0], grid[-1])
+    assert suite.lr_grid(rates, "adam") == [0.001, 0.00316, 0.01, 0.0316, 0.1]
     text = (Path(__file__).resolve().parents[1] / "pyproject.toml").read_text()
     package_data = text.split("[tool.setuptools.package-data]", 1)[1].split("\n[", 1)[0]
     assert '"torchdyn_snopt.bench" = ["suite_rates.json"]' in package_data
     extras = text.split("[project.optional-dependencies]", 1)[1].split("\n[", 1)[0]
-    for extra in ("bench", "test"):
-        line = next(v for v in extras.splitlines() if v.startswith(f"{extra} = "))
-        assert '"pytorch-optimizer' in line
+
+    def extra(name: str) -> str:  # the list of one extra, e.g. 'bench = [ ... ]'
+        return extras.split(f"\n{name} = [", 1)[1].split("]\n", 1)[0]
+
+    assert '"pytorch-optimizer' in extra("bench")
+    assert '"torchdyn-snopt[bench' in extra("test")
     core = text.split("dependencies = [", 1)[1].split("]", 1)[0]
     assert "pytorch-optimizer" not in core
 
@@ -313,9 +318,9 @@ def test_sweep_rewrites_the_rates_file_and_reports_sensitivity(tmp_path, monkeyp
     assert new["rates"]["flowmap"]["sgd"]["source"] == "prior"  # not swept: kept
     assert new["sweeps"]["spiral"]["budget_s"] == 0.2 and new["grid"] == suite.load_rates()["grid"]
     u = doc["sensitivity"]["flowmap"]["adam"]
-    # usable: loss <= 2 x 0.2, i.e. |log10 lr + 2| <= 0.447: 4.64e-3, 1e-2 and 2.15e-2
-    assert (u["low"], u["high"], u["count"]) == (0.00464, 0.0215, 3)
-    assert u["ratio"] == pytest.approx(0.0215 / 0.00464) and u["best_lr"] == 0.01
+    # usable: loss <= 2 x 0.2, i.e. |log10 lr + 2| <= 0.447: of 3.16e-3, 1e-2, 3.16e-2 only 1e-2
+    assert (u["low"], u["high"], u["count"]) == (0.01, 0.01, 1)
+    assert u["ratio"] == pytest.approx(1.0) and u["best_lr"] == 0.01
     assert [r["lr"] for r in doc["lr_runs"] if r["diverged"]] == [0.1, 0.1]
     for name in ("lr_sensitivity.md", "lr_sensitivity.json"):
         assert (tmp_path / "out" / name).is_file()

@@ -36,6 +36,7 @@ from torchdyn_snopt.bench.common import (
     train_for,
     with_bar,
 )
+from torchdyn_snopt.bench.provenance import environment
 from torchdyn_snopt.bench.suite_tasks import TASKS, Data, Task, mean_loss, quiet_build, test_metric
 
 #: The compared optimizers, in table order; ``adam`` is the reference of time-to-loss.
@@ -122,10 +123,17 @@ def rate_of(rates: dict[str, Any], task: str, optimizer: str) -> tuple[float, st
     return float(entry["lr"]), str(entry["source"])
 
 
-def lr_grid(rates: dict[str, Any], optimizer: str) -> list[float]:
-    """The log grid of ``optimizer`` from the rates file (``points`` rates, both ends in)."""
+#: Rates of ``--lr-sensitivity``'s grid per optimizer (over the rates file's range); the
+#: ``--sweep`` that picks the suite's rates uses the file's own ``points`` (coarser, cheaper).
+SENSITIVITY_POINTS = 10
+
+
+def lr_grid(rates: dict[str, Any], optimizer: str, points: int | None = None) -> list[float]:
+    """The log grid of ``optimizer`` from the rates file: ``points`` rates (default the file's
+    own), both ends in."""
     g = rates["grid"][optimizer]
-    lo, hi, n = math.log10(g["low"]), math.log10(g["high"]), int(g["points"])
+    lo, hi = math.log10(g["low"]), math.log10(g["high"])
+    n = int(g["points"]) if points is None else points
     return [float(f"{10 ** (lo + (hi - lo) * i / (n - 1)):.3g}") for i in range(n)]
 
 
@@ -448,7 +456,8 @@ def bench_suite(
     rates = load_rates(rates_path)
     try:
         chosen = {t: {o: rate_of(rates, t, o) for o in optimizers} for t in tasks}
-        grids = {o: lr_grid(rates, o) for o in optimizers if o in TUNED}
+        points = SENSITIVITY_POINTS if lr_sensitivity else None
+        grids = {o: lr_grid(rates, o, points) for o in optimizers if o in TUNED}
     except (KeyError, TypeError, ValueError) as err:
         raise ValueError(
             f"rates_path={str(rates_path)!r} has no valid rate or grid for {err}; accepted: a "
@@ -468,7 +477,7 @@ def bench_suite(
         "rates_file": str(rates_path),
         "snopt_default": SNOPT_DEFAULT_NOTE if not snopt_lr_has_default() else "SNOpt(model)",
     }
-    doc: dict[str, Any] = {**report.environment(command), "settings": settings, "tasks": {}}
+    doc: dict[str, Any] = {**environment(command), "settings": settings, "tasks": {}}
     doc["started"] = time.perf_counter()
     for tname in tasks:  # a missing dataset fails now, not after an hour of other tasks
         TASKS[tname].load()
