@@ -121,8 +121,10 @@ def test_train_for_stops_a_stalled_run():
     r = train_for(model, opt, data, 30.0, name="sgd", lr=1e-3, seed=0, batch_size=32, max_nfe=2)
     assert r.iterations == 1 and r.extra == {"stalled": 1.0}
     assert len(r.points) == 1 and 0.0 <= r.points[0].test_acc <= 1.0
+    # With no cap the run is not flagged (iterations counted, not timed: under load one
+    # iteration may outlast the 0.3 s budget).
     r = train_for(model, opt, data, 0.3, name="sgd", lr=1e-3, seed=0, batch_size=32, max_nfe=10**6)
-    assert r.iterations > 1 and "stalled" not in r.extra
+    assert r.iterations >= 1 and "stalled" not in r.extra
 
 
 def test_a_failed_solve_is_a_diverged_run(monkeypatch):
