@@ -301,9 +301,12 @@ def _record(errs: Blocks, rel: float) -> None:
 
 
 def timed(field: nn.Module) -> Callable[[Tensor, Tensor], Tensor]:
-    """``(t, x) -> field(x)`` with every ``DepthCat`` of ``field`` set to ``t`` first."""
+    """``(t, x) -> field(x)`` with every ``DepthCat`` of ``field`` set to ``t`` first (a
+    ``Sequential``), or ``field(t, x)`` for a field that takes the time itself."""
 
     def f(t: Tensor, x: Tensor) -> Tensor:
+        if not isinstance(field, nn.Sequential):
+            return field(t, x)
         for m in field.modules():
             if isinstance(m, DepthCat):
                 m.t = t
