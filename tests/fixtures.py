@@ -32,8 +32,16 @@ DTYPE = torch.float64
 SEED = 0
 #: Forward and adjoint tolerance used for adaptive solvers.
 TOL = 1e-10
-#: Maximum relative error tolerated between two gradient computations.
-REL = 1e-5
+#: Maximum relative error tolerated between two gradient computations, per block (each
+#: parameter tensor, x0, t_span against its own norm). Measured worst case over every
+#: comparison that uses this default (adaptive solves at TOL against each other and against
+#: autograd, rk4 on 41 points against torchdyn's adjoint or autograd): 2.0e-8 (a 2.bias block,
+#: conv field, tsit5 vs autograd; rk4 save_at 0.weight 2.0e-8). Comparisons with a genuine
+#: discretisation gap (rk4 on few points vs autograd, low-order adjoint solvers, NCDE paths with
+#: kinks) pass their own, measured bound.
+REL = 2e-7
+#: Norm below which a block's error is measured absolutely (near-zero blocks).
+ABS_FLOOR = 1e-12
 
 ADAPTIVE = ("dopri5", "tsit5")
 FIXED = ("euler", "midpoint", "rk4", "ieuler")
@@ -202,6 +210,9 @@ def make_node(
     )
 
 
+Blocks = dict[str, Tensor]
+
+
 def grads(
     model_fn: FieldFn,
     sensitivity: str,
@@ -215,8 +226,10 @@ def grads(
     solver_adjoint: str | nn.Module | None = None,
     integral_loss: Callable | None = None,
     seminorm: bool = False,
-) -> Tensor:
-    """Flat gradient of ``loss_fn(trajectory)`` w.r.t. the field's parameters, then ``x0``."""
+    t_grad: bool = False,
+) -> Blocks:
+    """Gradient of ``loss_fn(trajectory)`` as blocks: one per field parameter (by name), then
+    ``"x0"`` and, with ``t_grad``, ``"t_span"``."""
     field = model_fn()
     node = make_node(
         field,
@@ -230,25 +243,114 @@ def grads(
     x0 = mlp_data() if x0 is None else x0
     t_span = default_t_span(node.solver) if t_span is None else t_span
     x = x0.clone().requires_grad_(True)
-    _, sol = node(x, t_span, save_at=save_at)
-    params = [p for p in field.parameters() if p.requires_grad]
-    inputs = [*params, x]
-    g = torch.autograd.grad(loss_fn(sol), inputs, allow_unused=True)
-    g = [torch.zeros_like(i) if q is None else q for q, i in zip(g, inputs, strict=True)]
-    return torch.cat([q.reshape(-1) for q in g])
+    t = t_span.detach().clone().requires_grad_(t_grad)
+    _, sol = node(x, t, save_at=save_at)
+    named = [(n, p) for n, p in field.named_parameters() if p.requires_grad]
+    named += [("x0", x)] + ([("t_span", t)] if t_grad else [])
+    g = torch.autograd.grad(loss_fn(sol), [p for _, p in named], allow_unused=True)
+    return {n: torch.zeros_like(p) if q is None else q for (n, p), q in zip(named, g, strict=True)}
 
 
-def rel_err(a: Tensor, b: Tensor) -> float:
-    a, b = a.detach(), b.detach()
-    return float((a - b).norm() / b.norm())
+def flat(blocks: Blocks | Tensor) -> Tensor:
+    """All blocks as one vector (in order)."""
+    if isinstance(blocks, Tensor):
+        return blocks.reshape(-1)
+    return torch.cat([b.reshape(-1) for b in blocks.values()])
 
 
-def assert_close(a: Tensor, b: Tensor, rel: float = REL) -> None:
-    assert a.shape == b.shape, (a.shape, b.shape)
-    assert torch.isfinite(a).all() and torch.isfinite(b).all()
-    assert float(b.detach().norm()) > 0.0
-    err = rel_err(a, b)
-    assert err <= rel, f"relative error {err:.3e} > {rel:.1e}"
+def _as_blocks(x: Blocks | Tensor) -> Blocks:
+    return {"": x} if isinstance(x, Tensor) else x
+
+
+def block_errors(a: Blocks | Tensor, b: Blocks | Tensor, floor: float = ABS_FLOOR) -> Blocks:
+    """``‖a_k − b_k‖ / max(‖b_k‖, floor)`` for every block ``k`` (a tensor is one block)."""
+    a, b = _as_blocks(a), _as_blocks(b)
+    assert list(a) == list(b), (list(a), list(b))
+    out = {}
+    for k in b:
+        ak, bk = a[k].detach(), b[k].detach()
+        assert ak.shape == bk.shape, (k, ak.shape, bk.shape)
+        assert torch.isfinite(ak).all() and torch.isfinite(bk).all(), k
+        out[k] = float((ak - bk).norm()) / max(float(bk.norm()), floor)
+    return out
+
+
+def rel_err(a: Blocks | Tensor, b: Blocks | Tensor, floor: float = ABS_FLOOR) -> float:
+    """Worst per-block relative error (see :func:`block_errors`)."""
+    return max(block_errors(a, b, floor).values())
+
+
+def assert_close(a: Blocks | Tensor, b: Blocks | Tensor, rel: float = REL) -> None:
+    """Every block of ``a`` within ``rel`` of ``b``'s block, relative to that block's own norm
+    (floored at :data:`ABS_FLOOR`): an error confined to ``x0`` or one small layer is caught."""
+    errs = block_errors(a, b)
+    _record(errs, rel)
+    bad = {k: f"{e:.2e}" for k, e in errs.items() if not e <= rel}
+    assert not bad, f"per-block relative error above {rel:.1e}: {bad}"
+
+
+def _record(errs: Blocks, rel: float) -> None:
+    """With ``SNOPT_MEASURE=path``, append the worst block error of each comparison (used to
+    measure the tolerances' headroom; off by default)."""
+    path = os.environ.get("SNOPT_MEASURE")
+    if path:
+        worst = max(errs, key=errs.get)
+        test = os.environ.get("PYTEST_CURRENT_TEST", "?").split(" ")[0]
+        with open(path, "a") as f:
+            f.write(f"{errs[worst]:.3e}\t{rel:.1e}\t{worst}\t{test}\n")
+
+
+def timed(field: nn.Module) -> Callable[[Tensor, Tensor], Tensor]:
+    """``(t, x) -> field(x)`` with every ``DepthCat`` of ``field`` set to ``t`` first (a
+    ``Sequential``), or ``field(t, x)`` for a field that takes the time itself."""
+
+    def f(t: Tensor, x: Tensor) -> Tensor:
+        if not isinstance(field, nn.Sequential):
+            return field(t, x)
+        for m in field.modules():
+            if isinstance(m, DepthCat):
+                m.t = t
+        return field(x)
+
+    return f
+
+
+def rk4_interval(f: Callable, x: Tensor, t_a: Tensor, t_b: Tensor, steps: int) -> Tensor:
+    """Classical RK4 from ``t_a`` to ``t_b`` (either direction) in ``steps`` equal steps, stage
+    times ``t, t+h/2, t+h/2, t+h`` (torchdyn 1.0.6's rk4 puts them at ``t, t+h/2, t+h/2``).
+    Differentiable w.r.t. ``x``, the end times and ``f``'s parameters."""
+    h = (t_b - t_a) / steps
+    for k in range(steps):
+        t = t_a + k * h
+        k1 = f(t, x)
+        k2 = f(t + h / 2, x + h / 2 * k1)
+        k3 = f(t + h / 2, x + h / 2 * k2)
+        k4 = f(t + h, x + h * k3)
+        x = x + h / 6 * (k1 + 2 * k2 + 2 * k3 + k4)
+    return x
+
+
+def rk4_reference(
+    model_fn: FieldFn,
+    x0: Tensor,
+    t_span: Tensor,
+    loss_fn: LossFn = trajectory_loss,
+    steps: int = 400,
+) -> Blocks:
+    """Ground truth (IMPLEMENTATION-NOTES, Table 1): gradient blocks of ``loss_fn`` (parameters,
+    ``"x0"``, ``"t_span"``) by autograd through :func:`rk4_interval` in float64, ``steps`` steps
+    per ``t_span`` interval, ``model_fn()``'s field seeing the true time (:func:`timed`)."""
+    field = model_fn()
+    f = timed(field)
+    x = x0.detach().clone().requires_grad_(True)
+    t = t_span.detach().clone().requires_grad_(True)
+    sol = [x]
+    for k in range(len(t) - 1):
+        sol.append(rk4_interval(f, sol[-1], t[k], t[k + 1], steps))
+    named = [(n, p) for n, p in field.named_parameters() if p.requires_grad]
+    named += [("x0", x), ("t_span", t)]
+    g = torch.autograd.grad(loss_fn(torch.stack(sol)), [p for _, p in named])
+    return {n: q for (n, _), q in zip(named, g)}
 
 
 # --------------------------------------------------------------------------- optimizer models

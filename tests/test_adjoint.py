@@ -25,13 +25,14 @@ from torchdyn.numerics import odeint
 import torchdyn_snopt as tds
 from tests.fixtures import (
     DTYPE,
-    REL,
+    Blocks,
     assert_close,
     conv_data,
     conv_field,
     datacontrol_field,
     default_t_span,
     depthcat_field,
+    flat,
     galerkin_field,
     grads,
     last_loss,
@@ -39,6 +40,7 @@ from tests.fixtures import (
     make_solver,
     mlp_data,
     mlp_field,
+    rk4_reference,
     single_thread,
     trajectory_loss,
 )
@@ -65,13 +67,13 @@ FIELDS = {
 
 
 @functools.cache
-def _cached(field: str, sensitivity: str, solver: str, seminorm: bool = False) -> torch.Tensor:
+def _cached(field: str, sensitivity: str, solver: str, seminorm: bool = False) -> Blocks:
     model_fn, data_fn = FIELDS[field]
     return grads(model_fn, sensitivity, solver, x0=data_fn(), seminorm=seminorm)
 
 
-def cached(field: str, sensitivity: str, solver: str, seminorm: bool = False) -> torch.Tensor:
-    return _cached(field, sensitivity, solver, seminorm).clone()
+def cached(field: str, sensitivity: str, solver: str, seminorm: bool = False) -> Blocks:
+    return {k: v.clone() for k, v in _cached(field, sensitivity, solver, seminorm).items()}
 
 
 # --------------------------------------------------------------------------- core agreement
@@ -112,18 +114,14 @@ def test_galerkin_coefficients_get_gradients():
 # --------------------------------------------------------------------------- outputs & x0
 
 
-def x0_part(g: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
-    return g[-x0.numel() :]
-
-
 @pytest.mark.parametrize("field", ["mlp", "conv"])
 def test_gradient_wrt_x0(field):
     model_fn, data_fn = FIELDS[field]
     x0 = data_fn()
     kw = {"x0": x0, "loss_fn": last_loss}
-    g = x0_part(grads(model_fn, "snopt", "dopri5", **kw), x0)
-    assert_close(g, x0_part(grads(model_fn, "adjoint", "dopri5", **kw), x0))
-    assert_close(g, x0_part(grads(model_fn, "autograd", "dopri5", **kw), x0))
+    g = grads(model_fn, "snopt", "dopri5", **kw)["x0"]
+    assert_close(g, grads(model_fn, "adjoint", "dopri5", **kw)["x0"])
+    assert_close(g, grads(model_fn, "autograd", "dopri5", **kw)["x0"])
 
 
 @pytest.mark.parametrize(
@@ -146,8 +144,8 @@ def test_loss_on_initial_output_only():
     # the output at t_span[0] is x0 itself: identity gradient, nothing for the parameters
     x0 = mlp_data()
     g = grads(mlp_field, "snopt", "dopri5", x0=x0, loss_fn=lambda sol: (sol[0] ** 2).sum())
-    assert torch.equal(x0_part(g, x0), 2 * x0.reshape(-1))
-    assert torch.count_nonzero(g[: -x0.numel()]) == 0
+    assert torch.equal(g.pop("x0"), 2 * x0)
+    assert all(torch.count_nonzero(q) == 0 for q in g.values())
 
 
 @pytest.mark.parametrize("solver", ["dopri5", "rk4"])
@@ -158,6 +156,29 @@ def test_decreasing_t_span(solver):
     t_span = torch.linspace(1.0, -0.2, n, dtype=DTYPE)
     g = grads(mlp_field, "snopt", solver, t_span=t_span)
     assert_close(g, grads(mlp_field, "autograd", solver, t_span=t_span))
+
+
+#: snopt (dopri5 at TOL) against autograd through a 200-step-per-interval float64 rk4, per
+#: block: measured worst 5.5e-9 (t_span block, DepthCat field, 2 points); the rk4 reference
+#: is converged (400 steps give the same errors to two digits).
+DECREASING_REL = 5e-8
+
+
+@pytest.mark.parametrize("points", [[1.0, -0.2], [1.0, 0.6, -0.2]], ids=["2pt", "3pt"])
+@pytest.mark.parametrize("field", ["mlp", "depthcat"])
+def test_decreasing_t_span_with_t_span_gradient_against_fine_rk4(field, points):
+    """Decreasing, multi-point span; gradients of parameters, x0 and t_span (each block) of a
+    time-independent and a time-dependent (DepthCat) field against autograd through a fine
+    fixed-step rk4 with correct stage times (torchdyn's "adjoint" is wrong here: 2e0 apart).
+
+    Kills: the backward dynamics evaluating the field at ``s`` instead of the true time
+    ``t = -σs`` (DepthCat, decreasing spans); the wrong sign of the ``∂L/∂t0`` term; a
+    missing adjoint jump at the interior point (3pt)."""
+    model_fn = {"mlp": lambda: mlp_field(3, 6), "depthcat": lambda: depthcat_field(3, 6)}[field]
+    t_span = torch.tensor(points, dtype=DTYPE)
+    x0 = mlp_data(4, 3)
+    g = grads(model_fn, "snopt", "dopri5", x0=x0, t_span=t_span, t_grad=True)
+    assert_close(g, rk4_reference(model_fn, x0, t_span, steps=200), rel=DECREASING_REL)
 
 
 # --------------------------------------------------------------------------- integral loss
@@ -180,8 +201,9 @@ def manual_integral_grads(solver: str, t_span: torch.Tensor, loss_fn=trajectory_
     z0 = torch.cat([x, torch.zeros(x.shape[0], 1, dtype=DTYPE)], 1)
     _, sol = odeint(augmented, z0, t_span, make_solver(solver), atol=1e-10, rtol=1e-10)
     loss = loss_fn(sol[..., :dim]) + sol[-1, :, dim].sum()
-    g = torch.autograd.grad(loss, [*field.parameters(), x])
-    return torch.cat([q.reshape(-1) for q in g])
+    named = [*field.named_parameters(), ("x0", x)]
+    g = torch.autograd.grad(loss, [p for _, p in named])
+    return {n: q for (n, _), q in zip(named, g)}
 
 
 @pytest.mark.parametrize("solver", ["dopri5", "rk4"])
@@ -193,7 +215,7 @@ def test_integral_loss(solver):
     assert_close(g, manual_integral_grads(solver, t_span))
     # and the integral term really contributes
     without = grads(mlp_field, "snopt", solver, t_span=t_span)
-    assert (g - without).norm() > 1e-2 * g.norm()
+    assert (flat(g) - flat(without)).norm() > 1e-2 * flat(g).norm()
 
 
 def test_integral_loss_with_last_output_only():
@@ -222,7 +244,7 @@ def test_save_at_fixed_step(solver, which):
     g = grads(mlp_field, "snopt", solver, t_span=t_span, save_at=t_span[idx])
     if which == "initial_only":  # nothing to integrate back: identity gradient for x0
         ref = grads(mlp_field, "autograd", solver, t_span=t_span, save_at=t_span[idx])
-        assert torch.equal(g, ref)
+        assert list(g) == list(ref) and all(torch.equal(g[k], ref[k]) for k in g)
         return
     # torchdyn's "adjoint" ignores save_at; the same loss on the full trajectory's points is
     # the same continuous-adjoint problem (one backward step per t_span interval), once the
@@ -283,6 +305,9 @@ def test_seminorm_saves_backward_steps(solver):
 
 T_SPAN_TOL = 1e-12
 FD_STEP = 1e-5
+#: Central differences of step FD_STEP on solves at T_SPAN_TOL: measured worst relative
+#: error 2.1e-10 (integral loss, 2 points), every point (the small intermediate one: 1.1e-10).
+FD_REL = 2e-9
 
 
 def _fd(loss_of, t_span: torch.Tensor, i: int) -> float:
@@ -333,19 +358,17 @@ def test_t_span_gradient_matches_finite_differences(points, integral):
     t_span = t0.clone().requires_grad_(True)
     (g,) = torch.autograd.grad(autodiff_loss(t_span), t_span)
     assert g.shape == t_span.shape
-    for i in (0, points - 1):
+    for i in range(points):
         fd = _fd(total_loss, t0, i)
-        assert abs(float(g[i]) - fd) <= REL * abs(fd), (i, float(g[i]), fd)
-    if points == 3:  # intermediate point: small value, looser check
-        fd = _fd(total_loss, t0, 1)
-        assert abs(float(g[1]) - fd) <= 1e-4 * max(abs(fd), 1.0), (float(g[1]), fd)
+        assert abs(float(g[i]) - fd) <= FD_REL * abs(fd), (i, float(g[i]), fd)
 
 
 def test_t_span_gradient_does_not_change_other_gradients():
     t_span = torch.tensor([0.0, 0.4, 1.0], dtype=DTYPE)
     ref = grads(mlp_field, "snopt", "dopri5", t_span=t_span)
-    g = grads(mlp_field, "snopt", "dopri5", t_span=t_span.clone().requires_grad_(True))
-    assert torch.equal(g, ref)
+    g = grads(mlp_field, "snopt", "dopri5", t_span=t_span, t_grad=True)
+    assert g.pop("t_span").abs().sum() > 0
+    assert list(g) == list(ref) and all(torch.equal(g[k], ref[k]) for k in ref)
 
 
 # --------------------------------------------------------------------------- NFE counters
@@ -416,14 +439,25 @@ def test_neuralode_without_return_t_eval():
         t_span=torch.linspace(0, 1, 5, dtype=DTYPE),
         loss_fn=last_loss,
     )
-    got = torch.cat([*(p.grad.reshape(-1) for p in field.parameters()), x.grad.reshape(-1)])
-    assert_close(got, ref)
+    got = {**{n: p.grad for n, p in field.named_parameters()}, "x0": x.grad}
+    # rk4 on 5 points: the continuous adjoint vs autograd's discrete one differ by O(h^4);
+    # measured 4.9e-7 (0.bias).
+    assert_close(got, ref, rel=5e-6)
 
 
 def test_end_point_missed_by_torchdyn_is_still_reached():
     """torchdyn's adaptive loop saves an output only if ``t + dt == t_span[i]`` in floating
     point; for many float32 horizons the last step misses by one ulp and torchdyn returns only
-    the initial state. The snopt forward redoes such a solve by intervals."""
+    the initial state. The snopt forward redoes such a solve by intervals.
+
+    The reference is the same solver at the same tolerance on a horizon nudged by 1e-7 (which
+    torchdyn reaches): the same accepted steps, so the states agree to float32 rounding
+    (measured 2.4e-7 max abs; bound 3e-6) and the snopt gradients per block to 3.6e-7
+    relative (bound 4e-6). (The former ``atol=1e-2`` compared against a tol-1e-6 solve: the
+    bound covered a tolerance-1e-3 solve's own error, which here is only 7.7e-7.)
+
+    Kills: the re-solve stopping one step short or ending on a wrong horizon; a backward pass
+    that starts from the wrong output after the re-solve."""
     torch.manual_seed(0)
     f = nn.Sequential(nn.Linear(3, 16), nn.Tanh(), nn.Linear(16, 3))
     x = torch.randn(8, 3)
@@ -438,7 +472,13 @@ def test_end_point_missed_by_torchdyn_is_still_reached():
     t_eval, sol = node(x.requires_grad_(True), missed.requires_grad_(True))
     assert torch.equal(t_eval, missed) and sol.shape == (2, 8, 3)
     nudged = missed.detach() * torch.tensor([1.0, 1.0 - 1e-7])
-    ref = odeint(lambda t, z: f(z), x.detach(), nudged, "dopri5", atol=1e-6, rtol=1e-6)[1]
-    assert torch.allclose(sol[-1], ref[-1], atol=1e-2)
+    ref_t, ref = odeint(lambda t, z: f(z), x.detach(), nudged, "dopri5", atol=1e-3, rtol=1e-3)
+    assert len(ref_t) == 2, "the nudged horizon must be one torchdyn reaches"
+    assert (sol[-1] - ref[-1]).abs().max() <= 3e-6
     sol[-1].pow(2).sum().backward()
-    assert torch.isfinite(missed.grad).all() and torch.isfinite(x.grad).all()
+    assert torch.isfinite(missed.grad).all()
+    got = {**{n: p.grad.clone() for n, p in f.named_parameters()}, "x0": x.grad.clone()}
+    f.zero_grad()
+    x2 = x.detach().clone().requires_grad_(True)
+    node(x2, nudged)[1][-1].pow(2).sum().backward()
+    assert_close(got, {**{n: p.grad for n, p in f.named_parameters()}, "x0": x2.grad}, rel=4e-6)

