@@ -40,13 +40,10 @@ from torchdyn_snopt.bench.common import (
 from torchdyn_snopt.bench.image import sweep_rows
 
 MODELS: tuple[str, ...] = ("odernn", "ncde")
-#: Learning rates per (dataset, model): the best final test accuracy of ``--sweep`` (README;
-#: Adam's and SGD's for the CDE from a sweep on index time, which gives them the same
-#: gradients: only SNOpt's curvature scale depends on how the path is parametrised); the
-#: BasicMotions CDE's from a sweep of all three on the path scaled by ``PATH_SCALE``.
+#: Learning rates per (dataset, model): the best final test accuracy of ``--sweep`` (3 seeds
+#: for SNOpt on the BasicMotions ODE-RNN); the BasicMotions CDE's on the path scaled by
+#: ``PATH_SCALE``. How they were chosen is in the git history of this file.
 DEFAULT_LRS: dict[tuple[str, str], dict[str, float]] = {
-    # SNOpt's from a 3-seed check after the GRU cell's factors counted its time steps
-    # (2026-12-01; 3e-3 .783, 1e-2 .975, 3e-2 .900, 0.1 .758; the sweep's 3e-2 predates it).
     ("BasicMotions", "odernn"): {"adam": 1e-2, "sgd": 0.1, "snopt": 1e-2},
     ("BasicMotions", "ncde"): {"adam": 3e-2, "sgd": 3e-2, "snopt": 3e-2},  # path scale 0.1
     ("JapaneseVowels", "odernn"): {"adam": 3e-2, "sgd": 3e-2, "snopt": 1e-2},
@@ -57,25 +54,13 @@ SWEEP_LRS: dict[str, tuple[float, ...]] = {
     "sgd": (3e-3, 1e-2, 3e-2, 0.1),
     "snopt": (3e-3, 1e-2, 3e-2, 0.1),
 }
-#: Weight decay (L2, every optimizer) per (dataset, model), measured 2026-12-01 (README, "Weight
-#: decay"): the ``--sweep-wd`` check of :data:`WD_GRID` (seed 0, final test accuracy, ties broken
-#: by best accuracy, then by the smaller decay), except where Adam's and SNOpt's whole grid was
-#: also run on 3 seeds: there, the best 3-seed mean final accuracy (same tie rule) over all the
-#: 3-seed runs of that value.
+#: Weight decay (L2, every optimizer) per (dataset, model): the best mean final test accuracy
+#: of the ``--sweep-wd`` check over :data:`WD_GRID` (3 seeds for Adam and SNOpt where it was
+#: run on 3, seed 0 otherwise; ties broken by best accuracy, then by the smaller decay).
 DEFAULT_WEIGHT_DECAYS: dict[tuple[str, str], dict[str, float]] = {
-    # 3-seed runs: Adam 1e-3 1.000 (1e-4 0.996 over 6 runs, 0 0.983, 1e-2 0.933); SNOpt 1e-3
-    # 0.950 (best 0.958; 0 0.950 with best 0.950, 1e-4 0.942); SNOpt at 1e-2 oscillates (training
-    # loss back up to 0.5, test accuracy 0.57-1.00 between evaluations): 1.000 on one 3-seed run,
-    # 0.833 on its rerun, 0.917 over the 6. SGD from the seed-0 check.
     ("BasicMotions", "odernn"): {"adam": 1e-3, "sgd": 0.0, "snopt": 1e-3},
-    # 3-seed grid: Adam 0 (0.967; 1e-4..1e-2: 0.950-0.958), SNOpt 0 (0.942; 1e-4..1e-2:
-    # 0.925-0.933); SGD 1e-3 from the seed-0 check.
     ("BasicMotions", "ncde"): {"adam": 0.0, "sgd": 1e-3, "snopt": 0.0},
-    # seed-0 check: 1e-2 for all three (3 seeds: Adam 0.937, SGD 0.940, SNOpt 0.954).
     ("JapaneseVowels", "ncde"): {"adam": 1e-2, "sgd": 1e-2, "snopt": 1e-2},
-    # 3-seed runs: Adam 1e-3 0.980 (6 runs; 0 0.974, 1e-4 0.977, 1e-2 0.964); SNOpt 1e-3 0.980
-    # (1e-2 0.980 on one 3-seed run, 0.973 on its rerun, 0.977 over the 6; 1e-4 0.977, 0 0.976);
-    # SGD 1e-2 from the seed-0 check.
     ("JapaneseVowels", "odernn"): {"adam": 1e-3, "sgd": 1e-2, "snopt": 1e-3},
 }
 WD_GRID: tuple[float, ...] = (0.0, 1e-4, 1e-3, 1e-2)
