@@ -36,7 +36,7 @@ from torchdyn_snopt.bench.common import (
 
 DATASETS: tuple[str, ...] = ("circles", "moons", "8gaussians", "breast_cancer", "wine", "shuttle")
 TOYS: tuple[str, ...] = ("circles", "moons", "8gaussians")
-#: Learning rates: the picks of ``bench cnf --lr-check`` (README, 2026-11-28): circles,
+#: Learning rates: the picks of ``bench cnf --lr-check`` (see the git history): circles,
 #: breast_cancer and shuttle over the 4-5 point grids below at 20 s, wine over the earlier
 #: 3-point grid at 4 s; moons and 8gaussians have not been checked and use the circles values.
 DEFAULT_LRS: dict[str, dict[str, float]] = {

@@ -35,7 +35,7 @@ POLICIES: tuple[str, ...] = ("fixed", "baseline", "feedback")
 #: FreeHorizon settings of the benchmark, per policy: penalty c = 0.3 and max_t1 = 1.0 (never
 #: longer than the fixed run) for both; lr the best settle iteration of a check per policy on
 #: digits, seed 0, 60 epochs, weight decay 1e-2 (feedback 0.3/0.5/0.7/1.0: settled at
-#: 300/280/never/never; baseline 1.0/1.5/2.0/3.0: 310/280/300/never; README). At lr = 1 (a
+#: 300/280/never/never; baseline 1.0/1.5/2.0/3.0: 310/280/300/never). At lr = 1 (a
 #: full Gauss-Newton step) and at the baseline's 3.0, T flips between two values every update.
 HORIZON_OPTIONS: dict[str, dict[str, Any]] = {
     "baseline": {"penalty": 0.3, "lr": 1.5, "update_every": 10, "momentum": 0.9, "max_t1": 1.0},
@@ -45,7 +45,7 @@ HORIZON_OPTIONS: dict[str, dict[str, Any]] = {
 #: minimum number of steps for every t1 <= 1, so t1 cannot change the cost (Fig. 5's premise
 #: is a cost that grows with t1); at 1e-5 the step count grows with t1.
 DEFAULT_TOL = 1e-5
-DEFAULT_EPOCHS = 60  # 600 iterations on digits; T settles after about 300 (README)
+DEFAULT_EPOCHS = 60  # 600 iterations on digits; T settles after about 300
 DEFAULT_FIXED_T1: tuple[float, ...] = (0.25, 0.5)
 #: Weight decay of every run (all parameters, every policy, the fixed runs too). The field is
 #: autonomous and linear in its last layer (W, b), so the flow of (W, b) over [0, T] is that

@@ -35,7 +35,7 @@ from torchdyn_snopt.bench.common import (
 )
 
 #: Learning rates per dataset: the best final test accuracy of ``bench image --sweep
-#: --budget-s 30`` on each (README; SGD at 0.1 diverged on MNIST and Fashion-MNIST). On
+#: --budget-s 30`` on each (SGD at 0.1 diverged on MNIST and Fashion-MNIST). On
 #: Fashion-MNIST SGD's pick, 3e-2, stalled on seeds 1 and 2, so its default is the second
 #: choice, 1e-2, which trains on all three.
 DEFAULT_LRS: dict[str, dict[str, float]] = {
