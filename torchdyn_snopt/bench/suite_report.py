@@ -216,13 +216,8 @@ def sensitivity_text(sens: dict[str, dict[str, dict[str, float]]]) -> str:
     return "\n".join(lines)
 
 
-def write_sensitivity(doc: dict[str, Any], out: Path) -> list[Path]:
-    """``lr_sensitivity.json``, ``.md`` and ``.png`` (final training loss per rate, one panel
-    per task, failed runs marked x)."""
-    out.mkdir(parents=True, exist_ok=True)
-    paths = [out / "lr_sensitivity.md", out / "lr_sensitivity.json", out / "lr_sensitivity.png"]
-    with open(paths[1], "w") as fh:
-        json.dump(doc, fh, indent=1, default=float)
+def sensitivity_markdown(doc: dict[str, Any], png: str = "lr_sensitivity.png") -> str:
+    """The markdown page of an ``lr_sensitivity.json`` (``--sweep`` / ``--lr-sensitivity``)."""
     s = doc["settings"]
     rows = [
         {"task": t, "optimizer": n, **u}
@@ -241,10 +236,21 @@ def write_sensitivity(doc: dict[str, Any], out: Path) -> list[Path]:
         "",
         *_md_table(rows),
         "",
-        f"![final training loss per learning rate]({paths[2].name})",
+        f"![final training loss per learning rate]({png})",
         "",
     ]
-    paths[0].write_text("\n".join(lines))
+    return "\n".join(lines)
+
+
+def write_sensitivity(doc: dict[str, Any], out: Path) -> list[Path]:
+    """``lr_sensitivity.json``, ``.md`` and ``.png`` (final training loss per rate, one panel
+    per task, failed runs marked x)."""
+    out.mkdir(parents=True, exist_ok=True)
+    paths = [out / "lr_sensitivity.md", out / "lr_sensitivity.json", out / "lr_sensitivity.png"]
+    with open(paths[1], "w") as fh:
+        json.dump(doc, fh, indent=1, default=float)
+    s = doc["settings"]
+    paths[0].write_text(sensitivity_markdown(doc, paths[2].name))
     fig, axes = _panels(len(doc["sensitivity"]))
     for ax, task in zip(axes, doc["sensitivity"]):
         mine = [r for r in doc["lr_runs"] if r["task"] == task]
