@@ -572,3 +572,15 @@ def cde_path_series(batch: int = 4, length: int = 8, channels: int = 2, seed: in
     x = torch.randn(batch, length, channels, generator=g, dtype=DTYPE)
     x[0, 3, 1] = x[2, 5, 0] = x[1, length - 2, 1] = float("nan")
     return torch.cat([t.expand(batch, length)[..., None], x], dim=-1), t
+
+
+def train_steps(
+    model: nn.Module, opt: torch.optim.Optimizer, steps: int, x: Tensor, y: Tensor, start: int = 0
+) -> None:
+    """``steps`` cross-entropy iterations on minibatches of 16 taken in order (wrapping) from
+    ``(x, y)``, starting at minibatch ``start`` (so a resumed run sees the same stream)."""
+    for i in range(start, start + steps):
+        idx = torch.arange(i * 16, i * 16 + 16) % len(x)
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x[idx]), y[idx]).backward()
+        opt.step()

@@ -315,7 +315,7 @@ def test_sweep_rewrites_the_rates_file_and_reports_sensitivity(tmp_path, monkeyp
         "source": "sweep",
         "note": new["rates"]["flowmap"]["adam"]["note"],
     }
-    assert new["rates"]["flowmap"]["sgd"]["source"] == "prior"  # not swept: kept
+    assert new["rates"]["flowmap"]["sgd"] == suite.load_rates()["rates"]["flowmap"]["sgd"]  # kept
     assert new["sweeps"]["spiral"]["budget_s"] == 0.2 and new["grid"] == suite.load_rates()["grid"]
     u = doc["sensitivity"]["flowmap"]["adam"]
     # usable: loss <= 2 x 0.2, i.e. |log10 lr + 2| <= 0.447: of 3.16e-3, 1e-2, 3.16e-2 only 1e-2

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 import torchdyn_snopt as tds
-from tests.fixtures import OdeClassifier, classification_data
+from tests.fixtures import OdeClassifier, classification_data, train_steps
 from torchdyn_snopt.curvature.eigenbasis import (
     Refresh,
     complement,
@@ -193,14 +193,6 @@ def _model(seed: int = 0) -> OdeClassifier:
     return OdeClassifier().to(DT)
 
 
-def _train(model, opt, steps, x, y, start=0):
-    for i in range(start, start + steps):
-        idx = torch.arange(i * 16, i * 16 + 16) % len(x)
-        opt.zero_grad()
-        F.cross_entropy(model(x[idx]), y[idx]).backward()
-        opt.step()
-
-
 @pytest.mark.parametrize("refresh", ["power", Refresh.POWER])
 def test_power_refresh_resume_is_bit_identical(refresh):
     """Train 4 steps (refreshes at 0 and 3; the one at 6 is warm-started from the saved
@@ -210,18 +202,18 @@ def test_power_refresh_resume_is_bit_identical(refresh):
     kw = {"lr": 0.05, "update_freq": 3, "full_precond": True, "refresh": refresh}
     opt = tds.SNOpt(model, **kw)
     assert opt.preconditioner.refresh is Refresh.POWER
-    _train(model, opt, 4, x, y)
+    train_steps(model, opt, 4, x, y)
     saved_model = copy.deepcopy(model.state_dict())
     saved_opt = copy.deepcopy(opt.state_dict())
     assert all({"lamA", "lamB"} <= set(v) for v in saved_opt["preconditioner"]["layers"].values())
-    _train(model, opt, 5, x, y, start=4)
+    train_steps(model, opt, 5, x, y, start=4)
     ref = [p.detach().clone() for p in model.parameters()]
 
     resumed = _model(seed=123)
     resumed.load_state_dict(saved_model)
     opt2 = tds.SNOpt(resumed, **kw)
     opt2.load_state_dict(saved_opt)
-    _train(resumed, opt2, 5, x, y, start=4)
+    train_steps(resumed, opt2, 5, x, y, start=4)
     for p, r in zip(resumed.parameters(), ref):
         assert torch.equal(p.detach(), r)
 
@@ -234,7 +226,7 @@ def test_power_refresh_trains_like_exact_on_small_factors():
     for refresh in ("exact", "power"):
         model = _model()
         opt = tds.SNOpt(model, lr=0.05, update_freq=2, full_precond=True, refresh=refresh)
-        _train(model, opt, 6, x, y)
+        train_steps(model, opt, 6, x, y)
         with torch.no_grad():
             losses[refresh] = F.cross_entropy(model(x), y).item()
     assert losses["power"] < 0.6 * 1.3
@@ -245,13 +237,13 @@ def test_old_checkpoint_without_eigenvalues_still_loads():
     x, y = _data()
     model = _model()
     opt = tds.SNOpt(model, lr=0.05, update_freq=2, full_precond=True, refresh="power")
-    _train(model, opt, 2, x, y)
+    train_steps(model, opt, 2, x, y)
     state = copy.deepcopy(opt.state_dict())
     for layer in state["preconditioner"]["layers"].values():
         del layer["lamA"], layer["lamB"]
     opt2 = tds.SNOpt(model, lr=0.05, update_freq=2, full_precond=True, refresh="power")
     opt2.load_state_dict(state)
-    _train(model, opt2, 3, x, y, start=2)  # the refresh at 2 falls back to exact
+    train_steps(model, opt2, 3, x, y, start=2)  # the refresh at 2 falls back to exact
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 

@@ -12,7 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import torchdyn_snopt as tds
-from tests.fixtures import OdeClassifier, classification_data
+from tests.fixtures import OdeClassifier, classification_data, train_steps
 
 DT = torch.float64
 
@@ -24,14 +24,6 @@ def _data(n: int = 64, seed: int = 0, dtype=DT):
 def _model(seed: int = 0, dtype=DT, **kw) -> OdeClassifier:
     torch.manual_seed(seed)
     return OdeClassifier(**kw).to(dtype)
-
-
-def _train(model, opt, steps, x, y, start=0):
-    for i in range(start, start + steps):
-        idx = torch.arange(i * 16, i * 16 + 16) % len(x)
-        opt.zero_grad()
-        F.cross_entropy(model(x[idx]), y[idx]).backward()
-        opt.step()
 
 
 def test_huge_eps_reduces_to_scaled_sgd():
@@ -213,10 +205,10 @@ def test_checkpoint_resume_is_exact():
     x, y = _data()
     model = _model()
     opt = tds.SNOpt(model, lr=0.05, update_freq=3, full_precond=True)
-    _train(model, opt, 4, x, y)
+    train_steps(model, opt, 4, x, y)
     saved_model = copy.deepcopy(model.state_dict())
     saved_opt = copy.deepcopy(opt.state_dict())
-    _train(model, opt, 5, x, y, start=4)
+    train_steps(model, opt, 5, x, y, start=4)
     ref = [p.detach().clone() for p in model.parameters()]
 
     resumed = _model(seed=123)
@@ -224,7 +216,7 @@ def test_checkpoint_resume_is_exact():
     opt2 = tds.SNOpt(resumed, lr=0.05, update_freq=3, full_precond=True)
     opt2.load_state_dict(saved_opt)
     assert opt2.preconditioner.steps == 4
-    _train(resumed, opt2, 5, x, y, start=4)
+    train_steps(resumed, opt2, 5, x, y, start=4)
     for p, r in zip(resumed.parameters(), ref):
         torch.testing.assert_close(p.detach(), r, rtol=0, atol=1e-12)
 
@@ -290,7 +282,7 @@ def test_nan_gradient_skips_step_and_training_continues():
     x, y = _data()
     model = _model()
     opt = tds.SNOpt(model, lr=0.05, update_freq=2, full_precond=True)
-    _train(model, opt, 3, x, y)
+    train_steps(model, opt, 3, x, y)
     params = [p.detach().clone() for p in model.parameters()]
     state = copy.deepcopy(opt.state_dict())
     opt.zero_grad()
@@ -303,7 +295,7 @@ def test_nan_gradient_skips_step_and_training_continues():
     assert after["preconditioner"]["steps"] == state["preconditioner"]["steps"]
     for name, layer in state["preconditioner"]["layers"].items():
         assert torch.equal(after["preconditioner"]["layers"][name]["m"], layer["m"])
-    _train(model, opt, 2, x, y, start=3)
+    train_steps(model, opt, 2, x, y, start=3)
     assert all(torch.isfinite(p).all() for p in model.parameters())
     assert opt.preconditioner.steps == 5
 

@@ -27,6 +27,7 @@ from torchdyn.nn import DepthCat
 from torchdyn.numerics.solvers.ode import SOLVER_DICT
 
 import torchdyn_snopt as tds
+from tests.fixtures import rk4_interval
 from torchdyn_snopt.second_order import hessian, hvp, rank_r
 
 pytestmark = pytest.mark.timeout(300)
@@ -79,32 +80,26 @@ def node_of(net: nn.Module, tol: float, integral: bool = False) -> NeuralODE:
 
 
 def rk4(f: Callable[[Tensor, Tensor], Tensor], x: Tensor, t_span: Tensor, n: int | None = None):
-    """Classical RK4, ``n`` steps per interval; returns the states at every ``t_span`` point
-    and, for the integral loss, ``∫ ℓ dt`` by the same stages (an augmented scalar)."""
+    """Classical RK4 (:func:`tests.fixtures.rk4_interval`), ``n`` steps per interval, on the
+    state augmented by ``c = ∫ ℓ dt``; returns the states at every ``t_span`` point and the
+    integral loss at the last."""
     n = n or N_REF
-    out, c = [x], x.new_zeros(())
+    m = x.numel()
+
+    def augmented(t: Tensor, z: Tensor) -> Tensor:
+        xt = z[:m].reshape(x.shape)
+        return torch.cat([f(t, xt).reshape(-1), ell(t, xt).sum().reshape(1)])
+
+    z = torch.cat([x.reshape(-1), x.new_zeros(1)])
+    out = [x]
     for k in range(len(t_span) - 1):
-        a, b = t_span[k], t_span[k + 1]
-        h = (b - a) / n
-        for i in range(n):
-            t = a + i * h
-            k1 = f(t, x)
-            k2 = f(t + h / 2, x + h / 2 * k1)
-            k3 = f(t + h / 2, x + h / 2 * k2)
-            k4 = f(t + h, x + h * k3)
-            l1, l2, l3, l4 = (
-                ell(t, x).sum(),
-                ell(t + h / 2, x + h / 2 * k1).sum(),
-                ell(t + h / 2, x + h / 2 * k2).sum(),
-                ell(t + h, x + h * k3).sum(),
-            )
-            x = x + h / 6 * (k1 + 2 * k2 + 2 * k3 + k4)
-            c = c + h / 6 * (l1 + 2 * l2 + 2 * l3 + l4)
-        out.append(x)
-    return torch.stack(out), c
+        z = rk4_interval(augmented, z, t_span[k], t_span[k + 1], n)
+        out.append(z[:m].reshape(x.shape))
+    return torch.stack(out), z[m]
 
 
 def rel(a: Tensor, b: Tensor) -> float:
+    a, b = a.detach(), b.detach()
     return float((a - b).norm() / b.norm())
 
 
