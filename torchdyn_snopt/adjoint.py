@@ -275,22 +275,24 @@ def checked_inputs(x: Tensor, t_span: Any, params: tuple[Tensor, ...]) -> Tensor
     if not isinstance(x, Tensor) or not x.is_floating_point():
         kind = x.dtype if isinstance(x, Tensor) else type(x).__name__
         raise TypeError(f"the initial state x has dtype {kind}; accepted: a floating tensor")
-    if not bool(torch.isfinite(x).all()):
-        raise ValueError(
-            "the initial state x holds non-finite values (NaN or inf); the ODE solve cannot "
-            "start from them: check the data and the layers before the NeuralODE"
-        )
     for p in params:
         if p.dtype != x.dtype or p.device != x.device:
             raise TypeError(
                 f"the vector field's parameters are {p.dtype} on {p.device} but the state x is "
                 f"{x.dtype} on {x.device}; move one to the other, e.g. model.to(x)"
             )
-        if not bool(torch.isfinite(p).all()):
-            raise ValueError(
-                "the vector field has non-finite parameters (NaN or inf); restore a checkpoint "
-                "or lower the learning rate"
-            )
+    # One device sync for every finiteness flag (state first, then each parameter tensor).
+    finite = torch.stack([torch.isfinite(t).all() for t in (x, *params)]).tolist()
+    if not finite[0]:
+        raise ValueError(
+            "the initial state x holds non-finite values (NaN or inf); the ODE solve cannot "
+            "start from them: check the data and the layers before the NeuralODE"
+        )
+    if not all(finite[1:]):
+        raise ValueError(
+            "the vector field has non-finite parameters (NaN or inf); restore a checkpoint "
+            "or lower the learning rate"
+        )
     t_span = torch.as_tensor(t_span)
     if t_span.dim() != 1 or len(t_span) < 2:
         raise ValueError(
