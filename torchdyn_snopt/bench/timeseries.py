@@ -60,8 +60,9 @@ SNOPT_OPTIONS: dict[str, Any] = {"update_freq": 10, "full_precond": True}
 #: BasicMotions values move about 1 per observation, 100 observations on [0, 1]: dX/dt ≈ 50, the
 #: CDE state reaches |z| ≈ 40 and the gradients ≈ 1e3, and the Gauss-Newton model of every
 #: optimizer is far off along its step (SGD diverged at lr > 3e-3, SNOpt spiked at every lr;
-#: ``benchmarks/ncde_stability.py``). Scaled by 0.1 all three train smoothly; unit speed
-#: (≈ 0.015) left too weak a signal for all. JapaneseVowels (7-29 observations) keeps 1.
+#: ``python -m torchdyn_snopt.bench.scripts.ncde_stability``). Scaled by 0.1 all three train
+#: smoothly; unit speed (≈ 0.015) left too weak a signal for all. JapaneseVowels (7-29
+#: observations) keeps 1.
 PATH_SCALE: dict[str, float] = {"BasicMotions": 0.1, "JapaneseVowels": 1.0}
 #: Minibatch size per dataset (BasicMotions has 40 training series: full batch).
 BATCH_SIZES: dict[str, int] = {"BasicMotions": 40, "JapaneseVowels": 64}
