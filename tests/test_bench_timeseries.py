@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import torchdyn_snopt as tds
-from tests.fixtures import single_thread
+from tests.helpers.numerics import single_thread
 from torchdyn_snopt.__main__ import main
 from torchdyn_snopt.bench import optimizers, timeseries
 from torchdyn_snopt.bench.timeseries import bench_timeseries, prepare
