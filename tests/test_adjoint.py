@@ -1,6 +1,6 @@
 """Gradients of the "snopt" sensitivity against torchdyn's "adjoint" and "autograd".
 
-All in float64 with tight tolerances (see ``tests/fixtures.py``). Fixed-step solvers use a
+All in float64 with tight tolerances (see ``tests/helpers``). Fixed-step solvers use a
 41-point ``t_span``: torchdyn's fixed-step adjoint, like ours, takes one backward step per
 ``t_span`` interval, so snopt and torchdyn's "adjoint" coincide and both approach autograd (the
 discrete adjoint) as O(h^4) for rk4.
@@ -23,27 +23,18 @@ from torchdyn.core import NeuralODE
 from torchdyn.numerics import odeint
 
 import torchdyn_snopt as tds
-from tests.fixtures import (
-    DTYPE,
-    Blocks,
-    assert_close,
-    conv_data,
+from tests.helpers.data import conv_data, default_t_span, mlp_data
+from tests.helpers.gradients import Blocks, assert_close, flat, grads, last_loss, trajectory_loss
+from tests.helpers.models import (
     conv_field,
     datacontrol_field,
-    default_t_span,
     depthcat_field,
-    flat,
     galerkin_field,
-    grads,
-    last_loss,
     make_node,
-    make_solver,
-    mlp_data,
     mlp_field,
-    rk4_reference,
-    single_thread,
-    trajectory_loss,
 )
+from tests.helpers.numerics import DTYPE, make_solver, single_thread
+from tests.helpers.reference import rk4_reference
 
 pytestmark = pytest.mark.filterwarnings(
     "ignore:Setting tolerances has no effect:UserWarning",

@@ -10,7 +10,7 @@ import pytest
 
 from torchdyn_snopt.__main__ import main
 from torchdyn_snopt.bench.cnf import LR_GRID, summary
-from torchdyn_snopt.bench.common import Point, RunResult
+from torchdyn_snopt.bench.records import Point, RunResult
 
 PNG = b"\x89PNG\r\n\x1a\n"
 

@@ -9,7 +9,7 @@ import math
 import pytest
 
 from torchdyn_snopt.__main__ import main
-from torchdyn_snopt.bench.common import Point, RunResult, format_table, summary_rows
+from torchdyn_snopt.bench.records import Point, RunResult, format_table, summary_rows
 
 
 def _run(optimizer: str, seed: int, accs: list[float], dt: float = 1.0) -> RunResult:
@@ -108,8 +108,8 @@ def test_train_for_stops_a_stalled_run():
     """A run whose forward solve exceeds ``max_nfe`` evaluations is evaluated and stopped."""
     import torch
 
-    from torchdyn_snopt.bench.common import train_for
     from torchdyn_snopt.bench.image import build_model
+    from torchdyn_snopt.bench.loop import train_for
     from torchdyn_snopt.data import load_image_dataset
 
     x, y, xt, yt = load_image_dataset("digits")
@@ -130,34 +130,31 @@ def test_train_for_stops_a_stalled_run():
 def test_a_failed_solve_is_a_diverged_run(monkeypatch):
     """A solver failure inside one run marks it diverged instead of ending the whole bench,
     and without catch_failures it propagates."""
+    from dataclasses import replace
+
     import torch
 
-    import torchdyn_snopt.bench.common as common
     import torchdyn_snopt.bench.image as image
+    import torchdyn_snopt.bench.loop as loop
+    from torchdyn_snopt.bench.records import grid_rows
+    from torchdyn_snopt.bench.trial import Trial, run_trial
     from torchdyn_snopt.data import load_image_dataset
 
     def underflow(*args, **kwargs):
         raise RuntimeError("the adjoint solve's step size underflowed")
 
-    monkeypatch.setattr(common, "_cross_entropy", underflow)  # train_for's default loss
+    monkeypatch.setattr(loop, "_cross_entropy", underflow)  # train_for's default loss
     x, y, xt, yt = load_image_dataset("digits")
     common_data = (x[:64], y[:64], xt[:32], yt[:32])
-    kwargs = dict(
-        dataset="digits",
-        data=common_data,
-        budget_s=1.0,
-        device=torch.device("cpu"),
-        batch_size=32,
-        baseline_sensitivity="snopt",
-    )
+    task = replace(image.task("digits", batch_size=32), loss=underflow)
     with pytest.warns(UserWarning, match="sgd lr=0.1 seed 0 diverged: the adjoint"):
-        r = image.run_one("sgd", 0.1, 0, **kwargs)
+        r = run_trial(Trial(task, "sgd", 0.1, 0, 1.0), common_data, measure=True)
     assert r.extra == {"diverged": 1.0} and r.points == [] and math.isnan(r.final_acc)
-    assert image.sweep_rows([r])[0]["diverged"] == 1
+    assert grid_rows([r])[0]["diverged"] == 1
     model = image.build_model("digits", tuple(x.shape), "snopt")
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     with pytest.raises(RuntimeError, match="underflowed"):
-        common.train_for(model, opt, common_data, 1.0, name="sgd", lr=0.1, seed=0)
+        loop.train_for(model, opt, common_data, 1.0, name="sgd", lr=0.1, seed=0)
 
 
 def test_summary_counts_a_flag_of_any_seed():

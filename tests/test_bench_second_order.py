@@ -8,7 +8,6 @@ import json
 import pytest
 import torch
 
-from tests.fixtures import single_thread
 from torchdyn_snopt.__main__ import main
 from torchdyn_snopt.bench.image import build_model
 from torchdyn_snopt.bench.second_order import (
@@ -19,11 +18,7 @@ from torchdyn_snopt.bench.second_order import (
 )
 from torchdyn_snopt.data import load_digits
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    with single_thread():
-        yield
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_newton_cg_solves_a_quadratic_in_one_step():

@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from torchdyn_snopt.__main__ import main
-from torchdyn_snopt.bench import common, suite
-from torchdyn_snopt.bench.common import Point, RunResult
+from torchdyn_snopt.bench import loop, optimizers, suite
+from torchdyn_snopt.bench.records import Point, RunResult
 from torchdyn_snopt.bench.suite_tasks import TASKS, mean_loss, quiet_build
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -143,8 +143,8 @@ def test_rates_file_covers_every_task_and_ships_as_package_data():
 
 def test_snopt_default_passes_the_reference_rate_only_while_lr_has_no_default(monkeypatch):
     model = quiet_build(TASKS["flowmap"], TASKS["flowmap"].load())
-    opt = common.make_optimizer("snopt-default", model, 123.0, {"update_freq": 1})
-    assert opt.param_groups[0]["lr"] == common.SNOPT_REFERENCE_LR  # neither 123 nor options
+    opt = optimizers.make_optimizer("snopt-default", model, 123.0, {"update_freq": 1})
+    assert opt.param_groups[0]["lr"] == optimizers.SNOPT_REFERENCE_LR  # neither 123 nor options
     assert opt.preconditioner.update_freq != 1
     calls = []
 
@@ -152,16 +152,16 @@ def test_snopt_default_passes_the_reference_rate_only_while_lr_has_no_default(mo
         def __init__(self, model: torch.nn.Module, lr: float = 0.05, **kw: object) -> None:
             calls.append((lr, kw))
 
-    monkeypatch.setattr(common, "SNOpt", WithDefaults)
-    assert common.snopt_lr_has_default()
-    common.make_optimizer("snopt-default", model, 123.0, {"update_freq": 1})
+    monkeypatch.setattr(optimizers, "SNOpt", WithDefaults)
+    assert optimizers.snopt_lr_has_default()
+    optimizers.make_optimizer("snopt-default", model, 123.0, {"update_freq": 1})
     assert calls == [(0.05, {})]  # exactly SNOpt(model)
     assert suite.rate_of({}, "flowmap", "snopt-default") == (0.05, "default")
 
 
 def test_soap_is_built_with_the_given_rate_and_no_weight_decay():
     model = quiet_build(TASKS["flowmap"], TASKS["flowmap"].load())
-    opt = common.make_optimizer("soap", model, 0.02, {})
+    opt = optimizers.make_optimizer("soap", model, 0.02, {})
     assert type(opt).__name__ == "SOAP"
     assert opt.param_groups[0]["lr"] == 0.02 and opt.param_groups[0]["weight_decay"] == 0.0
 
@@ -382,7 +382,7 @@ def _failing_loss(fail_at: int, how: str):
 def test_train_for_keeps_a_failed_runs_points_and_logs_from_zero(how):
     model, data = _linear_problem()
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
-    r = common.train_for(
+    r = loop.train_for(
         model, opt, data, 60.0, name="sgd", lr=0.05, seed=0, batch_size=16, n_evals=10**6,
         loss_fn=_failing_loss(6, how), eval_fn=lambda *_: (math.nan, math.nan),
         train_eval_fn=lambda m: float(torch.nn.functional.mse_loss(m(data[0]), data[1]).detach()),
@@ -411,7 +411,7 @@ def test_train_for_batch_seed_sets_the_minibatch_stream():
             return torch.nn.functional.mse_loss(m(x), y)
 
         opt = torch.optim.SGD(model.parameters(), lr=0.01)
-        common.train_for(
+        loop.train_for(
             model, opt, data, 60.0, name="sgd", lr=0.01, seed=0, batch_size=8, loss_fn=loss,
             eval_fn=lambda *_: (0.0, 0.0), batch_seed=bs, catch_failures=True, keep_partial=True,
         )  # fmt: skip

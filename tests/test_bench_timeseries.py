@@ -10,9 +10,9 @@ import torch
 import torch.nn.functional as F
 
 import torchdyn_snopt as tds
-from tests.fixtures import single_thread
+from tests.helpers.numerics import single_thread
 from torchdyn_snopt.__main__ import main
-from torchdyn_snopt.bench import timeseries
+from torchdyn_snopt.bench import optimizers, timeseries
 from torchdyn_snopt.bench.timeseries import bench_timeseries, prepare
 from torchdyn_snopt.data import load_uea
 from torchdyn_snopt.models import ODERNN
@@ -50,13 +50,13 @@ def test_weight_decay_option_reaches_each_optimizer(tmp_path, monkeypatch):
     SNOpt's preconditioner, and next to ``lr`` in the summary and in every run of the JSON; an
     optimizer without one gets the setting's default, and 0 where the setting has none."""
     built: dict[str, torch.optim.Optimizer] = {}
-    original = timeseries.build_optimizer
+    original = optimizers.make_optimizer
 
-    def spy(name, model, lr, weight_decay=0.0):
-        built[name] = original(name, model, lr, weight_decay)
+    def spy(name, model, lr, snopt_options, weight_decay=0.0):
+        built[name] = original(name, model, lr, snopt_options, weight_decay)
         return built[name]
 
-    monkeypatch.setattr(timeseries, "build_optimizer", spy)
+    monkeypatch.setattr(optimizers, "make_optimizer", spy)
     key = ("JapaneseVowels", "odernn")
     monkeypatch.setitem(timeseries.DEFAULT_WEIGHT_DECAYS, key, {"adam": 0.5, "sgd": 5e-4})
     out = tmp_path / "out"

@@ -9,7 +9,8 @@ import torchcde
 from torchdyn.core import NeuralODE
 
 import torchdyn_snopt as tds
-from tests.fixtures import DTYPE, cde_path_series, make_solver
+from tests.helpers.data import cde_path_series
+from tests.helpers.numerics import DTYPE, make_solver
 from torchdyn_snopt.models.ncde import CDEField, CDEFunc
 
 TOL = 1e-10

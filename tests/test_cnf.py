@@ -11,7 +11,8 @@ from torchdyn.models import CNF, autograd_trace, hutch_trace
 from torchdyn.nn import DepthCat
 
 import torchdyn_snopt as tds
-from tests.fixtures import default_dtype, make_solver, quiet_ffjord, quiet_node, single_thread
+from tests.helpers.models import quiet_ffjord, quiet_node
+from tests.helpers.numerics import default_dtype, make_solver, single_thread
 from torchdyn_snopt.adjoint import sampler_of
 from torchdyn_snopt.models.ffjord import standard_normal_logprob
 

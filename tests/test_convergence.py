@@ -21,7 +21,8 @@ import torch
 import torch.nn.functional as F
 
 import torchdyn_snopt as tds
-from tests.fixtures import OdeClassifier, single_thread
+from tests.helpers.models import OdeClassifier
+from tests.helpers.numerics import single_thread
 from torchdyn_snopt.data import load_digits
 
 ITERATIONS = 40

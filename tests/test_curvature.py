@@ -13,7 +13,9 @@ from torchdyn.core import NeuralODE
 from torchdyn.nn import DepthCat, Fourier, GalConv2d, GalLinear
 
 import torchdyn_snopt as tds
-from tests.fixtures import LinearField, make_solver, rk4_interval, timed
+from tests.helpers.models import LinearField
+from tests.helpers.numerics import make_solver
+from tests.helpers.reference import rk4_interval, timed
 from torchdyn_snopt.curvature import Conv2dAdapter, GalConv2dAdapter, GalLinearAdapter
 from torchdyn_snopt.curvature.sampler import Factors
 from torchdyn_snopt.optim import eigen_from_factors, project, solve_in_eigenbasis

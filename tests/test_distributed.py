@@ -17,7 +17,9 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
 import torchdyn_snopt as tds
-from tests.fixtures import OdeClassifier, classification_data, free_port, init_gloo, spawn
+from tests.helpers.data import classification_data
+from tests.helpers.distributed import free_port, init_gloo, spawn
+from tests.helpers.models import OdeClassifier
 from torchdyn_snopt.distributed import RankSync, assign
 
 WORLD = 2

@@ -18,7 +18,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 import torchdyn_snopt as tds
-from tests.fixtures import OdeClassifier, classification_data, train_steps
+from tests.helpers.data import classification_data
+from tests.helpers.models import OdeClassifier
+from tests.helpers.training import train_steps
 from torchdyn_snopt.curvature.eigenbasis import (
     Refresh,
     complement,

@@ -9,7 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import torchdyn_snopt as tds
-from tests.fixtures import DTYPE
+from tests.helpers.numerics import DTYPE
 from torchdyn_snopt.curvature import GatePreactivationAdapter, adapter_for
 from torchdyn_snopt.nn import GatePreactivation, GRUCell
 

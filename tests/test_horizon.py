@@ -11,17 +11,10 @@ import torch.nn.functional as F
 from torchdyn.core import NeuralODE
 
 import torchdyn_snopt as tds
-from tests.fixtures import (
-    DTYPE,
-    ConstantField,
-    default_dtype,
-    free_port,
-    init_gloo,
-    make_node,
-    mlp_data,
-    mlp_field,
-    spawn,
-)
+from tests.helpers.data import mlp_data
+from tests.helpers.distributed import free_port, init_gloo, spawn
+from tests.helpers.models import ConstantField, make_node, mlp_field
+from tests.helpers.numerics import DTYPE, default_dtype
 
 # The toy of the convergence tests: x' = b, x(0) = 0, loss softplus(-x(T)) + λ/2·b² + c/2·T²
 # (a logistic "classification" loss; λ from SGD's weight decay, c from the horizon's penalty).

@@ -16,7 +16,9 @@ from torchdyn.core.problems import ODEProblem
 
 import torchdyn_snopt as tds
 import torchdyn_snopt.registration as registration
-from tests.fixtures import DTYPE, OdeClassifier, TwoLayerField, classification_data
+from tests.helpers.data import classification_data
+from tests.helpers.models import OdeClassifier, TwoLayerField
+from tests.helpers.numerics import DTYPE
 
 pytestmark = pytest.mark.timeout(60)
 

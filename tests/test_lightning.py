@@ -19,7 +19,9 @@ from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 from torchdyn.core import NeuralODE
 
 import torchdyn_snopt as tds
-from tests.fixtures import OdeClassifier, TwoLayerField, classification_data, free_port, spawn
+from tests.helpers.data import classification_data
+from tests.helpers.distributed import free_port, spawn
+from tests.helpers.models import OdeClassifier, TwoLayerField
 
 OPTS = {"lr": 0.05, "update_freq": 3, "full_precond": True}
 BATCH = 16  # 64 samples: 4 steps an epoch; refreshes at steps 0, 3, 6, ... straddle epochs

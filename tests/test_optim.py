@@ -12,7 +12,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import torchdyn_snopt as tds
-from tests.fixtures import OdeClassifier, classification_data, train_steps
+from tests.helpers.data import classification_data
+from tests.helpers.models import OdeClassifier
+from tests.helpers.training import train_steps
 
 DT = torch.float64
 

@@ -27,7 +27,7 @@ from torchdyn.nn import DepthCat
 from torchdyn.numerics.solvers.ode import SOLVER_DICT
 
 import torchdyn_snopt as tds
-from tests.fixtures import rk4_interval
+from tests.helpers.reference import rk4_interval
 from torchdyn_snopt.second_order import hessian, hvp, rank_r
 
 pytestmark = pytest.mark.timeout(300)
@@ -80,8 +80,8 @@ def node_of(net: nn.Module, tol: float, integral: bool = False) -> NeuralODE:
 
 
 def rk4(f: Callable[[Tensor, Tensor], Tensor], x: Tensor, t_span: Tensor, n: int | None = None):
-    """Classical RK4 (:func:`tests.fixtures.rk4_interval`), ``n`` steps per interval, on the
-    state augmented by ``c = ∫ ℓ dt``; returns the states at every ``t_span`` point and the
+    """Classical RK4 (:func:`tests.helpers.reference.rk4_interval`), ``n`` steps per interval,
+    on the state augmented by ``c = ∫ ℓ dt``; returns the states at every ``t_span`` point and the
     integral loss at the last."""
     n = n or N_REF
     m = x.numel()

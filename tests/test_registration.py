@@ -13,19 +13,10 @@ from torchdyn.numerics.solvers.ode import DormandPrince45, Tsitouras45
 
 import torchdyn_snopt as tds
 import torchdyn_snopt.registration as registration
-from tests.fixtures import (
-    DTYPE,
-    REL,
-    assert_close,
-    grads,
-    is_fixed,
-    make_solver,
-    mlp_data,
-    mlp_field,
-    rel_err,
-    single_thread,
-    trajectory_loss,
-)
+from tests.helpers.data import mlp_data
+from tests.helpers.gradients import assert_close, grads, rel_err, trajectory_loss
+from tests.helpers.models import mlp_field
+from tests.helpers.numerics import DTYPE, REL, is_fixed, make_solver, single_thread
 
 #: Solvers of torchdyn's SOLVER_DICT that apply to a first-order ODE ("alf" needs a
 #: position/velocity split of the state and fails with any adjoint, torchdyn's included).

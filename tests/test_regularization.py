@@ -10,16 +10,9 @@ from torchdyn.core import NeuralODE
 from torchdyn.numerics.odeint import odeint
 
 import torchdyn_snopt  # noqa: F401  (registers the "snopt" sensitivity)
-from tests.fixtures import (
-    DTYPE,
-    conv_field,
-    datacontrol_field,
-    make_solver,
-    mlp_data,
-    mlp_field,
-    seeded,
-    single_thread,
-)
+from tests.helpers.data import mlp_data
+from tests.helpers.models import conv_field, datacontrol_field, mlp_field
+from tests.helpers.numerics import DTYPE, make_solver, seeded, single_thread
 from torchdyn_snopt import SNOptPreconditioner
 from torchdyn_snopt.adjoint import sampler_of
 from torchdyn_snopt.regularization import kinetic_jacobian

@@ -7,7 +7,9 @@ import torch.nn.functional as F
 from torchdyn.core import NeuralODE
 
 import torchdyn_snopt as tds
-from tests.fixtures import DTYPE, assert_close, irregular_series, make_solver
+from tests.helpers.data import irregular_series
+from tests.helpers.gradients import assert_close
+from tests.helpers.numerics import DTYPE, make_solver
 from torchdyn_snopt.adjoint import sampler_of
 from torchdyn_snopt.models import ODERNN, NeuralCDE
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.fixtures import repo_env
+from tests.helpers.distributed import repo_env
 
 pytestmark = [pytest.mark.slow, pytest.mark.notebook]
 

@@ -150,6 +150,26 @@ def _add_equal_budget_args(
     )
 
 
+def _add_session_args(
+    p: argparse.ArgumentParser,
+    out: str,
+    files: str,
+    device: str | None = "auto (CUDA when present), cpu, cuda, ...",
+    quiet: str = "no progress bars or tables",
+) -> None:
+    """``--device`` (unless ``device`` is None), ``--out`` and ``--quiet``: the flags of a
+    bench session (:class:`~torchdyn_snopt.bench.session.Session`)."""
+    if device is not None:
+        p.add_argument("--device", default="auto", help=device)
+    p.add_argument("--out", default=out, help=f"folder for the {files}")
+    p.add_argument("--quiet", action="store_true", help=quiet)
+
+
+def _names(text: str) -> tuple[str, ...]:
+    """The comma-separated names of ``text``, blanks dropped."""
+    return tuple(v.strip() for v in text.split(",") if v.strip())
+
+
 def _add_bench(subparsers: Any) -> None:
     p = subparsers.add_parser("bench", help="equal-wall-clock benchmarks of SNOpt vs Adam and SGD")
     groups = p.add_subparsers(dest="bench", metavar="BENCH", required=True)
@@ -163,6 +183,15 @@ def _add_bench(subparsers: Any) -> None:
     _add_bench_refresh_cost(groups)
 
 
+def _add_baseline_sensitivity(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--baseline-sensitivity",
+        choices=("snopt", "adjoint"),
+        default="snopt",
+        help="backward solver of Adam/SGD: ours (never armed) or torchdyn's adjoint",
+    )
+
+
 def _add_bench_image(groups: Any) -> None:
     from torchdyn_snopt.bench import image
 
@@ -174,28 +203,21 @@ def _add_bench_image(groups: Any) -> None:
     )
     p.add_argument("--dataset", default="digits", help="digits, mnist or fashion-mnist")
     _add_equal_budget_args(p, image.OPTIMIZERS, 60.0, "; default: the dataset's sweep-best values")
-    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, ...")
-    p.add_argument("--out", default="runs/image", help="folder for the PNG, JSON and CSV")
+    _add_session_args(p, "runs/image", "PNG, JSON and CSV")
     p.add_argument("--batch-size", type=positive_int, default=128, help="minibatch size")
-    p.add_argument(
-        "--baseline-sensitivity",
-        choices=("snopt", "adjoint"),
-        default="snopt",
-        help="backward solver of Adam/SGD: ours (never armed) or torchdyn's adjoint",
-    )
+    _add_baseline_sensitivity(p)
     p.add_argument(
         "--sweep",
         action="store_true",
         help="learning-rate sweep per optimizer (and eps for SNOpt), seed 0",
     )
-    p.add_argument("--quiet", action="store_true", help="no progress bars or tables")
 
     def run(args: argparse.Namespace) -> int:
         image.bench_image(
             dataset=args.dataset,
             budget_s=args.budget_s,
             seeds=args.seeds,
-            optimizers=tuple(o.strip() for o in args.optimizers.split(",") if o.strip()),
+            optimizers=_names(args.optimizers),
             lrs=dict(args.lr),
             device=args.device,
             out=args.out,
@@ -233,25 +255,18 @@ def _add_bench_cnf(groups: Any) -> None:
         default=None,
         help="seconds per lr-check run (default: half of --budget-s)",
     )
-    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, ...")
-    p.add_argument("--out", default="runs/cnf", help="folder for the PNGs, JSON and CSV")
+    _add_session_args(p, "runs/cnf", "PNGs, JSON and CSV")
     p.add_argument(
         "--batch-size", type=positive_int, default=None, help="minibatch size (default per set)"
     )
-    p.add_argument(
-        "--baseline-sensitivity",
-        choices=("snopt", "adjoint"),
-        default="snopt",
-        help="backward solver of Adam/SGD: ours (never armed) or torchdyn's adjoint",
-    )
-    p.add_argument("--quiet", action="store_true", help="no progress bars or tables")
+    _add_baseline_sensitivity(p)
 
     def run(args: argparse.Namespace) -> int:
         cnf.bench_cnf(
             dataset=args.dataset,
             budget_s=args.budget_s,
             seeds=args.seeds,
-            optimizers=tuple(o.strip() for o in args.optimizers.split(",") if o.strip()),
+            optimizers=_names(args.optimizers),
             lrs=dict(args.lr),
             device=args.device,
             out=args.out,
@@ -313,17 +328,15 @@ def _add_bench_horizon(groups: Any) -> None:
         default=horizon.DEFAULT_WEIGHT_DECAY,
         help="weight decay γ of every run (all parameters, all policies)",
     )
-    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, ...")
-    p.add_argument("--out", default="runs/horizon", help="folder for the PNG and JSON")
+    _add_session_args(p, "runs/horizon", "PNG and JSON", quiet="print nothing")
     p.add_argument("--batch-size", type=positive_int, default=128, help="minibatch size")
-    p.add_argument("--quiet", action="store_true", help="print nothing")
 
     def run(args: argparse.Namespace) -> int:
         horizon.bench_horizon(
             dataset=args.dataset,
             epochs=args.epochs,
             seeds=args.seeds,
-            policies=tuple(s.strip() for s in args.policies.split(",") if s.strip()),
+            policies=_names(args.policies),
             fixed_t1=args.fixed_t1,
             optimizer=args.optimizer,
             lr=args.lr,
@@ -386,11 +399,13 @@ def _add_bench_scaling(groups: Any) -> None:
         action="store_true",
         help="split the eigendecompositions of a refresh across ranks",
     )
-    p.add_argument(
-        "--device", default="auto", help="auto (one GPU per process when enough), cpu, cuda"
+    _add_session_args(
+        p,
+        "runs/scaling",
+        "scaling.json",
+        device="auto (one GPU per process when enough), cpu, cuda",
+        quiet="print nothing",
     )
-    p.add_argument("--out", default="runs/scaling", help="folder for scaling.json")
-    p.add_argument("--quiet", action="store_true", help="print nothing")
 
     def run(args: argparse.Namespace) -> int:
         cfg = scaling.ScalingConfig(
@@ -423,15 +438,14 @@ def _add_bench_second_order(groups: Any) -> None:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     _add_equal_budget_args(p, second_order.OPTIMIZERS, 20.0)
-    p.add_argument("--out", default="runs/second_order", help="folder for the PNG, JSON and CSV")
+    _add_session_args(p, "runs/second_order", "PNG, JSON and CSV", device=None)
     p.add_argument("--batch-size", type=positive_int, default=128, help="minibatch size")
-    p.add_argument("--quiet", action="store_true", help="no progress bars or tables")
 
     def run(args: argparse.Namespace) -> int:
         second_order.bench_second_order(
             budget_s=args.budget_s,
             seeds=args.seeds,
-            optimizers=tuple(o.strip() for o in args.optimizers.split(",") if o.strip()),
+            optimizers=_names(args.optimizers),
             lrs=dict(args.lr),
             out=args.out,
             quiet=args.quiet,
@@ -455,8 +469,7 @@ def _add_bench_timeseries(groups: Any) -> None:
     p.add_argument("--dataset", choices=UEA_DATASETS, default="JapaneseVowels")
     p.add_argument("--model", choices=timeseries.MODELS, default="odernn")
     _add_equal_budget_args(p, timeseries.OPTIMIZERS, 30.0, "; default: the sweep-best values")
-    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, ...")
-    p.add_argument("--out", default="runs/timeseries", help="folder for the PNG, JSON and CSV")
+    _add_session_args(p, "runs/timeseries", "PNG, JSON and CSV")
     p.add_argument(
         "--batch-size",
         type=positive_int,
@@ -489,7 +502,6 @@ def _add_bench_timeseries(groups: Any) -> None:
         help="factor on the Neural CDE path's value channels (default: 0.1 for BasicMotions, "
         "1 for JapaneseVowels)",
     )
-    p.add_argument("--quiet", action="store_true", help="no progress bars or tables")
 
     def run(args: argparse.Namespace) -> int:
         timeseries.bench_timeseries(
@@ -497,7 +509,7 @@ def _add_bench_timeseries(groups: Any) -> None:
             model=args.model,
             budget_s=args.budget_s,
             seeds=args.seeds,
-            optimizers=tuple(o.strip() for o in args.optimizers.split(",") if o.strip()),
+            optimizers=_names(args.optimizers),
             lrs=dict(args.lr),
             weight_decays=dict(args.weight_decay),
             device=args.device,
@@ -598,10 +610,7 @@ def _add_bench_suite(groups: Any) -> None:
         help="JSON file of the grids and per-task rates (read; --sweep rewrites it); default: "
         "the packaged suite_rates.json",
     )
-    p.add_argument(
-        "--out", default="runs/suite", help="folder for the markdown, JSON and PNG (runs/suite)"
-    )
-    p.add_argument("--quiet", action="store_true", help="no progress bars or tables")
+    _add_session_args(p, "runs/suite", "markdown, JSON and PNG (runs/suite)", device=None)
 
     def run(args: argparse.Namespace) -> int:
         suite.bench_suite(
@@ -661,9 +670,8 @@ def _add_bench_refresh_cost(groups: Any) -> None:
         "with --quick 1)",
     )
     p.add_argument("--threads", type=positive_int, default=defaults.threads, help="CPU threads")
-    p.add_argument("--out", default="runs/refresh_cost", help="folder for the JSON and PNG")
     p.add_argument("--quick", action="store_true", help="few sizes, one timed iteration")
-    p.add_argument("--quiet", action="store_true", help="print nothing")
+    _add_session_args(p, "runs/refresh_cost", "JSON and PNG", device=None, quiet="print nothing")
 
     def run(args: argparse.Namespace) -> int:
         repeats = args.repeats or (1 if args.quick else defaults.repeats)

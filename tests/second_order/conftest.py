@@ -2,10 +2,7 @@
 
 import pytest
 
-from tests.fixtures import single_thread
-
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    with single_thread():
-        yield
+def _one_thread(one_thread):
+    yield

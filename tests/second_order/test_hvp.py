@@ -7,21 +7,17 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from tests.fixtures import (
-    DTYPE,
+from tests.helpers.data import mlp_data
+from tests.helpers.gradients import assert_close, cross_loss, last_loss
+from tests.helpers.models import make_node, mlp_field
+from tests.helpers.numerics import DTYPE, seeded
+from tests.helpers.reference import (
     SECOND_ORDER_CASES,
     SECOND_ORDER_REL,
     T_SPAN_2,
     T_SPAN_4,
-    assert_close,
     autograd_hessian,
-    cross_loss,
     dense_blocks,
-    last_loss,
-    make_node,
-    mlp_data,
-    mlp_field,
-    seeded,
 )
 from torchdyn_snopt.second_order import hessian, hvp
 

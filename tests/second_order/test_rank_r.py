@@ -7,16 +7,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from tests.fixtures import (
-    DTYPE,
-    SECOND_ORDER_REL,
-    assert_close,
-    autograd_hessian,
-    make_node,
-    mlp_data,
-    mlp_field,
-    seeded,
-)
+from tests.helpers.data import mlp_data
+from tests.helpers.gradients import assert_close
+from tests.helpers.models import make_node, mlp_field
+from tests.helpers.numerics import DTYPE, seeded
+from tests.helpers.reference import SECOND_ORDER_REL, autograd_hessian
 from torchdyn_snopt.second_order import hessian, loss_factors, rank_r
 from torchdyn_snopt.second_order._problem import forward_solve, problem_of
 

@@ -5,17 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.fixtures import (
-    DTYPE,
-    assert_close,
-    autograd_hessian,
-    cross_loss,
-    last_loss,
-    make_node,
-    mlp_data,
-    mlp_field,
-    rel_err,
-)
+from tests.helpers.data import mlp_data
+from tests.helpers.gradients import assert_close, cross_loss, last_loss, rel_err
+from tests.helpers.models import make_node, mlp_field
+from tests.helpers.numerics import DTYPE
+from tests.helpers.reference import autograd_hessian
 from torchdyn_snopt.second_order import (
     hessian,
     recursive_adjoint_hessian,

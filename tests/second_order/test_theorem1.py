@@ -7,20 +7,17 @@ import torch
 import torch.nn as nn
 from torchdyn.core import NeuralODE
 
-from tests.fixtures import (
-    DTYPE,
+from tests.helpers.data import mlp_data
+from tests.helpers.gradients import assert_close, cross_loss, last_loss
+from tests.helpers.models import make_node, mlp_field
+from tests.helpers.numerics import DTYPE
+from tests.helpers.reference import (
     SECOND_ORDER_CASES,
     SECOND_ORDER_REL,
     T_SPAN_2,
     T_SPAN_4,
-    assert_close,
     autograd_hessian,
     autograd_loss,
-    cross_loss,
-    last_loss,
-    make_node,
-    mlp_data,
-    mlp_field,
 )
 from torchdyn_snopt.second_order import dense_bytes, hessian
 

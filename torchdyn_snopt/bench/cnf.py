@@ -11,10 +11,9 @@ first runs each optimizer over a small learning-rate grid and keeps the lowest t
 
 from __future__ import annotations
 
-import json
+import functools
 import math
-import warnings
-from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -22,17 +21,12 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from torchdyn_snopt.bench.common import (
-    OPTIMIZERS,
-    RunResult,
-    check_run_args,
-    format_table,
-    make_optimizer,
-    peak_memory_mb,
-    train_for,
-    with_bar,
-    write_outputs,
-)
+from torchdyn_snopt.bench.optimizers import OPTIMIZERS, make_optimizer
+from torchdyn_snopt.bench.outputs import write_outputs
+from torchdyn_snopt.bench.records import RunResult, by_optimizer, mean
+from torchdyn_snopt.bench.session import Session, check_choice, check_run_args
+from torchdyn_snopt.bench.task import Task
+from torchdyn_snopt.bench.trial import Trial
 
 DATASETS: tuple[str, ...] = ("circles", "moons", "8gaussians", "breast_cancer", "wine", "shuttle")
 TOYS: tuple[str, ...] = ("circles", "moons", "8gaussians")
@@ -111,71 +105,10 @@ def test_nll(model: nn.Module, x: Tensor, _: Tensor | None = None) -> tuple[floa
         return float(model.nll(x[:EVAL_POINTS])), math.nan
 
 
-def run_one(
-    name: str,
-    lr: float,
-    seed: int,
-    dataset: str,
-    data: tuple,
-    budget_s: float,
-    device: torch.device,
-    batch_size: int,
-    baseline_sensitivity: str = "snopt",
-    progress: Callable[[float], None] | None = None,
-    measure: bool = True,
-    n_evals: int = 20,
-) -> tuple[RunResult, nn.Module]:
-    """Train one optimizer for ``budget_s`` seconds; returns the result and the trained model.
-
-    A run whose ODE solve fails (the state blew up, the step size underflowed) is returned
-    without points and with ``extra["diverged"] = 1``.
-    """
-    sens = "snopt" if name == "snopt" else baseline_sensitivity
-    torch.manual_seed(seed)
-    model = build_model(dataset, data[0].shape[1], sens).to(device)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        opt = build_optimizer(name, model, lr)
-    result = train_for(
-        model,
-        opt,
-        data,
-        budget_s,
-        name=name,
-        lr=lr,
-        seed=seed,
-        batch_size=batch_size,
-        n_evals=n_evals,
-        progress=progress,
-        loss_fn=nll_loss,
-        eval_fn=test_nll,
-        catch_failures=True,
-    )
-    if result.extra.get("diverged"):
-        return result, model
-    if measure:
-        xb = data[0][:batch_size]
-
-        def step() -> None:
-            opt.zero_grad()
-            model.nll(xb).backward()
-            opt.step()
-
-        result.peak_memory_mb = peak_memory_mb(step, model, device)
-    return result, model
-
-
 def summary(runs: list[RunResult]) -> list[dict[str, Any]]:
     """Mean over seeds per optimizer, with time/iteration and memory relative to Adam."""
-    by_opt: dict[str, list[RunResult]] = {}
-    for r in runs:
-        by_opt.setdefault(r.optimizer, []).append(r)
-
-    def mean(v: list[float]) -> float:
-        return sum(v) / len(v) if v else math.nan
-
     rows = []
-    for name, rs in by_opt.items():
+    for name, rs in by_optimizer(runs).items():
         rows.append(
             {
                 "optimizer": name,
@@ -223,13 +156,43 @@ def plot_density(
     plt.close(fig)
 
 
-def _density_data(dataset: str, device: torch.device) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+@functools.cache
+def density_data(dataset: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(x_train, zeros, x_test, zeros)`` of ``dataset`` on the CPU: density data carry no
+    labels, the zeros fill the label slots of a bench's data."""
     from torchdyn_snopt.data import load_density_dataset
 
     x_train, x_test = load_density_dataset(dataset)
-    x_train, x_test = x_train.to(device), x_test.to(device)
-    # train_for's (x, y, x_test, y_test): density data carry no labels
     return x_train, x_train.new_zeros(len(x_train)), x_test, x_test.new_zeros(len(x_test))
+
+
+def task(dataset: str, batch_size: int | None = None) -> Task:
+    """The bench's task: the dataset's FFJORD (:data:`MODEL_OPTIONS`), training NLL
+    (:func:`nll_loss`), test NLL (:func:`test_nll`) at 20 points per run; ``batch_size``
+    default :data:`BATCH_SIZE` of the dataset."""
+    check_choice("dataset", dataset, DATASETS)
+
+    def build(data: tuple, sensitivity: str) -> nn.Module:
+        return build_model(dataset, data[0].shape[1], sensitivity)
+
+    return Task(
+        name=dataset,
+        summary=f"FFJORD {MODEL_OPTIONS[dataset]}, Hutchinson trace, NLL in nats",
+        load=lambda: density_data(dataset),
+        build=build,
+        loss=nll_loss,
+        metric="nll",
+        batch_size=batch_size or BATCH_SIZE[dataset],
+        tol=1e-5,
+        snopt_options=SNOPT_OPTIONS,
+        train_eval_size=EVAL_POINTS,
+        n_evals=20,
+        evaluate=test_nll,
+    )
+
+
+def _check_line(trial: Trial, r: RunResult) -> str:
+    return f"  lr check {trial.optimizer:5s} lr={trial.lr:<7g} test NLL {r.final_test_loss:.4f}"
 
 
 def bench_cnf(
@@ -250,96 +213,70 @@ def bench_cnf(
 
     ``lr_check``: before the main runs, seed 0 of each optimizer over :data:`LR_GRID` for
     ``lr_check_s`` seconds (default ``budget_s / 2``); the lowest final test NLL sets its lr
-    (an explicit ``lrs`` entry wins).
+    (an explicit ``lrs`` entry wins). A run whose ODE solve fails (the state blew up, the step
+    size underflowed) is kept without points and with ``extra["diverged"] = 1``.
     """
-    if dataset not in DATASETS:
-        raise ValueError(f"dataset={dataset!r} is unknown; accepted: {', '.join(DATASETS)}")
+    from torchdyn_snopt.bench.image import BASELINE_SENSITIVITIES
+
+    spec = task(dataset, batch_size)
     check_run_args(tuple(optimizers), OPTIMIZERS, budget_s, seeds)
-    if baseline_sensitivity not in ("snopt", "adjoint"):
-        raise ValueError(
-            f"baseline_sensitivity={baseline_sensitivity!r} is invalid; "
-            "accepted: 'snopt', 'adjoint'"
-        )
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(device)
-    batch = batch_size or BATCH_SIZE[dataset]
-    log = (lambda *a: None) if quiet else print
-    data = _density_data(dataset, dev)
-    log(
+    check_choice("baseline_sensitivity", baseline_sensitivity, BASELINE_SENSITIVITIES)
+    session = Session.open(device, out, quiet)
+    data = session.to_device(spec.load())
+    session.report(
         f"{dataset}: {len(data[0])} train / {len(data[2])} test points of dimension "
-        f"{data[0].shape[1]}, batch {batch}, {budget_s:g} s of training per run, device {dev}"
+        f"{data[0].shape[1]}, batch {spec.batch_size}, {budget_s:g} s of training per run, "
+        f"device {session.device}"
     )
-    common = {
-        "dataset": dataset,
-        "data": data,
-        "device": dev,
-        "batch_size": batch,
-        "baseline_sensitivity": baseline_sensitivity,
-    }
+    base = Trial(spec, "", 0.0, 0, budget_s, sensitivity=baseline_sensitivity)
     chosen = dict(DEFAULT_LRS[dataset])
     checked: list[dict[str, Any]] = []
     if lr_check:
         check_s = lr_check_s or budget_s / 2
         for name in optimizers:
-            best = (math.inf, chosen[name])
-            for lr in LR_GRID[name]:
-                r, _ = with_bar(
-                    f"lr check {name} lr={lr:g}",
-                    check_s,
-                    quiet,
-                    lambda p, n=name, lr=lr: run_one(
-                        n, lr, 0, budget_s=check_s, progress=p, measure=False, n_evals=4, **common
-                    ),
-                )
+            grid = [replace(base, optimizer=name, lr=lr, budget_s=check_s, n_evals=4,
+                            tag=" (lr check)") for lr in LR_GRID[name]]  # fmt: skip
+            for r in session.run(grid, data, line=_check_line):
                 nll = r.points[-1].test_loss if r.points else math.inf
-                checked.append({"optimizer": name, "lr": lr, "test_nll": nll})
-                log(f"  lr check {name:5s} lr={lr:<7g} test NLL {nll:.4f}")
-                if math.isfinite(nll) and nll < best[0]:
-                    best = (nll, lr)
-            chosen[name] = best[1]
+                checked.append({"optimizer": name, "lr": r.lr, "test_nll": nll})
+            finite = [c for c in checked[-len(grid) :] if math.isfinite(c["test_nll"])]
+            if finite:
+                chosen[name] = min(finite, key=lambda c: c["test_nll"])["lr"]
     chosen.update(lrs or {})
 
-    runs: list[RunResult] = []
     samples: dict[str, Tensor] = {}
-    for seed in range(seeds):
-        for name in optimizers:
-            r, model = with_bar(
-                f"seed {seed} {name} lr={chosen[name]:g}",
-                budget_s,
-                quiet,
-                lambda p, n=name, s=seed: run_one(
-                    n, chosen[n], s, budget_s=budget_s, progress=p, **common
-                ),
-            )
-            runs.append(r)
-            nll = r.points[-1].test_loss if r.points else math.nan
-            log(
-                f"  seed {seed} {name:5s} lr={r.lr:g}: test NLL {nll:.4f}, "
-                f"{r.iterations} iterations, {r.seconds_per_iter * 1e3:.1f} ms/iteration"
-            )
-            if seed == 0 and dataset in TOYS and r.points:
-                samples[name] = model.sample(4000, generator=torch.Generator().manual_seed(0))
+
+    def sample(trial: Trial, model: nn.Module, _: object, result: RunResult) -> None:
+        if trial.seed == 0 and dataset in TOYS and result.points:
+            generator = torch.Generator().manual_seed(0)
+            samples[trial.optimizer] = model.sample(4000, generator=generator)
+
+    trials = [
+        replace(base, optimizer=name, lr=chosen[name], seed=seed)
+        for seed in range(seeds)
+        for name in optimizers
+    ]
+    runs = session.run(trials, data, after=sample, measure=True)
     rows = summary(runs)
-    outdir = Path(out)
     title = f"{dataset}: {budget_s:g} s per run, {seeds} seed(s)"
+    settings = {"lrs": chosen, "lr_check": checked, "snopt_options": SNOPT_OPTIONS}
     files = write_outputs(
-        runs, rows, outdir, f"cnf_{dataset}", title, right=("test_loss", "test NLL (nats)")
+        runs,
+        rows,
+        session.out,
+        f"cnf_{dataset}",
+        title,
+        right=("test_loss", "test NLL (nats)"),
+        settings=settings,
     )
-    with open(files[0]) as fh:
-        payload = json.load(fh)
-    payload.update({"lrs": chosen, "lr_check": checked, "snopt_options": SNOPT_OPTIONS})
-    with open(files[0], "w") as fh:
-        json.dump(payload, fh, indent=1, default=float)
     if samples:
-        files.append(outdir / f"cnf_{dataset}_density.png")
+        files.append(session.out / f"cnf_{dataset}_density.png")
         plot_density(data[2], samples, files[-1], f"{dataset}: test data vs model samples")
-    log("")
-    log(format_table(rows))
-    log(
+    session.finish(
+        rows,
+        files,
         "learning rates: "
         + ", ".join(f"{o}={chosen[o]:g}" for o in optimizers)
-        + f"; SNOpt options {SNOPT_OPTIONS}"
+        + f"; SNOpt options {SNOPT_OPTIONS}",
     )
-    log("wrote " + ", ".join(str(p) for p in files))
     return {"summary": rows, "runs": runs, "lrs": chosen, "lr_check": checked, "files": files}

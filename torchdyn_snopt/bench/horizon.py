@@ -16,20 +16,20 @@ at other fixed horizons (Fig. 5: accuracy and training time against ``t1``).
 from __future__ import annotations
 
 import math
-import time
-import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
-from torchdyn_snopt.bench.common import evaluate, format_table
-from torchdyn_snopt.bench.image import DEFAULT_LRS, build_model, build_optimizer
+from torchdyn_snopt.bench import image
+from torchdyn_snopt.bench.image import DEFAULT_LRS
+from torchdyn_snopt.bench.outputs import write_json
+from torchdyn_snopt.bench.records import RunResult, mean
+from torchdyn_snopt.bench.session import Session, check_choice
+from torchdyn_snopt.bench.trial import Trial
 from torchdyn_snopt.horizon import FreeHorizon
-from torchdyn_snopt.optim import read_nfe
 
 POLICIES: tuple[str, ...] = ("fixed", "baseline", "feedback")
 #: FreeHorizon settings of the benchmark, per policy: penalty c = 0.3 and max_t1 = 1.0 (never
@@ -91,69 +91,66 @@ def settle_iteration(history: Sequence[tuple[int, float]], band: float = SETTLE_
     return float(settled)
 
 
-def run_one(
+def horizon_trial(
     policy: str,
     t1: float,
     seed: int,
-    data: tuple,
+    dataset: str,
     epochs: int,
+    steps_per_epoch: int,
     optimizer: str,
     lr: float,
-    dataset: str,
-    batch_size: int,
-    device: torch.device,
-    horizon_options: dict[str, Any] | None = None,
-    progress: Callable[[int], None] | None = None,
+    batch_size: int = 128,
     tol: float = 1e-3,
     weight_decay: float = 0.0,
-) -> HorizonRun:
-    """Train ``epochs`` epochs under one horizon policy; returns its :class:`HorizonRun`.
+) -> Trial:
+    """The :class:`Trial` of one (policy, starting t1, seed) run: the image task with horizon
+    ``t1`` and dopri5 tolerance ``tol``, ``epochs`` epochs (``steps_per_epoch`` minibatches
+    each, the remainder dropped) with a test evaluation after each."""
+    return Trial(
+        image.task(dataset, batch_size, tol=tol, t1=t1),
+        optimizer,
+        lr,
+        seed,
+        math.inf,
+        weight_decay=weight_decay,
+        max_iterations=epochs * steps_per_epoch,
+        eval_every=steps_per_epoch,
+        tag=f" {policy} t1={t1:g}",
+    )
 
-    ``weight_decay`` (``γ``, every parameter, every policy) is what gives the horizon an
-    interior optimum: see :data:`DEFAULT_WEIGHT_DECAY`."""
-    x_train, y_train, x_test, y_test = data
-    torch.manual_seed(seed)
-    model = build_model(dataset, tuple(x_train.shape), "snopt", tol=tol, t1=t1).to(device)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        opt = build_optimizer(optimizer, model, lr, weight_decay=weight_decay)
-    horizon = None
-    if policy != "fixed":
-        opts = {**HORIZON_OPTIONS[policy], **(horizon_options or {})}
-        horizon = FreeHorizon(t1=t1, policy=policy, **opts).to(device).attach(model, opt)
-    run = HorizonRun(policy, t1, seed)
-    g = torch.Generator().manual_seed(seed)
-    steps_per_epoch = len(x_train) // batch_size
-    nfe_f = nfe_b = 0
-    read_nfe(model)
-    for _ in range(epochs):
-        perm = torch.randperm(len(x_train), generator=g)
-        for i in range(steps_per_epoch):
-            idx = perm[i * batch_size : (i + 1) * batch_size]
-            start = time.perf_counter()
-            opt.zero_grad()
-            F.cross_entropy(model(x_train[idx]), y_train[idx]).backward()
-            opt.step()
-            run.seconds += time.perf_counter() - start
-            run.iterations += 1
-            n = read_nfe(model)
-            nfe_f, nfe_b = nfe_f + n["forward"], nfe_b + n["backward"]
-        run.epoch_acc.append(evaluate(model, x_test, y_test)[1])
-        read_nfe(model)  # evaluation solves are not training cost
-        if progress is not None:
-            progress(1)
-    run.test_acc = run.epoch_acc[-1]
-    run.nfe_forward = nfe_f / max(run.iterations, 1)
-    run.nfe_backward = nfe_b / max(run.iterations, 1)
-    if horizon is None:
-        run.history = [(0, t1), (run.iterations, t1)]
-    else:
-        run.history = list(horizon.history)
-        run.t1_star = _implied_horizon(model, weight_decay, horizon.penalty)
-        horizon.detach()
-    run.final_t1 = run.history[-1][1]
-    run.settle_iteration = settle_iteration(run.history) if horizon is not None else 0.0
-    return run
+
+class _Policy:
+    """The setup and after hooks of one policy's runs: attach a :class:`FreeHorizon` (none
+    for ``fixed``) and turn each :class:`RunResult` into a :class:`HorizonRun`."""
+
+    def __init__(self, policy: str, t1: float, options: dict[str, Any], device: torch.device):
+        self.policy, self.t1, self.options, self.device = policy, t1, options, device
+        self.horizon: FreeHorizon | None = None
+        self.runs: list[HorizonRun] = []
+
+    def setup(self, trial: Trial, model: torch.nn.Module, opt: torch.optim.Optimizer) -> None:
+        self.horizon = None
+        if self.policy != "fixed":
+            h = FreeHorizon(t1=self.t1, policy=self.policy, **self.options)
+            self.horizon = h.to(self.device).attach(model, opt)
+
+    def after(self, trial: Trial, model: torch.nn.Module, _: object, r: RunResult) -> None:
+        run = HorizonRun(self.policy, self.t1, trial.seed, seconds=r.seconds)
+        run.iterations = r.iterations
+        run.epoch_acc = [p.test_acc for p in r.points]
+        run.test_acc = run.epoch_acc[-1] if run.epoch_acc else float("nan")
+        run.nfe_forward, run.nfe_backward = r.nfe_forward, r.nfe_backward
+        if self.horizon is None:
+            run.history = [(0, self.t1), (run.iterations, self.t1)]
+            run.settle_iteration = 0.0
+        else:
+            run.history = list(self.horizon.history)
+            run.t1_star = _implied_horizon(model, trial.weight_decay, self.horizon.penalty)
+            run.settle_iteration = settle_iteration(run.history)
+            self.horizon.detach()
+        run.final_t1 = run.history[-1][1]
+        self.runs.append(run)
 
 
 def _implied_horizon(model: torch.nn.Module, weight_decay: float, penalty: float) -> float:
@@ -172,9 +169,6 @@ def summary_rows(runs: list[HorizonRun]) -> list[dict[str, Any]]:
     groups: dict[tuple[str, float], list[HorizonRun]] = {}
     for r in runs:
         groups.setdefault((r.policy, r.t1_start), []).append(r)
-
-    def mean(v: list[float]) -> float:
-        return sum(v) / len(v) if v else float("nan")
 
     ref = groups.get(("fixed", 1.0))
     ref_s = mean([r.seconds for r in ref]) if ref else float("nan")
@@ -218,11 +212,13 @@ def bench_horizon(
     tol: float = DEFAULT_TOL,
     weight_decay: float = DEFAULT_WEIGHT_DECAY,
 ) -> dict[str, Any]:
-    """Run the horizon benchmark; returns ``{"summary": rows, "runs": [...], "files": [...]}``."""
-    from torchdyn_snopt.data import IMAGE_DATASETS, load_image_dataset
+    """Run the horizon benchmark; returns ``{"summary": rows, "runs": [...], "files": [...]}``.
 
-    if dataset not in IMAGE_DATASETS:
-        raise ValueError(f"dataset={dataset!r} is unknown; accepted: {', '.join(IMAGE_DATASETS)}")
+    ``weight_decay`` (``γ``, every parameter, every policy) is what gives the horizon an
+    interior optimum: see :data:`DEFAULT_WEIGHT_DECAY`."""
+    from torchdyn_snopt.data import IMAGE_DATASETS
+
+    check_choice("dataset", dataset, IMAGE_DATASETS)
     bad = [p for p in policies if p not in POLICIES]
     if bad or not policies:
         raise ValueError(
@@ -235,64 +231,44 @@ def bench_horizon(
         raise ValueError(f"epochs={epochs!r}, seeds={seeds!r} are invalid; accepted: ints >= 1")
     if any(not (math.isfinite(t) and t > 0) for t in fixed_t1):
         raise ValueError(f"fixed_t1={tuple(fixed_t1)!r} is invalid; accepted: floats > 0")
-    if optimizer not in DEFAULT_LRS[dataset]:
-        raise ValueError(
-            f"optimizer={optimizer!r} is unknown; accepted: {', '.join(DEFAULT_LRS[dataset])}"
-        )
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(device)
+    check_choice("optimizer", optimizer, tuple(DEFAULT_LRS[dataset]))
+    session = Session.open(device, out, quiet)
     lr = DEFAULT_LRS[dataset][optimizer] if lr is None else lr
-    log = (lambda *a: None) if quiet else print
-    data = tuple(t.to(dev) for t in load_image_dataset(dataset))
+    data = session.to_device(image.task(dataset).load())
     plan = [(p, 1.0) for p in policies]
     plan += [("fixed", t) for t in fixed_t1 if ("fixed", t) not in plan]
-    log(
+    session.report(
         f"{dataset}: {len(data[0])} train / {len(data[2])} test images, {epochs} epochs per run, "
-        f"{optimizer} lr={lr:g} weight_decay={weight_decay:g}, {seeds} seed(s), device {dev}"
+        f"{optimizer} lr={lr:g} weight_decay={weight_decay:g}, {seeds} seed(s), "
+        f"device {session.device}"
     )
-    bar = None
-    if not quiet:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=len(plan) * seeds * epochs, desc="epochs", leave=False)
-    runs: list[HorizonRun] = []
-    try:
-        for seed in range(seeds):
-            for policy, t1 in plan:
-                r = run_one(
-                    policy,
-                    t1,
-                    seed,
-                    data,
-                    epochs,
-                    optimizer,
-                    lr,
-                    dataset,
-                    batch_size,
-                    dev,
-                    horizon_options,
-                    progress=None if bar is None else bar.update,
-                    tol=tol,
-                    weight_decay=weight_decay,
-                )
-                runs.append(r)
-                log(
-                    f"  seed {seed} {policy:8s} t1={t1:g}: {r.seconds:.1f} s, acc "
-                    f"{r.test_acc:.4f}, final t1 {r.final_t1:.3f}"
-                )
-    finally:
-        if bar is not None:
-            bar.close()
-    rows = summary_rows(runs)
     used = {p: {**HORIZON_OPTIONS[p], **(horizon_options or {})} for p in policies if p != "fixed"}
+    steps = len(data[0]) // batch_size
+    hooks = {(p, t): _Policy(p, t, used.get(p, {}), session.device) for p, t in plan}
+    runs: list[HorizonRun] = []
+    for seed in range(seeds):
+        for policy, t1 in plan:
+            hook = hooks[(policy, t1)]
+            trial = horizon_trial(policy, t1, seed, dataset, epochs, steps, optimizer, lr,
+                                  batch_size, tol, weight_decay)  # fmt: skip
+            session.run([trial], data, setup=hook.setup, after=hook.after, line=_line(hook))
+            runs.append(hook.runs[-1])
+    rows = summary_rows(runs)
     settings = {"optimizer": optimizer, "lr": lr, "weight_decay": weight_decay, "tol": tol}
-    files = write_outputs(runs, rows, Path(out), dataset, {**settings, "horizon": used})
-    log("")
-    log(format_table(rows))
-    log(f"FreeHorizon options: {used}")
-    log("wrote " + ", ".join(str(p) for p in files))
+    files = write_outputs(runs, rows, session.out, dataset, {**settings, "horizon": used})
+    session.finish(rows, files, f"FreeHorizon options: {used}")
     return {"summary": rows, "runs": runs, "files": files}
+
+
+def _line(hook: _Policy) -> Any:
+    def line(trial: Trial, _: RunResult) -> str:
+        r = hook.runs[-1]
+        return (
+            f"  seed {trial.seed} {r.policy:8s} t1={r.t1_start:g}: {r.seconds:.1f} s, acc "
+            f"{r.test_acc:.4f}, final t1 {r.final_t1:.3f}"
+        )
+
+    return line
 
 
 def write_outputs(
@@ -303,18 +279,13 @@ def write_outputs(
     settings: dict[str, Any] | None = None,
 ) -> list[Path]:
     """JSON of everything and a PNG: t1 against iterations (Fig. 10), accuracy/time vs t1 (5)."""
-    import json
-
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    out.mkdir(parents=True, exist_ok=True)
-    paths = [out / f"horizon_{dataset}.json", out / f"horizon_{dataset}.png"]
-    with open(paths[0], "w") as fh:
-        doc = {"settings": settings or {}, "summary": rows, "runs": [asdict(r) for r in runs]}
-        json.dump(doc, fh, indent=1, default=float)
+    doc = {"settings": settings or {}, "summary": rows, "runs": [asdict(r) for r in runs]}
+    paths = [write_json(out / f"horizon_{dataset}.json", doc), out / f"horizon_{dataset}.png"]
     fig, (ax_t, ax_f) = plt.subplots(1, 2, figsize=(10, 3.8))
     colors = {"fixed": "C0", "baseline": "C1", "feedback": "C2"}
     seen: set[str] = set()

@@ -10,29 +10,19 @@ optimizers; ``--baseline-sensitivity adjoint`` gives Adam/SGD torchdyn's own adj
 
 from __future__ import annotations
 
-import math
-import warnings
-from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
-from torchdyn_snopt.bench.common import (
-    OPTIMIZERS,
-    RunResult,
-    check_run_args,
-    format_table,
-    make_optimizer,
-    peak_memory_mb,
-    run_grid,
-    summary_rows,
-    train_for,
-    with_bar,
-    write_outputs,
-)
+from torchdyn_snopt.bench.optimizers import OPTIMIZERS, make_optimizer
+from torchdyn_snopt.bench.outputs import write_json, write_outputs
+from torchdyn_snopt.bench.records import RunResult, grid_rows, summary_rows
+from torchdyn_snopt.bench.session import Session, check_choice, check_run_args
+from torchdyn_snopt.bench.task import Task
+from torchdyn_snopt.bench.trial import Trial
 
 #: Learning rates per dataset: the best final test accuracy of ``bench image --sweep
 #: --budget-s 30`` on each (SGD at 0.1 diverged on MNIST and Fashion-MNIST). On
@@ -61,6 +51,9 @@ MODEL_OPTIONS: dict[str, dict[str, int]] = {
     "mnist": {"channels": 16, "downsample": 2},
     "fashion-mnist": {"channels": 16, "downsample": 2},
 }
+
+
+BASELINE_SENSITIVITIES: tuple[str, ...] = ("snopt", "adjoint")
 
 
 def build_model(
@@ -96,12 +89,32 @@ def build_optimizer(
     return make_optimizer(name, model, lr, kw, weight_decay)
 
 
+def task(dataset: str, batch_size: int = 128, **model_overrides: Any) -> Task:
+    """The bench's task on ``dataset``: the conv Neural-ODE classifier (``model_overrides``
+    replace its keyword arguments, e.g. ``t1`` or ``tol``), cross-entropy, test accuracy."""
+    from torchdyn_snopt.data import IMAGE_DATASETS, load_image_dataset
+
+    check_choice("dataset", dataset, IMAGE_DATASETS)
+
+    def build(data: tuple, sensitivity: str) -> nn.Module:
+        return build_model(dataset, tuple(data[0].shape), sensitivity, **model_overrides)
+
+    return Task(
+        name=dataset,
+        summary="conv features -> conv Neural ODE on [0, 1] -> linear head, cross-entropy",
+        load=lambda: load_image_dataset(dataset),
+        build=build,
+        batch_size=batch_size,
+        tol=model_overrides.get("tol", 1e-3),
+        snopt_options=SNOPT_OPTIONS,
+        max_nfe=MAX_NFE,
+    )
+
+
 def _regularizer(model: nn.Module, x: torch.Tensor) -> dict[str, float]:
     """Table 6: kinetic + Jacobian-norm regularizer and NFE of the trained ODE."""
-    try:
-        from torchdyn_snopt.regularization import kinetic_jacobian
-    except ImportError:  # pragma: no cover - module ships with the package
-        return {}
+    from torchdyn_snopt.regularization import kinetic_jacobian
+
     with torch.no_grad():
         z = model.features(x)
     r = kinetic_jacobian(model.ode, z, model.t_span, generator=torch.Generator().manual_seed(0))
@@ -111,61 +124,6 @@ def _regularizer(model: nn.Module, x: torch.Tensor) -> dict[str, float]:
         "reg_total": r["total"],
         "nfe_eval": r["nfe_forward"],
     }
-
-
-def run_one(
-    name: str,
-    lr: float,
-    seed: int,
-    dataset: str,
-    data: tuple,
-    budget_s: float,
-    device: torch.device,
-    batch_size: int,
-    baseline_sensitivity: str,
-    eps: float | None = None,
-    progress: Callable[[float], None] | None = None,
-    measure: bool = True,
-) -> RunResult:
-    """Train one optimizer on ``data`` (already on ``device``) for ``budget_s`` seconds.
-
-    A run whose ODE solve fails (the adaptive step size underflowed) is returned without
-    points and with ``extra["diverged"] = 1``; one whose forward solve needs more than
-    :data:`MAX_NFE` evaluations is stopped with ``extra["stalled"] = 1``.
-    """
-    sens = "snopt" if name == "snopt" else baseline_sensitivity
-    torch.manual_seed(seed)
-    model = build_model(dataset, tuple(data[0].shape), sens).to(device)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # full_precond covers all; nothing useful to say
-        opt = build_optimizer(name, model, lr, eps)
-    result = train_for(
-        model,
-        opt,
-        data,
-        budget_s,
-        name=name,
-        lr=lr,
-        seed=seed,
-        batch_size=batch_size,
-        progress=progress,
-        max_nfe=MAX_NFE,
-        catch_failures=True,
-    )
-    measure = measure and not result.extra.get("diverged")
-    if eps is not None:
-        result.extra["eps"] = eps
-    if measure:
-        result.extra.update(_regularizer(model, data[2][:256]))
-        xb, yb = data[0][:batch_size], data[1][:batch_size]
-
-        def step() -> None:
-            opt.zero_grad()
-            F.cross_entropy(model(xb), yb).backward()
-            opt.step()
-
-        result.peak_memory_mb = peak_memory_mb(step, model, device)
-    return result
 
 
 def bench_image(
@@ -181,110 +139,80 @@ def bench_image(
     baseline_sensitivity: str = "snopt",
     sweep: bool = False,
 ) -> dict[str, Any]:
-    """Run the image benchmark; returns ``{"summary": rows, "runs": [...], "files": [...]}``."""
-    from torchdyn_snopt.data import IMAGE_DATASETS, load_image_dataset
+    """Run the image benchmark; returns ``{"summary": rows, "runs": [...], "files": [...]}``.
 
-    if dataset not in IMAGE_DATASETS:
-        raise ValueError(f"dataset={dataset!r} is unknown; accepted: {', '.join(IMAGE_DATASETS)}")
+    A run whose ODE solve fails (the adaptive step size underflowed) is kept without points
+    and with ``extra["diverged"] = 1``; one whose forward solve needs more than
+    :data:`MAX_NFE` evaluations is stopped with ``extra["stalled"] = 1``.
+    """
+    spec = task(dataset, batch_size)
     check_run_args(tuple(optimizers), OPTIMIZERS, budget_s, seeds)
-    if baseline_sensitivity not in ("snopt", "adjoint"):
-        raise ValueError(
-            f"baseline_sensitivity={baseline_sensitivity!r} is invalid; "
-            "accepted: 'snopt', 'adjoint'"
-        )
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(device)
+    check_choice("baseline_sensitivity", baseline_sensitivity, BASELINE_SENSITIVITIES)
+    session = Session.open(device, out, quiet)
     chosen = {**DEFAULT_LRS[dataset], **(lrs or {})}
-    log = (lambda *a: None) if quiet else print
-    data = tuple(t.to(dev) for t in load_image_dataset(dataset))
-    log(
+    data = session.to_device(spec.load())
+    session.report(
         f"{dataset}: {len(data[0])} train / {len(data[2])} test images, batch {batch_size}, "
-        f"{budget_s:g} s of training per run, device {dev}"
+        f"{budget_s:g} s of training per run, device {session.device}"
     )
+    base = Trial(spec, "", 0.0, 0, budget_s, sensitivity=baseline_sensitivity)
 
-    common = {
-        "dataset": dataset,
-        "data": data,
-        "budget_s": budget_s,
-        "device": dev,
-        "batch_size": batch_size,
-        "baseline_sensitivity": baseline_sensitivity,
-    }
-    runs: list[RunResult] = []
+    def after(trial: Trial, model: nn.Module, _: object, result: RunResult) -> None:
+        if "eps" in trial.snopt_options:
+            result.extra["eps"] = trial.snopt_options["eps"]
+        if not sweep and not result.extra.get("diverged"):
+            result.extra.update(_regularizer(model, data[2][:256]))
+
     if sweep:
-        grid = [(o, lr, {"eps": None}) for o in optimizers for lr in SWEEP_LRS[o]]
+        grid = [replace(base, optimizer=o, lr=lr) for o in optimizers for lr in SWEEP_LRS[o]]
         if "snopt" in optimizers:
-            grid += [("snopt", chosen["snopt"], {"eps": e}) for e in SWEEP_EPS]
-        runs = run_grid(grid, lambda *a, **k: run_one(*a, **k, **common), budget_s, quiet, log)
-        rows = sweep_rows(runs)
-        files = write_sweep(runs, rows, Path(out), dataset)
+            grid += [
+                replace(base, optimizer="snopt", lr=chosen["snopt"], snopt_options={"eps": e},
+                        tag=f" eps={e:g}")
+                for e in SWEEP_EPS
+            ]  # fmt: skip
+        runs = session.run(grid, data, after=after)
+        rows = grid_rows(runs)
+        files = write_sweep(runs, rows, session.out, dataset)
     else:
-        for seed in range(seeds):
-            for name in optimizers:
-                desc = f"seed {seed} {name} lr={chosen[name]:g}"
-                r = with_bar(
-                    desc,
-                    budget_s,
-                    quiet,
-                    lambda p, n=name, s=seed: run_one(n, chosen[n], s, progress=p, **common),
-                )
-                runs.append(r)
-                log(
-                    f"  seed {seed} {name:5s} lr={r.lr:g}: final acc {r.final_acc:.4f}, "
-                    f"best {r.best_acc:.4f}, {r.iterations} iterations"
-                )
+        trials = [
+            replace(base, optimizer=name, lr=chosen[name], seed=seed)
+            for seed in range(seeds)
+            for name in optimizers
+        ]
+        runs = session.run(trials, data, after=after, measure=True)
         rows = summary_rows(runs)
         files = write_outputs(
             runs,
             rows,
-            Path(out),
+            session.out,
             f"image_{dataset}",
             f"{dataset}: {budget_s:g} s per run, {seeds} seed(s)",
         )
-    log("")
-    log(format_table(rows))
-    log(
+    session.finish(
+        rows,
+        files,
         "learning rates: "
         + ", ".join(f"{o}={chosen[o]:g}" for o in optimizers)
-        + ("" if sweep else f"; SNOpt options {SNOPT_OPTIONS}")
+        + ("" if sweep else f"; SNOpt options {SNOPT_OPTIONS}"),
     )
-    log("wrote " + ", ".join(str(p) for p in files))
     return {"summary": rows, "runs": runs, "files": files}
 
 
-def sweep_rows(runs: list[RunResult]) -> list[dict[str, Any]]:
-    return [
-        {
-            "optimizer": r.optimizer,
-            "lr": r.lr,
-            "eps": r.extra.get("eps", math.nan),
-            "final_acc": r.final_acc,
-            "best_acc": r.best_acc,
-            "final_train_loss": r.final_train_loss,
-            "iterations": r.iterations,
-            "stalled": int(r.extra.get("stalled", 0)),
-            "diverged": int(r.extra.get("diverged", 0)),
-        }
-        for r in runs
-    ]
+#: The rows of a sweep (kept under the name ``bench timeseries`` and scripts use).
+sweep_rows = grid_rows
 
 
 def write_sweep(
     runs: list[RunResult], rows: list[dict[str, Any]], out: Path, dataset: str
 ) -> list[Path]:
     """JSON of the sweep and the Fig. 9 analogue: final accuracy per learning rate."""
-    import json
-
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    out.mkdir(parents=True, exist_ok=True)
-    paths = [out / f"sweep_{dataset}.json", out / f"sweep_{dataset}.png"]
-    with open(paths[0], "w") as fh:
-        json.dump(rows, fh, indent=1, default=float)
+    paths = [write_json(out / f"sweep_{dataset}.json", rows), out / f"sweep_{dataset}.png"]
     fig, (ax_a, ax_l) = plt.subplots(1, 2, figsize=(10, 3.8))
     markers = {"adam": "o", "sgd": "s", "snopt": "^"}
     for i, name in enumerate(dict.fromkeys(r.optimizer for r in runs)):

@@ -20,7 +20,6 @@ Timings are wall-clock minima over ``repeats`` iterations after one untimed warm
 from __future__ import annotations
 
 import inspect
-import json
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -33,7 +32,9 @@ import torch.nn as nn
 from torch import Tensor
 from torchdyn.core import NeuralODE
 
-from torchdyn_snopt.bench.common import format_table
+from torchdyn_snopt.bench.outputs import write_json
+from torchdyn_snopt.bench.records import format_table
+from torchdyn_snopt.bench.reporter import Reporter
 from torchdyn_snopt.curvature.eigenbasis import Refresh, refresh_eigh
 from torchdyn_snopt.optim import SNOpt, SNOptPreconditioner
 
@@ -238,7 +239,7 @@ def bench_refresh_cost(
         raise ValueError("widths=() and channels=() leave nothing to time; give one of them")
     if cfg.repeats < 1 or cfg.threads < 1:
         raise ValueError(f"cfg={cfg!r} is invalid: repeats and threads must be >= 1")
-    log: Callable[..., None] = (lambda *a: None) if quiet else print
+    log = Reporter(quiet)
     log(
         f"refresh cost, {cfg.threads} thread(s), dopri5 tol {cfg.tol:g}, "
         f"min of {cfg.repeats} iteration(s), amortized at update_freq {cfg.update_freq}"
@@ -263,11 +264,10 @@ def bench_refresh_cost(
     log(_table(rows))
     if out is not None:
         path = Path(out)
-        path.mkdir(parents=True, exist_ok=True)
         config = {**asdict(cfg), "mlp_field": f"{cfg.mlp_dim} -> w -> {cfg.mlp_dim}"}
         config["conv_field"] = f"c x {cfg.conv_size} x {cfg.conv_size}, conv3x3, tanh, conv3x3"
-        files = [path / "refresh_cost.json", path / "refresh_cost.png"]
-        files[0].write_text(json.dumps({"config": config, "rows": rows}, indent=1))
+        files = [write_json(path / "refresh_cost.json", {"config": config, "rows": rows})]
+        files.append(path / "refresh_cost.png")
         plot(rows, files[1])
-        log("wrote " + ", ".join(str(p) for p in files))
+        log.wrote(files)
     return rows

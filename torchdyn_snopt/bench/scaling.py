@@ -18,7 +18,6 @@ each size ``w`` together while the others wait, so every row runs on the same pr
 
 from __future__ import annotations
 
-import json
 import os
 import time
 import warnings
@@ -32,7 +31,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
-from torchdyn_snopt.bench.common import format_table
+from torchdyn_snopt.bench.outputs import write_json
+from torchdyn_snopt.bench.records import format_table
+from torchdyn_snopt.bench.reporter import Reporter
 from torchdyn_snopt.distributed import free_port, spawn
 from torchdyn_snopt.optim import SNOpt, read_nfe
 
@@ -308,12 +309,7 @@ def bench_scaling(
     base = rows[0]["samples_per_s"]  # 1 process comes first
     for row in rows:
         row["speedup"] = row["samples_per_s"] / base
-    if not quiet:
-        print(format_table(rows), flush=True)
+    Reporter(quiet)(format_table(rows))
     if out is not None:
-        path = Path(out)
-        path.mkdir(parents=True, exist_ok=True)
-        (path / "scaling.json").write_text(
-            json.dumps({"config": asdict(cfg), "rows": rows}, indent=1)
-        )
+        write_json(Path(out) / "scaling.json", {"config": asdict(cfg), "rows": rows})
     return rows

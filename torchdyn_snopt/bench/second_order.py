@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -27,16 +28,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from torchdyn_snopt.bench.common import (
-    RunResult,
-    check_run_args,
-    format_table,
-    summary_rows,
-    train_for,
-    with_bar,
-    write_outputs,
-)
-from torchdyn_snopt.bench.image import DEFAULT_LRS, SNOPT_OPTIONS, build_model
+from torchdyn_snopt.bench import image
+from torchdyn_snopt.bench.image import DEFAULT_LRS, SNOPT_OPTIONS
+from torchdyn_snopt.bench.outputs import write_outputs
+from torchdyn_snopt.bench.records import summary_rows
+from torchdyn_snopt.bench.session import Session, check_run_args
+from torchdyn_snopt.bench.trial import Trial
 from torchdyn_snopt.optim import SNOpt
 from torchdyn_snopt.second_order import hvp, recursive_adjoint_odeint
 
@@ -145,11 +142,21 @@ def recursive_hvp(model: nn.Module) -> Hvp:
     return fn
 
 
-def build_optimizer(name: str, model: nn.Module, lr: float) -> torch.optim.Optimizer:
+def build_optimizer(
+    name: str,
+    model: nn.Module,
+    lr: float,
+    snopt_options: Mapping[str, Any] = SNOPT_OPTIONS,
+    weight_decay: float = 0.0,
+) -> torch.optim.Optimizer:
+    """SNOpt (``snopt_options``) or Newton-CG with exact or recursive products
+    (:data:`NEWTON_OPTIONS`); the task's optimizer factory. No weight decay (ValueError)."""
+    if weight_decay:
+        raise ValueError(f"weight_decay={weight_decay!r} is invalid here; accepted: 0")
     if name == "snopt":
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            return SNOpt(model, lr=lr, **SNOPT_OPTIONS)
+            return SNOpt(model, lr=lr, **snopt_options)
     if name == "newton-cg":
         return NewtonCG(model.parameters(), exact_hvp(model), lr=lr, **NEWTON_OPTIONS)
     if name == "newton-cg-recursive":
@@ -167,63 +174,41 @@ def bench_second_order(
     batch_size: int = 128,
     n_evals: int = 10,
 ) -> dict[str, Any]:
-    """Run the Fig. 11 comparison on digits (CPU); returns ``{"summary", "runs", "files"}``."""
-    from torchdyn_snopt.data import load_digits
-
+    """Run the Fig. 11 comparison on digits (CPU); returns ``{"summary", "runs", "files"}``.
+    Newton-CG gets each minibatch again before its step (``set_batch``)."""
     check_run_args(tuple(optimizers), OPTIMIZERS, budget_s, seeds)
     unknown = [k for k in (lrs or {}) if k not in OPTIMIZERS]
     if unknown:
         raise ValueError(f"lrs={lrs!r} names {unknown}; accepted: {', '.join(OPTIMIZERS)}")
     chosen = {**DEFAULT_LRS_2, **(lrs or {})}
-    log = (lambda *a: None) if quiet else print
-    data = load_digits()
-    log(
+    spec = replace(
+        image.task("digits", batch_size), n_evals=n_evals, make_optimizer=build_optimizer
+    )
+    session = Session.open("cpu", out, quiet)
+    data = spec.load()
+    session.report(
         f"digits: {len(data[0])} train / {len(data[2])} test images, batch {batch_size}, "
         f"{budget_s:g} s of training per run"
     )
-    runs: list[RunResult] = []
-    for seed in range(seeds):
-        for name in optimizers:
-
-            def run(progress, name=name, seed=seed) -> RunResult:
-                torch.manual_seed(seed)
-                model = build_model("digits", tuple(data[0].shape), "snopt")
-                opt = build_optimizer(name, model, chosen[name])
-                hook = opt.set_batch if isinstance(opt, NewtonCG) else None
-                return train_for(
-                    model,
-                    opt,
-                    data,
-                    budget_s,
-                    name=name,
-                    lr=chosen[name],
-                    seed=seed,
-                    batch_size=batch_size,
-                    n_evals=n_evals,
-                    progress=progress,
-                    before_step=hook,
-                )
-
-            r = with_bar(f"seed {seed} {name}", budget_s, quiet, run)
-            runs.append(r)
-            log(
-                f"  seed {seed} {name:19s} lr={r.lr:g}: final acc {r.final_acc:.4f}, "
-                f"best {r.best_acc:.4f}, {r.iterations} iterations"
-            )
+    trials = [
+        Trial(spec, name, chosen[name], seed, budget_s)
+        for seed in range(seeds)
+        for name in optimizers
+    ]
+    runs = session.run(trials, data)
     rows = summary_rows(runs, references=("snopt",))
     files = write_outputs(
         runs,
         rows,
-        Path(out),
+        session.out,
         "second_order_digits",
         f"digits: SNOpt vs Newton-CG, {budget_s:g} s per run, {seeds} seed(s)",
     )
-    log("")
-    log(format_table(rows))
-    log(
+    session.finish(
+        rows,
+        files,
         "learning rates: "
         + ", ".join(f"{o}={chosen[o]:g}" for o in optimizers)
-        + f"; Newton-CG {NEWTON_OPTIONS}; SNOpt {SNOPT_OPTIONS}"
+        + f"; Newton-CG {NEWTON_OPTIONS}; SNOpt {SNOPT_OPTIONS}",
     )
-    log("wrote " + ", ".join(str(p) for p in files))
     return {"summary": rows, "runs": runs, "files": files}

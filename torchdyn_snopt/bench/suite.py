@@ -17,27 +17,23 @@ import json
 import math
 import statistics
 import time
-import warnings
-import zlib
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from torchdyn_snopt.bench.common import (
+from torchdyn_snopt.bench.optimizers import (
     SNOPT_REFERENCE_LR,
-    RunResult,
-    make_optimizer,
     require_soap,
     snopt_default_lr,
     snopt_lr_has_default,
-    train_for,
-    with_bar,
 )
 from torchdyn_snopt.bench.provenance import environment
-from torchdyn_snopt.bench.suite_tasks import TASKS, Data, Task, mean_loss, quiet_build, test_metric
+from torchdyn_snopt.bench.records import RunResult
+from torchdyn_snopt.bench.session import Session
+from torchdyn_snopt.bench.suite_tasks import TASKS, Task
+from torchdyn_snopt.bench.trial import STALL, TRAIN_CURVE, Trial, batch_seed, flag_run, run_trial
+
+__all__ = ["STALL", "Trial", "batch_seed", "bench_suite", "flag_run", "run_trial"]
 
 #: The compared optimizers, in table order; ``adam`` is the reference of time-to-loss.
 SUITE_OPTIMIZERS: tuple[str, ...] = ("adam", "sgd", "soap", "snopt", "snopt-default")
@@ -58,9 +54,6 @@ DEFAULT_GRID_BUDGET_S = 5.0
 QUICK_BUDGET_S = 2.0
 #: Evaluations of the training loss per run (plus one at 0 s); fewer in a grid run.
 N_EVALS, GRID_EVALS = 12, 5
-#: A run stalls when its final training loss is not below ``initial − (1 − STALL) |initial|``
-#: (for a positive loss: not below 0.9x the initial).
-STALL = 0.9
 #: A rate is usable when its final training loss is within this factor of the grid's best
 #: (``loss − best <= (USABLE − 1) |best|``, so NLLs below 0 work too) and its run neither
 #: failed nor stalled (the stall rule keeps an NLL's arbitrary offset from making every rate
@@ -147,81 +140,17 @@ SNOPT_DEFAULT_NOTE = (
 # --------------------------------------------------------------------------- one run
 
 
-@dataclass
-class Trial:
-    """One run of the suite: task, optimizer, rate, seed, training seconds."""
-
-    task: Task
-    optimizer: str
-    lr: float
-    seed: int
-    budget_s: float
-    n_evals: int = N_EVALS
+def suite_trial(task: Task, optimizer: str, lr: float, seed: int, budget_s: float,
+                n_evals: int = N_EVALS) -> Trial:  # fmt: skip
+    """One run of the suite: the train-curve protocol (see :mod:`~torchdyn_snopt.bench.trial`)
+    with ``n_evals`` training-loss evaluations (plus one at 0 s)."""
+    return Trial(task, optimizer, lr, seed, budget_s, protocol=TRAIN_CURVE, n_evals=n_evals)
 
 
-def batch_seed(task: str, seed: int) -> int:
-    """Seed of the minibatch stream of ``(task, seed)``: the same for every optimizer."""
-    return zlib.crc32(f"{task}/{seed}".encode())
+def _line(trial: Trial, r: RunResult) -> str:
+    from torchdyn_snopt.bench import suite_report as report
 
-
-def run_trial(
-    trial: Trial, data: Data, progress: Callable[[float], None] | None = None
-) -> RunResult:
-    """Train one model for ``trial.budget_s`` seconds and flag the run.
-
-    The logged training loss is the task's loss on its training evaluation rows (untimed,
-    first point at 0 s); the test metric is evaluated once, on the final model. A run that
-    raised (solver failure, NLL blow-up) or whose loss went non-finite gets
-    ``extra["diverged"] = 1``; one that did not get below :data:`STALL` of its initial loss
-    or whose ODE grew too stiff, ``extra["stalled"] = 1``. ``extra["wall_s"]``: the whole
-    call's seconds (set-up and evaluations included).
-    """
-    task = trial.task
-    start = time.perf_counter()
-    torch.manual_seed(trial.seed)
-    model = quiet_build(task, data)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # uncovered parameters get the plain gradient
-        opt = make_optimizer(trial.optimizer, model, trial.lr, task.snopt_options)
-    n = task.train_eval_size
-    x_eval, y_eval = data[0][:n], data[1][:n]
-    result = train_for(
-        model,
-        opt,
-        data,
-        trial.budget_s,
-        name=trial.optimizer,
-        lr=trial.lr,
-        seed=trial.seed,
-        batch_size=task.batch_size,
-        n_evals=trial.n_evals,
-        progress=progress,
-        loss_fn=task.loss,
-        eval_fn=lambda *_: (math.nan, math.nan),
-        train_eval_fn=lambda m: mean_loss(task, m, x_eval, y_eval),
-        batch_seed=batch_seed(task.name, trial.seed),
-        max_nfe=task.max_nfe,
-        catch_failures=True,
-        keep_partial=True,
-    )
-    if result.points:
-        try:
-            loss, acc = test_metric(task, model, data[2], data[3])
-        except RuntimeError as err:
-            loss, acc, result.error = math.nan, math.nan, result.error or str(err)
-        result.points[-1].test_loss, result.points[-1].test_acc = loss, acc
-    flag_run(result)
-    result.extra["wall_s"] = time.perf_counter() - start  # training, evaluations, set-up
-    return result
-
-
-def flag_run(r: RunResult) -> None:
-    """Set ``r.extra["diverged"]`` / ``["stalled"]`` (1.0) from its points (see run_trial)."""
-    losses = [p.train_loss for p in r.points]
-    if r.error or not losses or not all(math.isfinite(v) for v in losses):
-        r.extra["diverged"] = 1.0
-    elif losses[-1] > losses[0] - (1 - STALL) * abs(losses[0]):
-        r.extra["stalled"] = 1.0
+    return "  " + report.run_line(trial.seed, r)
 
 
 def final_loss(r: RunResult) -> float:
@@ -463,8 +392,8 @@ def bench_suite(
             f"rates_path={str(rates_path)!r} has no valid rate or grid for {err}; accepted: a "
             "file like the packaged suite_rates.json"
         ) from err
-    log = (lambda *a: None) if quiet else print
-    outdir = Path(out)
+    session = Session.open("cpu", out, quiet)
+    log, outdir = session.report, session.out
     settings = {
         "mode": "sweep" if sweep else "lr-sensitivity" if lr_sensitivity else "suite",
         "tasks": list(tasks),
@@ -482,9 +411,7 @@ def bench_suite(
     for tname in tasks:  # a missing dataset fails now, not after an hour of other tasks
         TASKS[tname].load()
     if grid_mode:
-        return _grid_mode(
-            tasks, grids, grid_budget_s, sweep, rates, rates_path, outdir, doc, log, quiet
-        )
+        return _grid_mode(tasks, grids, grid_budget_s, sweep, rates, rates_path, session, doc)
 
     runs: dict[str, list[RunResult]] = {}
     summary: dict[str, list[dict[str, Any]]] = {}
@@ -493,18 +420,12 @@ def bench_suite(
         data = task.load()
         doc["tasks"][tname] = report.task_info(task, data, chosen[tname])
         log(task.describe())
-        runs[tname] = []
-        for seed in range(seeds):
-            for name in optimizers:
-                trial = Trial(task, name, chosen[tname][name][0], seed, budget_s)
-                r = with_bar(
-                    f"{tname} seed {seed} {name} lr={trial.lr:g}",
-                    budget_s,
-                    quiet,
-                    lambda p, t=trial, d=data: run_trial(t, d, p),
-                )
-                runs[tname].append(r)
-                log("  " + report.run_line(seed, r))
+        trials = [
+            suite_trial(task, name, chosen[tname][name][0], seed, budget_s)
+            for seed in range(seeds)
+            for name in optimizers
+        ]
+        runs[tname] = session.run(trials, data, line=_line, run=run_trial)
         sources = {o: s for o, (_, s) in chosen[tname].items()}
         summary[tname] = task_rows(task, runs[tname], sources)
         log(report.format_rows(summary[tname]) + "\n")
@@ -516,7 +437,7 @@ def bench_suite(
     log(report.overall_text(doc["overall"]))
     if "snopt-default" in optimizers:
         log(settings["snopt_default"])
-    log("wrote " + ", ".join(str(p) for p in files))
+    log.wrote(files)
     return {**doc, "files": files}
 
 
@@ -527,14 +448,13 @@ def _grid_mode(
     sweep: bool,
     rates: dict[str, Any],
     rates_path: str | Path,
-    outdir: Path,
+    session: Session,
     doc: dict[str, Any],
-    log: Callable[..., None],
-    quiet: bool,
 ) -> dict[str, Any]:
     """``--sweep`` / ``--lr-sensitivity``: seed 0 of every tuned optimizer over its grid."""
     from torchdyn_snopt.bench import suite_report as report
 
+    log, outdir = session.report, session.out
     if "snopt-default" in doc["settings"]["optimizers"]:
         log("snopt-default has no rate to tune: left out of the grid")
     runs: list[tuple[str, RunResult]] = []
@@ -543,17 +463,12 @@ def _grid_mode(
         data = task.load()
         doc["tasks"][tname] = report.task_info(task, data, {})
         log(task.describe())
-        for name, grid in grids.items():
-            for lr in grid:
-                trial = Trial(task, name, lr, 0, budget_s, GRID_EVALS)
-                r = with_bar(
-                    f"{tname} {name} lr={lr:g}",
-                    budget_s,
-                    quiet,
-                    lambda p, t=trial, d=data: run_trial(t, d, p),
-                )
-                runs.append((tname, r))
-                log("  " + report.run_line(0, r))
+        trials = [
+            suite_trial(task, name, lr, 0, budget_s, GRID_EVALS)
+            for name, grid in grids.items()
+            for lr in grid
+        ]
+        runs += [(tname, r) for r in session.run(trials, data, line=_line, run=run_trial)]
     rows = grid_rows(runs)
     doc["grid"] = grids
     doc["lr_runs"] = rows
@@ -569,5 +484,5 @@ def _grid_mode(
         files.append(Path(rates_path))
         doc["rates"] = new["rates"]
         log("best rates written to " + str(rates_path))
-    log("wrote " + ", ".join(str(p) for p in files))
+    log.wrote(files)
     return {**doc, "files": files}

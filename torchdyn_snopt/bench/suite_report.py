@@ -9,7 +9,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from torchdyn_snopt.bench.common import RunResult, _fmt, format_table
+from torchdyn_snopt.bench.records import RunResult, fmt, format_table
 from torchdyn_snopt.bench.suite_tasks import TASKS, Data, Task
 
 #: The training loss of each kind of task (plot titles).
@@ -65,7 +65,7 @@ def _md_table(rows: list[dict[str, Any]]) -> list[str]:
         return []
     cols = list(rows[0])
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    lines += ["| " + " | ".join(_fmt(row.get(c)) for c in cols) + " |" for row in rows]
+    lines += ["| " + " | ".join(fmt(row.get(c)) for c in cols) + " |" for row in rows]
     return lines
 
 
@@ -205,13 +205,13 @@ def sensitivity_text(sens: dict[str, dict[str, dict[str, float]]]) -> str:
         ratios = [per[name]["ratio"] for per in sens.values() if name in per]
         kept = sorted(r for r in ratios if not math.isnan(r))
         med = kept[len(kept) // 2] if kept else math.nan
-        lines.append(f"{name}: median max/min {_fmt(med)}")
+        lines.append(f"{name}: median max/min {fmt(med)}")
         for task, per in sens.items():
             u = per.get(name)
             if u is not None:
                 lines.append(
-                    f"  {task:10s} {_fmt(u['low'])} .. {_fmt(u['high'])} (x{_fmt(u['ratio'])}, "
-                    f"{u['count']} rates), best {_fmt(u['best_lr'])}"
+                    f"  {task:10s} {fmt(u['low'])} .. {fmt(u['high'])} (x{fmt(u['ratio'])}, "
+                    f"{u['count']} rates), best {fmt(u['best_lr'])}"
                 )
     return "\n".join(lines)
 

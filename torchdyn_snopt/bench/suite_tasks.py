@@ -1,126 +1,35 @@
 """The nine Neural-ODE tasks of ``torchdyn-snopt bench suite``.
 
-A :class:`Task` only *describes* a problem: its data, the model built from them (after the
-caller has seeded torch), the training loss, the test metric and its solver settings. How a
-task is trained and compared lives in :mod:`torchdyn_snopt.bench.suite`. The image, time-series
-and CNF tasks reuse the models and data of ``bench image``, ``bench timeseries`` and
-``bench cnf``; ``flowmap`` and ``spiral`` are generated here from a fine float64 reference solve.
+Each is a :class:`~torchdyn_snopt.bench.task.Task`. The image, time-series and CNF tasks are
+the tasks of ``bench image``, ``bench timeseries`` and ``bench cnf`` with the suite's pinned
+damping (and a Fashion-MNIST subset); ``flowmap`` and ``spiral`` are generated here from a
+fine float64 reference solve. How a task is trained and compared lives in
+:mod:`torchdyn_snopt.bench.trial` and :mod:`torchdyn_snopt.bench.suite`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import functools
-import io
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import replace
 from typing import Any
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from torch import Tensor
 from torchdyn.core import NeuralODE
 
-#: ``(x_train, y_train, x_test, y_test)``: what :func:`~torchdyn_snopt.bench.common.train_for`
-#: takes; the first dimension of each tensor indexes examples.
-Data = tuple[Tensor, Tensor, Tensor, Tensor]
+from torchdyn_snopt.bench.loop import Data
+from torchdyn_snopt.bench.task import Task, cross_entropy, mean_loss, mse, quiet_build, test_metric
 
-
-@dataclass(frozen=True)
-class Task:
-    """One benchmark problem and everything fixed about it.
-
-    ``load()`` returns the (cached, deterministic) data; ``build(data)`` the model (the caller
-    seeds torch first, so the seed fixes the initial weights); ``loss(model, x, y)`` the
-    training loss of a minibatch (a scalar tensor); ``metric`` is ``"accuracy"``, ``"mse"`` or
-    ``"nll"`` (see :func:`test_metric`). ``train_eval_size``: the first rows of the training
-    set on which the logged training loss is evaluated (None: all of them); the test metric
-    is evaluated once, at the end, on the whole test split. ``max_nfe``: forward field
-    evaluations per iteration above which a run counts as stalled (a too-stiff ODE).
-    ``snopt_options``: the keyword arguments of the tuned ``snopt`` besides ``lr``.
-    """
-
-    name: str
-    summary: str
-    load: Callable[[], Data]
-    build: Callable[[Data], nn.Module]
-    loss: Callable[[nn.Module, Tensor, Tensor], Tensor]
-    metric: str
-    batch_size: int
-    solver: str
-    tol: float | None
-    snopt_options: dict[str, Any] = field(default_factory=dict)
-    train_eval_size: int | None = None
-    max_nfe: int | None = None
-
-    def describe(self) -> str:
-        """One line: the task's model, data and solver settings."""
-        tol = "fixed step" if self.tol is None else f"tol {self.tol:g}"
-        return f"{self.name}: {self.summary}; batch {self.batch_size}, {self.solver} ({tol})"
-
+__all__ = ["TASKS", "Data", "Task", "cross_entropy", "mean_loss", "mse", "quiet_build"]
+__all__ += ["test_metric", "FIXED_DAMPING"]
 
 #: The tuned ``snopt``'s damping, pinned: the paper's fixed Tikhonov damping ``eps`` added to
 #: the curvature eigenvalues, at the released experiments' value (implementation notes), so
 #: later changes of ``SNOpt``'s defaults move ``snopt-default`` only.
 FIXED_DAMPING: dict[str, Any] = {"eps": 0.05}
-
-
-# --------------------------------------------------------------------------- losses, metrics
-
-
-def cross_entropy(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
-    """Mean cross-entropy of ``model(x)`` ``(B, classes)`` against labels ``y`` ``(B,)``."""
-    return F.cross_entropy(model(x), y)
-
-
-def mse(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
-    """Mean squared error of ``model(x)`` against ``y`` (same shape)."""
-    return F.mse_loss(model(x), y)
-
-
-def nll(model: nn.Module, x: Tensor, _: Tensor) -> Tensor:
-    """Mean negative log-likelihood (nats per sample) of a density model; raises RuntimeError
-    once it exceeds :data:`~torchdyn_snopt.bench.cnf.DIVERGED_NATS_PER_DIM` per dimension."""
-    from torchdyn_snopt.bench.cnf import nll_loss
-
-    return nll_loss(model, x, _)
-
-
-#: Rows per chunk when a loss is evaluated on a whole split.
-EVAL_CHUNK = 1000
-
-
-@torch.no_grad()
-def mean_loss(task: Task, model: nn.Module, x: Tensor, y: Tensor) -> float:
-    """``task.loss`` averaged over all rows of ``(x, y)`` in chunks, without gradients and in
-    eval mode; random draws inside (Hutchinson noise) come from a fixed seed and leave the
-    global RNG as it was."""
-    was_training = model.training
-    model.eval()
-    total = 0.0
-    try:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(12345)
-            for i in range(0, len(x), EVAL_CHUNK):
-                xb, yb = x[i : i + EVAL_CHUNK], y[i : i + EVAL_CHUNK]
-                loss = model.nll(xb) if task.metric == "nll" else task.loss(model, xb, yb)
-                total += float(loss) * len(xb)
-    finally:
-        model.train(was_training)
-    return total / len(x)
-
-
-def test_metric(task: Task, model: nn.Module, x: Tensor, y: Tensor) -> tuple[float, float]:
-    """``(test loss, test accuracy)`` as :class:`~torchdyn_snopt.bench.common.Point` stores
-    them: cross-entropy and accuracy for classifiers, ``(MSE, NaN)`` for regression,
-    ``(NLL in nats, NaN)`` for density models."""
-    if task.metric == "accuracy":
-        from torchdyn_snopt.bench.common import evaluate
-
-        return evaluate(model, x, y, batch=EVAL_CHUNK)
-    return mean_loss(task, model, x, y), math.nan
 
 
 # --------------------------------------------------------------------------- image tasks
@@ -141,69 +50,31 @@ def _image_data(name: str) -> Data:
 def _image_task(name: str, dataset: str, summary: str, train_eval_size: int | None) -> Task:
     from torchdyn_snopt.bench import image
 
-    def build(data: Data) -> nn.Module:
-        return image.build_model(dataset, tuple(data[0].shape), "snopt")
-
-    return Task(
+    return replace(
+        image.task(dataset),
         name=name,
         summary=summary,
         load=lambda: _image_data(dataset),
-        build=build,
-        loss=cross_entropy,
-        metric="accuracy",
-        batch_size=128,
-        solver="dopri5",
-        tol=1e-3,
         snopt_options={**image.SNOPT_OPTIONS, **FIXED_DAMPING},
         train_eval_size=train_eval_size,
-        max_nfe=image.MAX_NFE,
     )
 
 
 # --------------------------------------------------------------------------- time series
 
 
-@functools.cache
-def _uea_data(dataset: str, model: str, stride: int) -> Data:
-    from torchdyn_snopt.bench import timeseries
-
-    data, _, _ = timeseries.prepare(dataset, model, torch.device("cpu"), stride=stride)
-    return data  # type: ignore[return-value]
-
-
 def _uea_task(name: str, dataset: str, model: str, summary: str, stride: int = 1) -> Task:
     from torchdyn_snopt.bench import timeseries
 
-    def build(data: Data) -> nn.Module:
-        x_train, y_train = data[0], data[1]
-        # the CDE's inputs are path coefficients: 4 per channel (Hermite), time included
-        channels = x_train.shape[-1] - 1 if model == "odernn" else x_train.shape[-1] // 4 - 1
-        return timeseries.build_model(model, channels, int(y_train.max()) + 1, "snopt")
-
-    return Task(
+    return replace(
+        timeseries.task(dataset, model, stride=stride),
         name=name,
         summary=summary,
-        load=lambda: _uea_data(dataset, model, stride),
-        build=build,
-        loss=cross_entropy,
-        metric="accuracy",
-        batch_size=timeseries.BATCH_SIZES[dataset],
-        solver="rk4",
-        tol=None,
         snopt_options={**timeseries.SNOPT_OPTIONS, **FIXED_DAMPING},
     )
 
 
 # --------------------------------------------------------------------------- density (FFJORD)
-
-
-@functools.cache
-def _density_data(dataset: str) -> Data:
-    from torchdyn_snopt.data import load_density_dataset
-
-    x_train, x_test = load_density_dataset(dataset)
-    return x_train, x_train.new_zeros(len(x_train)), x_test, x_test.new_zeros(len(x_test))
-
 
 #: Forward evaluations per iteration above which a FFJORD run counts as stalled (dopri5 at
 #: 1e-5 takes about 30-40 on circles and 15-20 on breast cancer at the start).
@@ -213,21 +84,11 @@ CNF_MAX_NFE = 1000
 def _cnf_task(name: str, dataset: str, summary: str) -> Task:
     from torchdyn_snopt.bench import cnf
 
-    def build(data: Data) -> nn.Module:
-        return cnf.build_model(dataset, data[0].shape[1])
-
-    return Task(
+    return replace(
+        cnf.task(dataset),
         name=name,
         summary=summary,
-        load=lambda: _density_data(dataset),
-        build=build,
-        loss=nll,
-        metric="nll",
-        batch_size=cnf.BATCH_SIZE[dataset],
-        solver="dopri5",
-        tol=1e-5,
         snopt_options={**cnf.SNOPT_OPTIONS, **FIXED_DAMPING},
-        train_eval_size=cnf.EVAL_POINTS,
         max_nfe=CNF_MAX_NFE,
     )
 
@@ -302,7 +163,13 @@ class ODEMap(nn.Module):
     per interval of ``t_span``); otherwise atol = rtol of an adaptive one."""
 
     def __init__(
-        self, dim: int, width: int, t_span: Tensor, solver: str, tol: float | None
+        self,
+        dim: int,
+        width: int,
+        t_span: Tensor,
+        solver: str,
+        tol: float | None,
+        sensitivity: str = "snopt",
     ) -> None:
         super().__init__()
         tols = (
@@ -312,7 +179,7 @@ class ODEMap(nn.Module):
         )
         self.ode = NeuralODE(
             MLPField(dim, width),
-            sensitivity="snopt",
+            sensitivity=sensitivity,
             solver=solver,
             return_t_eval=False,
             **tols,
@@ -363,8 +230,8 @@ def _physics_task(
     tol: float | None,
     batch_size: int,
 ) -> Task:
-    def build(data: Data) -> nn.Module:
-        return ODEMap(data[0].shape[1], 64, t_span, solver, tol)
+    def build(data: Data, sensitivity: str) -> nn.Module:
+        return ODEMap(data[0].shape[1], 64, t_span, solver, tol, sensitivity)
 
     return Task(
         name=name,
@@ -466,9 +333,3 @@ def _tasks() -> dict[str, Task]:
 
 
 TASKS: dict[str, Task] = _tasks()
-
-
-def quiet_build(task: Task, data: Data) -> nn.Module:
-    """``task.build(data)`` without torchdyn's one-line notices on stdout."""
-    with contextlib.redirect_stdout(io.StringIO()):
-        return task.build(data)

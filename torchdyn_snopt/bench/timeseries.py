@@ -14,30 +14,21 @@ optimizer: ``torch.optim.Adam``'s and ``SGD``'s ``weight_decay`` and SNOpt's ``�
 
 from __future__ import annotations
 
+import functools
 import math
-import warnings
-from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
-from torchdyn_snopt.bench.common import (
-    OPTIMIZERS,
-    RunResult,
-    check_run_args,
-    format_table,
-    make_optimizer,
-    peak_memory_mb,
-    run_grid,
-    summary_rows,
-    train_for,
-    with_bar,
-    write_outputs,
-)
-from torchdyn_snopt.bench.image import sweep_rows
+from torchdyn_snopt.bench.optimizers import OPTIMIZERS, make_optimizer
+from torchdyn_snopt.bench.outputs import write_json, write_outputs
+from torchdyn_snopt.bench.records import RunResult, grid_rows, summary_rows
+from torchdyn_snopt.bench.session import Session, check_choice, check_run_args
+from torchdyn_snopt.bench.task import Task
+from torchdyn_snopt.bench.trial import Trial
 
 MODELS: tuple[str, ...] = ("odernn", "ncde")
 #: Learning rates per (dataset, model): the best final test accuracy of ``--sweep`` (3 seeds
@@ -69,8 +60,9 @@ SNOPT_OPTIONS: dict[str, Any] = {"update_freq": 10, "full_precond": True}
 #: BasicMotions values move about 1 per observation, 100 observations on [0, 1]: dX/dt ≈ 50, the
 #: CDE state reaches |z| ≈ 40 and the gradients ≈ 1e3, and the Gauss-Newton model of every
 #: optimizer is far off along its step (SGD diverged at lr > 3e-3, SNOpt spiked at every lr;
-#: ``benchmarks/ncde_stability.py``). Scaled by 0.1 all three train smoothly; unit speed
-#: (≈ 0.015) left too weak a signal for all. JapaneseVowels (7-29 observations) keeps 1.
+#: ``python -m torchdyn_snopt.bench.scripts.ncde_stability``). Scaled by 0.1 all three train
+#: smoothly; unit speed (≈ 0.015) left too weak a signal for all. JapaneseVowels (7-29
+#: observations) keeps 1.
 PATH_SCALE: dict[str, float] = {"BasicMotions": 0.1, "JapaneseVowels": 1.0}
 #: Minibatch size per dataset (BasicMotions has 40 training series: full batch).
 BATCH_SIZES: dict[str, int] = {"BasicMotions": 40, "JapaneseVowels": 64}
@@ -122,50 +114,45 @@ def prepare(
     return data, channels, classes
 
 
-def run_one(
-    name: str,
-    lr: float,
-    seed: int,
-    model_name: str,
-    data: tuple,
-    channels: int,
-    classes: int,
-    budget_s: float,
-    device: torch.device,
-    batch_size: int,
-    progress: Callable[[float], None] | None = None,
-    measure: bool = True,
-    weight_decay: float = 0.0,
-) -> RunResult:
-    """Train one optimizer for ``budget_s`` seconds (all optimizers use the snopt adjoint;
-    Adam and SGD never arm its curvature sampling)."""
-    torch.manual_seed(seed)
-    model = build_model(model_name, channels, classes, "snopt").to(device)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # full_precond covers all; nothing useful to say
-        opt = build_optimizer(name, model, lr, weight_decay)
-    result = train_for(
-        model,
-        opt,
-        data,
-        budget_s,
-        name=name,
-        lr=lr,
-        seed=seed,
-        batch_size=batch_size,
-        progress=progress,
+@functools.cache
+def _cpu_data(dataset: str, model: str, path_scale: float | None, stride: int) -> tuple:
+    data, _, _ = prepare(dataset, model, torch.device("cpu"), path_scale, stride)
+    return data
+
+
+def task(
+    dataset: str,
+    model: str,
+    path_scale: float | None = None,
+    stride: int = 1,
+    batch_size: int | None = None,
+) -> Task:
+    """The bench's task: ``model`` (ODE-RNN or Neural CDE, one rk4 step per observation gap)
+    on UEA ``dataset`` (see :func:`prepare`), cross-entropy, test accuracy; ``batch_size``
+    default :data:`BATCH_SIZES` of the dataset."""
+    from torchdyn_snopt.data import UEA_DATASETS
+
+    check_choice("dataset", dataset, UEA_DATASETS)
+    check_choice("model", model, MODELS)
+    if path_scale is not None and not (math.isfinite(path_scale) and path_scale > 0):
+        raise ValueError(f"path_scale={path_scale!r} is invalid; accepted: a float > 0")
+
+    def build(data: tuple, sensitivity: str) -> nn.Module:
+        x_train, y_train = data[0], data[1]
+        # the CDE's inputs are path coefficients: 4 per channel (Hermite), time included
+        channels = x_train.shape[-1] - 1 if model == "odernn" else x_train.shape[-1] // 4 - 1
+        return build_model(model, channels, int(y_train.max()) + 1, sensitivity)
+
+    return Task(
+        name=f"{dataset}/{model}",
+        summary=f"UEA {dataset} (official split): {model}",
+        load=lambda: _cpu_data(dataset, model, path_scale, stride),
+        build=build,
+        batch_size=batch_size or BATCH_SIZES[dataset],
+        solver="rk4",
+        tol=None,
+        snopt_options=SNOPT_OPTIONS,
     )
-    result.extra["weight_decay"] = weight_decay
-    if measure:
-        xb, yb = data[0][:batch_size], data[1][:batch_size]
-
-        def step() -> None:
-            opt.zero_grad()
-            F.cross_entropy(model(xb), yb).backward()
-            opt.step()
-
-        result.peak_memory_mb = peak_memory_mb(step, model, device)
-    return result
 
 
 def bench_timeseries(
@@ -192,100 +179,82 @@ def bench_timeseries(
     at each optimizer's learning rate); both seed 0.
 
     ``path_scale``: factor on the Neural CDE path's value channels (default: the dataset's
-    :data:`PATH_SCALE`); ignored by the ODE-RNN.
+    :data:`PATH_SCALE`); ignored by the ODE-RNN. All optimizers use the snopt adjoint (Adam
+    and SGD never arm its curvature sampling).
     """
-    from torchdyn_snopt.data import UEA_DATASETS
-
-    if dataset not in UEA_DATASETS:
-        raise ValueError(f"dataset={dataset!r} is unknown; accepted: {', '.join(UEA_DATASETS)}")
-    if model not in MODELS:
-        raise ValueError(f"model={model!r} is unknown; accepted: {', '.join(MODELS)}")
+    spec = task(dataset, model, path_scale, batch_size=batch_size)
     check_run_args(tuple(optimizers), OPTIMIZERS, budget_s, seeds)
     wds = check_weight_decays(weight_decays)
     if sweep and sweep_wd:
         raise ValueError("sweep=True and sweep_wd=True is invalid; accepted: at most one of them")
-    if path_scale is not None and not (math.isfinite(path_scale) and path_scale > 0):
-        raise ValueError(f"path_scale={path_scale!r} is invalid; accepted: a float > 0")
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(device)
+    session = Session.open(device, out, quiet)
     chosen = {**DEFAULT_LRS[(dataset, model)], **(lrs or {})}
     decay = {
         **dict.fromkeys(OPTIMIZERS, 0.0),
         **DEFAULT_WEIGHT_DECAYS.get((dataset, model), {}),
         **wds,
     }
-    batch_size = batch_size or BATCH_SIZES[dataset]
-    log = (lambda *a: None) if quiet else print
-    data, channels, classes = prepare(dataset, model, dev, path_scale)
-    log(
+    data = session.to_device(spec.load())
+    scale = PATH_SCALE.get(dataset, 1.0) if path_scale is None else path_scale
+    session.report(
         f"{dataset} / {model}: {len(data[0])} train / {len(data[2])} test series, "
-        f"batch {batch_size}, {budget_s:g} s of training per run, device {dev}"
-        + (
-            f", path scale {PATH_SCALE.get(dataset, 1.0) if path_scale is None else path_scale:g}"
-            if model == "ncde"
-            else ""
-        )
+        f"batch {spec.batch_size}, {budget_s:g} s of training per run, device {session.device}"
+        + (f", path scale {scale:g}" if model == "ncde" else "")
     )
-    common = {
-        "model_name": model,
-        "data": data,
-        "channels": channels,
-        "classes": classes,
-        "budget_s": budget_s,
-        "device": dev,
-        "batch_size": batch_size,
-    }
-    runs: list[RunResult] = []
+
+    def after(trial: Trial, _m: nn.Module, _o: object, result: RunResult) -> None:
+        result.extra["weight_decay"] = trial.weight_decay
+
+    base = Trial(spec, "", 0.0, 0, budget_s)
     stem = f"timeseries_{dataset}_{model}"
-    if sweep or sweep_wd:  # seed 0 over a grid: learning rates without decay, or decays
+    grid_mode = sweep or sweep_wd
+    if grid_mode:  # seed 0 over a grid: learning rates without decay, or decays
         if sweep:
-            grid = [(n, lr, {"weight_decay": 0.0}) for n in optimizers for lr in SWEEP_LRS[n]]
+            grid = [replace(base, optimizer=n, lr=lr) for n in optimizers for lr in SWEEP_LRS[n]]
         else:
-            grid = [(n, chosen[n], {"weight_decay": wd}) for n in optimizers for wd in WD_GRID]
-        runs = run_grid(grid, lambda *a, **k: run_one(*a, **k, **common), budget_s, quiet, log)
-        rows = [
-            _wd_after_lr(row, r.extra["weight_decay"]) for row, r in zip(sweep_rows(runs), runs)
-        ]
-        files = _write_sweep(rows, Path(out), stem if sweep else f"wd_{stem}")
+            grid = [
+                replace(base, optimizer=n, lr=chosen[n], weight_decay=wd, tag=f" wd={wd:g}")
+                for n in optimizers
+                for wd in WD_GRID
+            ]
+        runs = session.run(grid, data, after=after)
+        rows = [_wd_after_lr(row, r.extra["weight_decay"]) for row, r in zip(grid_rows(runs), runs)]
+        path = session.out / f"sweep_{stem if sweep else f'wd_{stem}'}.json"
+        files = [write_json(path, rows)]
     else:
-        for seed in range(seeds):
-            for name in optimizers:
-                r = with_bar(
-                    f"seed {seed} {name} lr={chosen[name]:g} wd={decay[name]:g}",
-                    budget_s,
-                    quiet,
-                    lambda p, n=name, s=seed: run_one(
-                        n, chosen[n], s, progress=p, weight_decay=decay[n], **common
-                    ),
-                )
-                runs.append(r)
-                log(
-                    f"  seed {seed} {name:5s} lr={r.lr:g} wd={decay[name]:g}: "
-                    f"final acc {r.final_acc:.4f}, "
-                    f"best {r.best_acc:.4f}, {r.iterations} iterations"
-                )
+        trials = [
+            replace(
+                base,
+                optimizer=name,
+                lr=chosen[name],
+                seed=seed,
+                weight_decay=decay[name],
+                tag=f" wd={decay[name]:g}",
+            )
+            for seed in range(seeds)
+            for name in optimizers
+        ]
+        runs = session.run(trials, data, after=after, measure=True)
         rows = [_wd_after_lr(row, row["weight_decay"]) for row in summary_rows(runs)]
         files = write_outputs(
             runs,
             rows,
-            Path(out),
+            session.out,
             stem,
             f"{dataset} / {model}: {budget_s:g} s per run, {seeds} seed(s)",
         )
-    log("")
-    log(format_table(rows))
-    log(
+    session.finish(
+        rows,
+        files,
         "learning rates: "
         + ", ".join(f"{o}={chosen[o]:g}" for o in optimizers)
-        + ("" if sweep or sweep_wd else f"; SNOpt options {SNOPT_OPTIONS}")
+        + ("" if grid_mode else f"; SNOpt options {SNOPT_OPTIONS}")
         + (
             ""
-            if sweep or sweep_wd
+            if grid_mode
             else "; weight decay: " + ", ".join(f"{o}={decay[o]:g}" for o in optimizers)
-        )
+        ),
     )
-    log("wrote " + ", ".join(str(p) for p in files))
     return {"summary": rows, "runs": runs, "files": files}
 
 
@@ -312,13 +281,3 @@ def _wd_after_lr(row: dict[str, Any], weight_decay: float) -> dict[str, Any]:
     items = [(k, v) for k, v in row.items() if k != "weight_decay"]
     at = [k for k, _ in items].index("lr") + 1
     return dict(items[:at] + [("weight_decay", weight_decay)] + items[at:])
-
-
-def _write_sweep(rows: list[dict[str, Any]], out: Path, stem: str) -> list[Path]:
-    import json
-
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"sweep_{stem}.json"
-    with open(path, "w") as fh:
-        json.dump(rows, fh, indent=1, default=float)
-    return [path]

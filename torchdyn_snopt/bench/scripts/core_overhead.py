@@ -16,7 +16,8 @@ Peak memory is the growth of live heap memory (glibc ``mallinfo2``, sampled at e
 call) during a training step at batch 512 above its starting level, after a warm-up step;
 SNOpt runs with ``full_precond=True`` and refreshes its curvature on every step.
 
-    python benchmarks/core_overhead.py [--warmup-iters 60] [--reps 15] [--update-freq 100]
+    python -m torchdyn_snopt.bench.scripts.core_overhead \\
+        [--warmup-iters 60] [--reps 15] [--update-freq 100]
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 import torchdyn_snopt as tds
-from torchdyn_snopt.bench.common import peak_memory_mb
+from torchdyn_snopt.bench.memory import peak_memory_mb
 from torchdyn_snopt.data import load_digits
 from torchdyn_snopt.models import ImageClassifier
 

@@ -13,9 +13,11 @@ size ``lr_eff`` is stable along ``P`` only when ``lr_eff · ratio < 2``; with mo
 ``lr_eff ≈ 10·lr``). ``--trace`` compares ``tr(Ā)·tr(B̄)`` of a fresh refresh with the
 per-sample squared gradient norm ``E_i ‖∇L_i‖²`` (the scale the factors should have).
 
-    OMP_NUM_THREADS=1 python benchmarks/ncde_stability.py --eps 0.05 --check 0,15,30,35,38
-    OMP_NUM_THREADS=1 python benchmarks/ncde_stability.py --trace --dataset JapaneseVowels
-    OMP_NUM_THREADS=1 python benchmarks/ncde_stability.py --xscale 0.1 --seed 1
+    OMP_NUM_THREADS=1 python -m torchdyn_snopt.bench.scripts.ncde_stability \\
+        --eps 0.05 --check 0,15,30,35,38
+    OMP_NUM_THREADS=1 python -m torchdyn_snopt.bench.scripts.ncde_stability \\
+        --trace --dataset JapaneseVowels
+    OMP_NUM_THREADS=1 python -m torchdyn_snopt.bench.scripts.ncde_stability --xscale 0.1 --seed 1
 
 ``--xscale`` multiplies BasicMotions' standardized value channels before the path is built
 (default 1: the unscaled path the diagnosis started from; ``bench timeseries`` now uses 0.1,

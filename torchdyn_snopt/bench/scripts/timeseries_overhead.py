@@ -16,7 +16,8 @@ The weights are those after ``--warmup-iters`` Adam iterations of the bench's mi
 stream (a mid-training ODE); the order of the three variants rotates between repetitions.
 Run it single-threaded, like the bench's tables:
 
-    OMP_NUM_THREADS=1 python benchmarks/timeseries_overhead.py [--dataset BasicMotions]
+    OMP_NUM_THREADS=1 python -m torchdyn_snopt.bench.scripts.timeseries_overhead \\
+        [--dataset BasicMotions]
         [--model odernn] [--reps 15]
 """
 
@@ -32,7 +33,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from torchdyn_snopt.bench.common import make_optimizer
+from torchdyn_snopt.bench.optimizers import make_optimizer
 from torchdyn_snopt.bench.timeseries import (
     BATCH_SIZES,
     DEFAULT_LRS,

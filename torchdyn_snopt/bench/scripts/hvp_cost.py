@@ -12,7 +12,8 @@ of solver steps):
 Time: median of ``--reps`` calls. Peak memory: growth of live heap bytes (glibc ``mallinfo2``)
 sampled at every layer call, as in ``bench image``. Steps: field evaluations per call.
 
-    python benchmarks/hvp_cost.py [--reps 5] [--tols 1e-3,1e-5] [--json hvp_cost.json]
+    python -m torchdyn_snopt.bench.scripts.hvp_cost \\
+        [--reps 5] [--tols 1e-3,1e-5] [--json hvp_cost.json]
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 import torchdyn_snopt as tds
-from torchdyn_snopt.bench.common import peak_memory_mb
+from torchdyn_snopt.bench.memory import peak_memory_mb
 from torchdyn_snopt.data import load_digits
 from torchdyn_snopt.models import ImageClassifier
 

@@ -14,7 +14,8 @@ parameters), and a fixed random linear head gives the cross-entropy loss at ``t1
 Both use the same solver and tolerances per column (fixed-step solvers: ``--fixed-steps``
 intervals of ``t_span``). Errors are relative Frobenius norms ``‖est − truth‖ / ‖truth‖``.
 
-    python benchmarks/table1.py [--batch 4] [--channels 4] [--tol 1e-3] [--json table1.json]
+    python -m torchdyn_snopt.bench.scripts.table1 \\
+        [--batch 4] [--channels 4] [--tol 1e-3] [--json table1.json]
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ Runs ``bench cnf``'s SNOpt run (same model, data, seed, minibatches and training
 once per ``LR:EPS:UPDATE_FREQ`` setting and prints the last five logged test NLLs (nats).
 Compare with Adam's line of the same seed in ``bench cnf``'s lr check.
 
-    python benchmarks/cnf_damping.py --dataset circles --budget-s 20 \\
+    python -m torchdyn_snopt.bench.scripts.cnf_damping --dataset circles --budget-s 20 \\
         0.003:0.01:10 0.003:0.2:10 0.01:0.2:10 0.01:0.5:10 0.003:0.05:2
 """
 
@@ -12,9 +12,8 @@ from __future__ import annotations
 
 import argparse
 
-import torch
-
 import torchdyn_snopt.bench.cnf as cnf
+from torchdyn_snopt.bench.trial import Trial, run_trial
 
 
 def main() -> None:
@@ -24,23 +23,15 @@ def main() -> None:
     parser.add_argument("--budget-s", type=float, default=20.0)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
-    data = cnf._density_data(args.dataset, torch.device("cpu"))
-    common = {
-        "dataset": args.dataset,
-        "data": data,
-        "budget_s": args.budget_s,
-        "device": torch.device("cpu"),
-        "batch_size": cnf.BATCH_SIZE[args.dataset],
-    }
-    defaults = dict(cnf.SNOPT_OPTIONS)
+    task = cnf.task(args.dataset)
+    data = task.load()
     for spec in args.settings:
         lr, eps, freq = spec.split(":")
-        cnf.SNOPT_OPTIONS.update({"eps": float(eps), "update_freq": int(freq)})
-        r, _ = cnf.run_one("snopt", float(lr), args.seed, measure=False, **common)
+        options = {"eps": float(eps), "update_freq": int(freq)}
+        trial = Trial(task, "snopt", float(lr), args.seed, args.budget_s, snopt_options=options)
+        r = run_trial(trial, data)
         nlls = [round(p.test_loss, 3) for p in r.points][-5:]
         print(f"{spec}: {r.iterations} iterations, last test NLLs {nlls}", flush=True)
-        cnf.SNOPT_OPTIONS.clear()
-        cnf.SNOPT_OPTIONS.update(defaults)
 
 
 if __name__ == "__main__":

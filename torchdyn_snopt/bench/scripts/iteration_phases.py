@@ -5,7 +5,8 @@ same minibatches; after ``--skip`` warm-up iterations the three phases are timed
 iteration, and SNOpt's armed iterations (curvature sampled, eigenbases refreshed) are also
 reported on their own. Run it single-threaded to compare with the bench's tables:
 
-    OMP_NUM_THREADS=1 python benchmarks/iteration_phases.py [--dataset mnist] [--iters 200]
+    OMP_NUM_THREADS=1 python -m torchdyn_snopt.bench.scripts.iteration_phases \\
+        [--dataset mnist] [--iters 200]
 """
 
 from __future__ import annotations
