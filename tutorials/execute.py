@@ -94,7 +94,13 @@ def execute(nb, kernel_dir: Path, cwd: Path = TUTORIALS_DIR, timeout: int = CELL
     # in the outputs; the tutorials compare wall-clock on one thread.
     env = {k: v for k, v in os.environ.items() if k != "MPLBACKEND"}
     env.setdefault("OMP_NUM_THREADS", "1")
-    client.execute(env=env)
+    try:
+        client.execute(env=env)
+    finally:
+        # nbclient does not shut down a kernel whose manager it was given; each notebook would
+        # leave its kernel process (and the memory of its models) behind until this one exits
+        if km.has_kernel:
+            km.shutdown_kernel(now=True)
     return nb
 
 
