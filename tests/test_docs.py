@@ -1,5 +1,6 @@
 """The documentation site builds with ``mkdocs build --strict``: a broken link, a missing
-page, an API name mkdocstrings cannot resolve or a malformed docstring fails the test."""
+page, an API name mkdocstrings cannot resolve or a malformed docstring fails the test. The
+tutorial pages must show the plots stored in the notebooks."""
 
 from __future__ import annotations
 
@@ -33,6 +34,15 @@ def test_docs_build_strict(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
     for page in ("index.html", "reference/index.html", "tutorials/01_image_classification"):
         assert (site / page).exists(), page
+    # every notebook is rendered with its stored outputs: at least one inline plot per page
+    notebooks = sorted((ROOT / "tutorials").glob("*.ipynb"))
+    assert notebooks
+    for nb in notebooks:
+        html = (site / "tutorials" / nb.stem / "index.html").read_text(encoding="utf-8")
+        assert "data:image/png;base64," in html, f"{nb.name} rendered without its plots"
+    script = (site / "distributed-script" / "index.html").read_text(encoding="utf-8")
+    assert "DistributedDataParallel" in script and "--8&lt;--" not in script
+    assert not (site / "tutorials" / "execute.py").exists()
     api = (site / "reference" / "index.html").read_text(encoding="utf-8")
     assert 'id="torchdyn_snopt.SNOpt"' in api and ":class:`" not in api
     changelog = (site / "changelog" / "index.html").read_text(encoding="utf-8")

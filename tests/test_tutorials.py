@@ -1,38 +1,39 @@
-"""Every notebook in ``tutorials/`` runs top to bottom without an error.
+"""Every notebook in ``tutorials/`` runs top to bottom without an error, and keeps the outputs
+of its last full execution.
 
-Each ``tutorials/*.ipynb`` is executed with ``nbclient`` in a fresh IPython kernel, with the
-notebook's folder as working directory; a cell that raises fails the test (300 s per cell at
-most). New notebooks are picked up automatically.
+Execution goes through ``tutorials/execute.py`` (the command that stores the outputs): each
+``tutorials/*.ipynb`` runs in a fresh IPython kernel started from this interpreter, with the
+notebook's folder as working directory; a cell that raises fails the test. New notebooks are
+picked up automatically.
 
 Budget: a tutorial that trains for a wall-clock budget assigns it in its first code cell as
-``BUDGET_S = <seconds>`` on a line of its own. Before execution that line is rewritten to
-``BUDGET_S = 2.0`` (:data:`TEST_BUDGET_S`), so the test trains for 2 s per optimizer instead of
-the tutorial's default. Notebooks without such a line run unchanged.
-
-Kernel: the test writes a throwaway ``python3`` kernelspec whose command is the interpreter
-running pytest (``sys.executable``, i.e. the virtual environment's python), and gives nbclient a
-kernel manager that looks only there. Kernelspecs installed elsewhere (user or system
-``python3`` specs pointing at another interpreter) are ignored, and no
-``ipykernel install`` step is needed. Needs ``nbformat``, ``nbclient`` and ``ipykernel``
-(all in the ``test`` extra; ``jupyter_client`` comes with them).
+``BUDGET_S = <seconds>`` on a line of its own. The test rewrites that line to
+``BUDGET_S = 2.0`` (:data:`TEST_BUDGET_S`) in an in-memory copy, so it trains for 2 s per
+optimizer instead of the tutorial's budget and never writes the notebook: the stored outputs
+stay those of ``python tutorials/execute.py``. Notebooks without such a line run unchanged.
+Needs ``nbformat``, ``nbclient`` and ``ipykernel`` (all in the ``test`` extra).
 """
 
-import re
+import importlib.util
 from pathlib import Path
 
-import ipykernel.kernelspec
-import nbclient
 import nbformat
 import pytest
-from jupyter_client.kernelspec import KernelSpecManager
-from jupyter_client.manager import KernelManager
 
 TUTORIALS_DIR = Path(__file__).resolve().parent.parent / "tutorials"
 NOTEBOOKS = sorted(TUTORIALS_DIR.glob("*.ipynb"))
 TEST_BUDGET_S = 2.0
 CELL_TIMEOUT_S = 300
-KERNEL_NAME = "python3"
-_BUDGET_LINE = re.compile(r"^BUDGET_S[ \t]*=[^#\n]*?(?=[ \t]*(?:#|$))", flags=re.MULTILINE)
+
+
+def _load_executor():
+    spec = importlib.util.spec_from_file_location("tutorials_execute", TUTORIALS_DIR / "execute.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+executor = _load_executor()
 
 
 def test_tutorials_exist():
@@ -41,38 +42,32 @@ def test_tutorials_exist():
 
 @pytest.fixture(scope="session")
 def kernel_dir(tmp_path_factory) -> Path:
-    """A kernelspec folder holding ``python3`` → ``sys.executable -m ipykernel_launcher``."""
-    root = tmp_path_factory.mktemp("kernels")
-    ipykernel.kernelspec.write_kernel_spec(path=root / KERNEL_NAME)
-    return root
+    return executor.write_kernel_spec(tmp_path_factory.mktemp("kernels"))
 
 
-def _with_test_budget(nb) -> None:
-    code_cells = [c for c in nb.cells if c.cell_type == "code"]
-    if code_cells:
-        code_cells[0].source = _BUDGET_LINE.sub(
-            f"BUDGET_S = {TEST_BUDGET_S!r}", code_cells[0].source
-        )
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.name for p in NOTEBOOKS])
+def test_tutorial_stores_outputs(path: Path):
+    """The committed notebook was executed in full, in order, without errors, at a budget of
+    its own (not the test's), and shows at least one plot."""
+    nb = nbformat.read(path, as_version=4)
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    counts = [c.get("execution_count") for c in code]
+    assert counts == list(range(1, len(code) + 1)), f"not executed top to bottom: {counts}"
+    outputs = [out for c in code for out in c.get("outputs", [])]
+    assert not [o for o in outputs if o.get("output_type") == "error"]
+    assert any("image/png" in o.get("data", {}) for o in outputs), "no inline plot stored"
+    first = next((c.source for c in code if executor.BUDGET_LINE.search(c.source)), None)
+    if first is not None:
+        assert f"BUDGET_S = {TEST_BUDGET_S!r}" not in first, "outputs of a test-budget run"
 
 
 @pytest.mark.notebook
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.name for p in NOTEBOOKS])
 def test_tutorial_runs(path: Path, kernel_dir: Path):
     nb = nbformat.read(path, as_version=4)
-    _with_test_budget(nb)
-    km = KernelManager(
-        kernel_name=KERNEL_NAME,
-        kernel_spec_manager=KernelSpecManager(kernel_dirs=[str(kernel_dir)]),
-    )
-    client = nbclient.NotebookClient(
-        nb,
-        km=km,
-        kernel_name=KERNEL_NAME,
-        timeout=CELL_TIMEOUT_S,
-        allow_errors=False,
-        resources={"metadata": {"path": str(path.parent)}},
-    )
-    client.execute()  # raises CellExecutionError, naming the cell, on the first error
+    executor.set_budget(nb, TEST_BUDGET_S)
+    # raises CellExecutionError, naming the cell, on the first error; writes nothing
+    executor.execute(nb, kernel_dir, cwd=TUTORIALS_DIR, timeout=CELL_TIMEOUT_S)
     errors = [
         out
         for cell in nb.cells
