@@ -253,9 +253,31 @@ def odernn(dtype: torch.dtype) -> Run:
     return _train(model, opt, loss)
 
 
+def free_horizon(dtype: torch.dtype) -> Run:
+    """A learned horizon (∂L/∂T through the sensitivity, feedback policy) moving every 2 steps."""
+    torch.manual_seed(10)
+    node = _node(_Mlp(3, 5), dtype)
+    model = _Last(node, torch.linspace(0, 1, 2, dtype=dtype))
+    opt = tds.SNOpt(model, lr=0.05, update_freq=2, grid_size=5, weight_decay=1e-2)
+    horizon = tds.FreeHorizon(t1=1.0, penalty=1e-3, lr=0.5, update_every=2).attach(model, opt)
+    run = _train(model, opt, _mse_loss(model, _data(dtype, 16, 3)))
+    run["T"] = horizon.history
+    return run
+
+
 CONFIGS: dict[str, Callable[[torch.dtype], Run]] = {
     f.__name__: f
-    for f in (mlp, multi_time, conv, full_precond, accumulate, precond_adam, cde_tap, odernn)
+    for f in (
+        mlp,
+        multi_time,
+        conv,
+        full_precond,
+        accumulate,
+        precond_adam,
+        cde_tap,
+        odernn,
+        free_horizon,
+    )
 }
 
 
