@@ -129,8 +129,10 @@ class _Layers:
 class SNOptPreconditioner:
     """SNOpt's curvature, applied to the gradients before any torch optimizer.
 
-    Args (all but ``model`` keyword only; validated by
-    :class:`~torchdyn_snopt.config.PrecondConfig`):
+    Every argument after ``model`` is keyword only; all are validated once, by
+    :class:`~torchdyn_snopt.config.PrecondConfig`, before the model is touched.
+
+    Args:
         model: module holding one or more ``NeuralODE``s with ``sensitivity`` in
             :data:`~torchdyn_snopt.SENSITIVITIES` and/or :class:`~torchdyn_snopt.CurvatureTap`
             wrappers of ``torchcde.cdeint`` functions (and, with ``full_precond``, other layers).
