@@ -27,6 +27,8 @@ reference to the problem; nothing is stored on the problem itself.
 
 from __future__ import annotations
 
+import functools
+import logging
 import weakref
 from dataclasses import dataclass, field
 from typing import Any
@@ -41,6 +43,8 @@ from torchdyn_snopt.cnf import noise_snapshot, pinned_noise
 from torchdyn_snopt.curvature.sampler import NFE, SolveSampling
 from torchdyn_snopt.curvature.source import CurvatureRequest
 from torchdyn_snopt.integrate import integrate, with_fixed_rk4
+
+_log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -159,6 +163,10 @@ class _SNOptAdjoint(torch.autograd.Function):
             # in floating point; for a last step ``dt = T - t`` that can fail by one ulp and
             # the solve ends without its outputs (frequent once t_span is learned, e.g. by
             # FreeHorizon). Redo it with our loop, which lands on every point exactly.
+            _log.debug(
+                "forward solve missed %d outputs; redone interval by interval",
+                expected - len(t_eval),
+            )
             t_eval, sol = _solve_by_intervals(
                 _CountingField(problem.vf, nfe), x, t_span, problem, args
             )
@@ -226,41 +234,9 @@ def _backsolve(
     knots = list(t_span[: knot_of_out[-1] + 1])
     out_at_knot = {k: i for i, k in enumerate(knot_of_out)}
 
-    def dynamics(s: Tensor, y: Tensor) -> Tensor:
-        """Augmented dynamics in the backward variable ``s = -σt``: ``dy/ds = -σ dy/dt``."""
-        nfe.backward += 1
-        t = -sigma * s
-        x, a = y[:n_x].reshape(shape), y[n_x : 2 * n_x].reshape(shape)
-        create_graph = y.requires_grad  # an implicit solver differentiates through us
-        with torch.enable_grad():
-            x_ = x if x.requires_grad else x.detach().requires_grad_(True)
-            dx = vf(t, x_)
-            vjp = torch.autograd.grad(
-                dx, (x_, *params), a, allow_unused=True, create_graph=create_graph
-            )
-            da = vjp[0] if vjp[0] is not None else torch.zeros_like(x)
-            if integral_loss is not None:
-                dl = torch.autograd.grad(
-                    integral_loss(t, x_).sum(), x_, allow_unused=True, create_graph=create_graph
-                )[0]
-                if dl is not None:
-                    da = da + dl
-        dmu = [
-            g.reshape(-1) if g is not None else torch.zeros(k, dtype=y.dtype, device=y.device)
-            for g, k in zip(vjp[1:], sizes)
-        ]
-        dy_dt = torch.cat([dx.reshape(-1), -da.reshape(-1), *(-m for m in dmu)])
-        return -sigma * dy_dt
-
-    def field_at(t: Tensor, x: Tensor) -> Tensor:
-        with torch.no_grad():
-            return vf(t, x)
-
-    def ell_at(t: Tensor, x: Tensor) -> Tensor:
-        if integral_loss is None:
-            return x.new_zeros(())
-        with torch.no_grad():
-            return integral_loss(t, x).sum()
+    dynamics = _augmented_dynamics(vf, params, integral_loss, sigma, shape, nfe)
+    field_at = functools.partial(_field_at, vf)
+    ell_at = functools.partial(_ell_at, integral_loss)
 
     x = sol[-1]
     a = torch.zeros_like(x)
@@ -315,6 +291,58 @@ def _backsolve(
     # Detached: an implicit solver_adjoint differentiates through the dynamics internally.
     param_grads = [g.reshape(p.shape).detach() for g, p in zip(mu.split(sizes), params)]
     return a.reshape(shape).detach(), t_grad, param_grads
+
+
+def _augmented_dynamics(
+    vf: nn.Module,
+    params: tuple[Tensor, ...],
+    integral_loss: Any,
+    sigma: float,
+    shape: torch.Size,
+    nfe: NFE,
+) -> Any:
+    """``dy/ds`` of ``y = [x | a | μ]`` (eq. 3-5, 9a) in the backward variable ``s = -σt``."""
+    n_x, sizes = shape.numel(), [p.numel() for p in params]
+
+    def dynamics(s: Tensor, y: Tensor) -> Tensor:
+        """Augmented dynamics in the backward variable ``s = -σt``: ``dy/ds = -σ dy/dt``."""
+        nfe.backward += 1
+        t = -sigma * s
+        x, a = y[:n_x].reshape(shape), y[n_x : 2 * n_x].reshape(shape)
+        create_graph = y.requires_grad  # an implicit solver differentiates through us
+        with torch.enable_grad():
+            x_ = x if x.requires_grad else x.detach().requires_grad_(True)
+            dx = vf(t, x_)
+            vjp = torch.autograd.grad(
+                dx, (x_, *params), a, allow_unused=True, create_graph=create_graph
+            )
+            da = vjp[0] if vjp[0] is not None else torch.zeros_like(x)
+            if integral_loss is not None:
+                dl = torch.autograd.grad(
+                    integral_loss(t, x_).sum(), x_, allow_unused=True, create_graph=create_graph
+                )[0]
+                if dl is not None:
+                    da = da + dl
+        dmu = [
+            g.reshape(-1) if g is not None else torch.zeros(k, dtype=y.dtype, device=y.device)
+            for g, k in zip(vjp[1:], sizes)
+        ]
+        dy_dt = torch.cat([dx.reshape(-1), -da.reshape(-1), *(-m for m in dmu)])
+        return -sigma * dy_dt
+
+    return dynamics
+
+
+def _field_at(vf: nn.Module, t: Tensor, x: Tensor) -> Tensor:
+    with torch.no_grad():
+        return vf(t, x)
+
+
+def _ell_at(integral_loss: Any, t: Tensor, x: Tensor) -> Tensor:
+    if integral_loss is None:
+        return x.new_zeros(())
+    with torch.no_grad():
+        return integral_loss(t, x).sum()
 
 
 def _node_reporter(sampler: SolveSampling, sigma: float, n_x: int, shape: torch.Size) -> Any:
