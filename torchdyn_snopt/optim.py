@@ -168,7 +168,9 @@ class SNOptPreconditioner:
 
     Call :meth:`step` after ``loss.backward()``: it rewrites ``.grad`` in place and returns
     ``False`` (changing nothing) when a gradient or a factor is not finite. After a refresh,
-    :attr:`last_factors` maps each layer name to the ``Factors`` (``Ā``, ``B̄``) it used.
+    :attr:`last_factors` maps each layer name to the ``Factors`` (``Ā``, ``B̄``) it used;
+    :attr:`layers` maps each refreshed layer's adapter to its
+    :class:`~torchdyn_snopt.layer_state.LayerState` (eigenbasis, second moment).
     """
 
     def __init__(
