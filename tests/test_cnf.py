@@ -13,7 +13,9 @@ from torchdyn.nn import DepthCat
 import torchdyn_snopt as tds
 from tests.helpers.models import quiet_ffjord, quiet_node
 from tests.helpers.numerics import default_dtype, make_solver, single_thread
-from torchdyn_snopt.adjoint import sampler_of
+from torchdyn_snopt.curvature.capture import Recorder
+from torchdyn_snopt.curvature.sampler import NFE, SolveSampling, _State
+from torchdyn_snopt.curvature.source import CurvatureRequest, Node
 from torchdyn_snopt.models.ffjord import standard_normal_logprob
 
 DT = torch.float64
@@ -134,23 +136,15 @@ def _node_factors(vf: nn.Module, x: torch.Tensor, a: torch.Tensor) -> dict:
     """A_n, B_n of one curvature evaluation of ``vf`` at ``(t=0.3, x)`` with adjoint ``a``."""
     from torchdyn_snopt.curvature import adapter_for
 
-    sampler = sampler_of(nn.Module())
-    sampler.adapters = [
-        adapter_for(m, n) for n, m in vf.named_modules() if isinstance(m, nn.Linear)
-    ]
-    from torchdyn_snopt.curvature.capture import attach
-
-    handles = [attach(ad) for ad in sampler.adapters]
+    adapters = [adapter_for(m, n) for n, m in vf.named_modules() if isinstance(m, nn.Linear)]
+    recorder = Recorder(adapters)
     try:
-        sampler.begin(vf, 0.0, 1.0, len(x))
-        out = sampler._evaluate(_Node(0.3, x, a))
+        request = CurvatureRequest(adapters, recorder)
+        sampling = SolveSampling(request, vf, 0.0, 1.0, len(x), None, NFE())
+        out = sampling._evaluate(Node(0.3, _State(x, a)))
     finally:
-        for h in handles:
-            h.remove()
+        recorder.remove()
     return {ad.name.split(".")[-1]: (A, B) for ad, (A, B, _) in out.items()}
-
-
-from torchdyn_snopt.curvature.sampler import _Node  # noqa: E402
 
 
 def test_factors_come_from_the_field_not_the_trace_estimator():

@@ -14,7 +14,7 @@ from tests.helpers.data import mlp_data
 from tests.helpers.models import conv_field, datacontrol_field, mlp_field
 from tests.helpers.numerics import DTYPE, make_solver, seeded, single_thread
 from torchdyn_snopt import SNOptPreconditioner
-from torchdyn_snopt.adjoint import sampler_of
+from torchdyn_snopt.adjoint import existing_record, record_of
 from torchdyn_snopt.regularization import kinetic_jacobian
 
 TOL = 1e-10
@@ -163,11 +163,12 @@ def test_leaves_model_and_curvature_state_alone():
     pre = SNOptPreconditioner(node, update_freq=1, grid_size=5)
     x0 = mlp_data(batch=4)
     node(x0)[1][-1].pow(2).sum().backward()  # a training step's backward, sampled
-    sampler = sampler_of(node)
+    record = record_of(node)
+    request = record.request
     before_params = [p.detach().clone() for p in node.parameters()]
     before_grads = [p.grad.clone() for p in node.parameters()]
-    nfe_vf, nfe_s = node.vf.nfe, vars(sampler.nfe).copy()
-    armed, factors = pre.armed, dict(sampler.factors)
+    nfe_vf, nfe_s = node.vf.nfe, vars(record.nfe).copy()
+    armed, factors = pre.armed, request.factors.view()
 
     out = kinetic_jacobian(node, x0, n_points=5, hutchinson_samples=3)
 
@@ -177,9 +178,9 @@ def test_leaves_model_and_curvature_state_alone():
     for p, g in zip(node.parameters(), before_grads):
         assert torch.equal(p.grad, g)
     assert node.vf.nfe == nfe_vf
-    assert vars(sampler.nfe) == nfe_s
-    assert pre.armed == armed and sampler.armed == armed
-    assert sampler.factors.keys() == factors.keys()
+    assert vars(record.nfe) == nfe_s
+    assert pre.armed == armed and request.armed == armed
+    assert request.factors.view().keys() == factors.keys()
     assert pre.step()  # the optimizer still works on the same gradients
 
 
@@ -192,7 +193,7 @@ def test_no_sampler_created_and_buffers_restored():
     kinetic_jacobian(node, mlp_data(batch=4), n_points=3)
     assert torch.equal(bn.running_mean, mean) and torch.equal(bn.running_var, var)
     assert int(bn.num_batches_tracked) == count
-    assert "_snopt_sampler" not in node.__dict__
+    assert existing_record(node) is None
     assert all(p.grad is None for p in node.parameters())
 
 

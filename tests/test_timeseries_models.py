@@ -10,7 +10,7 @@ import torchdyn_snopt as tds
 from tests.helpers.data import irregular_series
 from tests.helpers.gradients import assert_close
 from tests.helpers.numerics import DTYPE, make_solver
-from torchdyn_snopt.adjoint import sampler_of
+from torchdyn_snopt.adjoint import set_horizon
 from torchdyn_snopt.models import ODERNN, NeuralCDE
 
 TOL = 1e-9
@@ -116,7 +116,7 @@ def _span_factors(chained: bool, horizon: bool = True):
     x = torch.randn(6, 3, generator=torch.Generator().manual_seed(1), dtype=DTYPE)
     if chained:
         if horizon:
-            sampler_of(node).horizon = 1.0  # what ODERNN sets: the sequence's range
+            set_horizon(node, 1.0)  # what ODERNN sets: the sequence's range
         for k in range(10):
             x = node(x, knots[k : k + 2])[-1]
     else:

@@ -11,12 +11,26 @@ started at the last output time with ``a = ∂L/∂x`` and ``μ = 0``; at every 
 ``a`` jumps by that output's gradient. ``μ(t0) = ∂L/∂θ`` and ``a(t0) = ∂L/∂x0``. The rank-1
 Gauss-Newton curvature vector ``q = a / sqrt(t1 - t0)`` (eq. 11, §3.2) is proportional to
 ``a`` and needs no state of its own. With ``seminorm=True`` the step-size control measures
-only ``[x, a]`` (Kidger et al. 2020a). When the problem's sampler is armed, the accepted
-backward steps feed :class:`~torchdyn_snopt.curvature.sampler.CurvatureSampler`.
+only ``[x, a]`` (Kidger et al. 2020a).
+
+Curvature: an optimizer that wants the layers of a problem sampled binds a
+:class:`~torchdyn_snopt.curvature.source.CurvatureRequest` to it (:func:`bind_request`). The
+forward pass looks the request up once and hands it to the backward pass as an argument;
+when it is armed, the accepted backward steps feed a
+:class:`~torchdyn_snopt.curvature.sampler.SolveSampling`, which returns the factors through
+``request.factors``. The forward pass reports its batch size through ``request.batch_size``.
+
+Ownership: this module keeps, per problem, a :class:`ProblemRecord` (evaluation counters, the
+Gauss-Newton horizon a model may set, the bound request) in a registry keyed by a weak
+reference to the problem; nothing is stored on the problem itself.
 """
 
 from __future__ import annotations
 
+import functools
+import logging
+import weakref
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -26,28 +40,68 @@ from torchdyn.core.problems import ODEProblem
 from torchdyn.numerics.odeint import odeint
 
 from torchdyn_snopt.cnf import noise_snapshot, pinned_noise
-from torchdyn_snopt.curvature.sampler import CurvatureSampler
+from torchdyn_snopt.curvature.sampler import NFE, SolveSampling
+from torchdyn_snopt.curvature.source import CurvatureRequest
 from torchdyn_snopt.integrate import integrate, with_fixed_rk4
 
+_log = logging.getLogger(__name__)
 
-def sampler_of(problem: ODEProblem) -> CurvatureSampler:
-    """The :class:`CurvatureSampler` attached to ``problem`` (created on first use)."""
-    sampler = problem.__dict__.get("_snopt_sampler")
-    if sampler is None:
-        sampler = CurvatureSampler()
-        problem.__dict__["_snopt_sampler"] = sampler
-    return sampler
+
+@dataclass
+class ProblemRecord:
+    """What the snopt sensitivity keeps for one ODE problem.
+
+    ``nfe``: vector-field evaluations by purpose (:func:`torchdyn_snopt.read_nfe`);
+    ``horizon``: the Gauss-Newton normalisation ``T`` of ``q = a / sqrt(T)`` when one
+    iteration runs many short solves (set by the model, :func:`set_horizon`; None = each
+    solve's own span); ``request``: the curvature request an optimizer bound (or None).
+    """
+
+    nfe: NFE = field(default_factory=NFE)
+    horizon: float | None = None
+    request: CurvatureRequest | None = None
+
+
+_RECORDS: weakref.WeakKeyDictionary[ODEProblem, ProblemRecord] = weakref.WeakKeyDictionary()
+
+
+def record_of(problem: ODEProblem) -> ProblemRecord:
+    """The :class:`ProblemRecord` of ``problem`` (created on first use)."""
+    record = _RECORDS.get(problem)
+    if record is None:
+        record = _RECORDS[problem] = ProblemRecord()
+    return record
+
+
+def existing_record(problem: nn.Module) -> ProblemRecord | None:
+    """The record of ``problem`` if one was created, else None (creates nothing)."""
+    return _RECORDS.get(problem)
+
+
+def forget(problem: nn.Module) -> None:
+    """Drop the record of ``problem`` (counters, horizon, request), if any."""
+    _RECORDS.pop(problem, None)
+
+
+def bind_request(problem: ODEProblem, request: CurvatureRequest) -> None:
+    """Sample ``problem``'s backward solves as ``request`` says (replaces an earlier one)."""
+    record_of(problem).request = request
+
+
+def set_horizon(problem: ODEProblem, horizon: float | None) -> None:
+    """Gauss-Newton horizon ``T`` (time units of ``t_span``) of ``problem``'s next solves."""
+    record_of(problem).horizon = horizon
 
 
 class _CountingField(nn.Module):
     """Wraps the vector field to count forward-solve evaluations."""
 
-    def __init__(self, vf: nn.Module, sampler: CurvatureSampler) -> None:
+    def __init__(self, vf: nn.Module, nfe: NFE) -> None:
         super().__init__()
-        self.vf, self._sampler = vf, sampler
+        self.vf, self._nfe = vf, nfe
 
     def forward(self, t: Tensor, x: Tensor, args: dict | None = None) -> Tensor:
-        self._sampler.nfe.forward += 1
+        self._nfe.forward += 1
         return self.vf(t, x)
 
 
@@ -84,15 +138,16 @@ class _SNOptAdjoint(torch.autograd.Function):
     def forward(
         ctx: Any,
         problem: ODEProblem,
+        request: CurvatureRequest | None,
         x: Tensor,
         t_span: Tensor,
         save_at: Any,
         args: dict,
         *params: Tensor,
     ) -> tuple[Tensor, Tensor]:
-        sampler = sampler_of(problem)
+        nfe = record_of(problem).nfe
         t_eval, sol = odeint(
-            _CountingField(problem.vf, sampler),
+            _CountingField(problem.vf, nfe),
             x,
             t_span,
             with_fixed_rk4(problem.solver),
@@ -108,8 +163,12 @@ class _SNOptAdjoint(torch.autograd.Function):
             # in floating point; for a last step ``dt = T - t`` that can fail by one ulp and
             # the solve ends without its outputs (frequent once t_span is learned, e.g. by
             # FreeHorizon). Redo it with our loop, which lands on every point exactly.
+            _log.debug(
+                "forward solve missed %d outputs; redone interval by interval",
+                expected - len(t_eval),
+            )
             t_eval, sol = _solve_by_intervals(
-                _CountingField(problem.vf, sampler), x, t_span, problem, args
+                _CountingField(problem.vf, nfe), x, t_span, problem, args
             )
         if len(t_eval) < expected:  # torchdyn's adaptive loop stops silently on NaN/underflow
             raise RuntimeError(
@@ -118,7 +177,7 @@ class _SNOptAdjoint(torch.autograd.Function):
                 f"{float(t_span[-1]):.6g}): its state became non-finite or the adaptive step "
                 "size underflowed; lower the learning rate, or tighten/loosen atol and rtol"
             )
-        ctx.problem, ctx.args, ctx.params = problem, args, params
+        ctx.problem, ctx.request, ctx.args, ctx.params = problem, request, args, params
         ctx.noise = noise_snapshot(problem.vf)  # a CNF's Hutchinson noise, held for backward
         ctx.save_for_backward(t_eval, sol, t_span, x)
         return t_eval, sol
@@ -130,6 +189,7 @@ class _SNOptAdjoint(torch.autograd.Function):
         with pinned_noise(ctx.noise):
             grads = _backsolve(
                 problem,
+                ctx.request,
                 ctx.params,
                 t_eval,
                 sol,
@@ -137,14 +197,15 @@ class _SNOptAdjoint(torch.autograd.Function):
                 x0,
                 grad_sol,
                 ctx.args,
-                need_t=ctx.needs_input_grad[2],
+                need_t=ctx.needs_input_grad[3],
             )
         a0, t_grad, param_grads = grads
-        return (None, a0, t_grad, None, None, *param_grads)
+        return (None, None, a0, t_grad, None, None, *param_grads)
 
 
 def _backsolve(
     problem: ODEProblem,
+    request: CurvatureRequest | None,
     params: tuple[Tensor, ...],
     t_eval: Tensor,
     sol: Tensor,
@@ -154,8 +215,10 @@ def _backsolve(
     args: dict,
     need_t: bool,
 ) -> tuple[Tensor, Tensor | None, list[Tensor]]:
-    """Solve the augmented adjoint system from the last output back to ``t_span[0]``."""
-    vf, sampler = problem.vf, sampler_of(problem)
+    """Solve the augmented adjoint system from the last output back to ``t_span[0]``; an
+    armed ``request`` gets the curvature sampled at the accepted steps."""
+    vf, record = problem.vf, record_of(problem)
+    nfe = record.nfe
     integral_loss = problem.integral_loss
     solver = problem.solver_adjoint
     shape, n_x = x0.shape, x0.numel()
@@ -171,9 +234,79 @@ def _backsolve(
     knots = list(t_span[: knot_of_out[-1] + 1])
     out_at_knot = {k: i for i, k in enumerate(knot_of_out)}
 
+    dynamics = _augmented_dynamics(vf, params, integral_loss, sigma, shape, nfe)
+    field_at = functools.partial(_field_at, vf)
+    ell_at = functools.partial(_ell_at, integral_loss)
+
+    x = sol[-1]
+    a = torch.zeros_like(x)
+    mu = torch.zeros(sum(sizes), dtype=x.dtype, device=x.device)
+    t_grad = torch.zeros_like(t_span) if need_t else None
+    seminorm_dim = 2 * n_x if getattr(problem, "seminorm", False) else None
+    sampler: SolveSampling | None = None
+    if request is not None and request.active:
+        batch = shape[0] if len(shape) > 1 else 1
+        t_a, t_b = float(knots[0]), float(knots[-1])  # any order
+        sampler = SolveSampling(request, vf, t_a, t_b, batch, record.horizon, nfe)
+
+    for k in range(len(knots) - 1, 0, -1):
+        t_hi, t_lo = knots[k], knots[k - 1]  # "hi" = later in the forward solve
+        i = out_at_knot.get(k)
+        if i is not None:
+            g = grad_sol[i]
+            a = a + g
+            if t_grad is not None:  # ∂L/∂t_i = ∂L/∂x(t_i) · F(t_i, x_i)  (+ ℓ at the last time)
+                t_grad[k] = (g * field_at(t_hi, x)).sum()
+                if k == len(knots) - 1:
+                    t_grad[k] += ell_at(t_hi, x)
+        on_accept = None
+        if sampler is not None:
+            sampler.node(float(t_hi), x, a)
+            on_accept = _node_reporter(sampler, sigma, n_x, shape)
+
+        y = torch.cat([x.reshape(-1), a.reshape(-1), mu])
+        y = integrate(
+            dynamics,
+            y,
+            -sigma * t_hi,
+            -sigma * t_lo,
+            solver,
+            problem.atol_adjoint,
+            problem.rtol_adjoint,
+            seminorm_dim,
+            on_accept,
+            args,
+        )
+        x = y[:n_x].reshape(shape)
+        a = y[n_x : 2 * n_x].reshape(shape)
+        mu = y[2 * n_x :]
+        if sampler is not None:
+            sampler.end_interval()
+
+    i0 = out_at_knot.get(0)
+    if t_grad is not None:  # ∂L/∂t0 = -a(t0⁺)·F(t0, x0) - ℓ(t0)
+        t_grad[0] = -(a * field_at(knots[0], x)).sum() - ell_at(knots[0], x)
+    if i0 is not None:
+        a = a + grad_sol[i0]
+    # Detached: an implicit solver_adjoint differentiates through the dynamics internally.
+    param_grads = [g.reshape(p.shape).detach() for g, p in zip(mu.split(sizes), params)]
+    return a.reshape(shape).detach(), t_grad, param_grads
+
+
+def _augmented_dynamics(
+    vf: nn.Module,
+    params: tuple[Tensor, ...],
+    integral_loss: Any,
+    sigma: float,
+    shape: torch.Size,
+    nfe: NFE,
+) -> Any:
+    """``dy/ds`` of ``y = [x | a | μ]`` (eq. 3-5, 9a) in the backward variable ``s = -σt``."""
+    n_x, sizes = shape.numel(), [p.numel() for p in params]
+
     def dynamics(s: Tensor, y: Tensor) -> Tensor:
         """Augmented dynamics in the backward variable ``s = -σt``: ``dy/ds = -σ dy/dt``."""
-        sampler.nfe.backward += 1
+        nfe.backward += 1
         t = -sigma * s
         x, a = y[:n_x].reshape(shape), y[n_x : 2 * n_x].reshape(shape)
         create_graph = y.requires_grad  # an implicit solver differentiates through us
@@ -197,71 +330,28 @@ def _backsolve(
         dy_dt = torch.cat([dx.reshape(-1), -da.reshape(-1), *(-m for m in dmu)])
         return -sigma * dy_dt
 
-    def field_at(t: Tensor, x: Tensor) -> Tensor:
-        with torch.no_grad():
-            return vf(t, x)
+    return dynamics
 
-    def ell_at(t: Tensor, x: Tensor) -> Tensor:
-        if integral_loss is None:
-            return x.new_zeros(())
-        with torch.no_grad():
-            return integral_loss(t, x).sum()
 
-    x = sol[-1]
-    a = torch.zeros_like(x)
-    mu = torch.zeros(sum(sizes), dtype=x.dtype, device=x.device)
-    t_grad = torch.zeros_like(t_span) if need_t else None
-    seminorm_dim = 2 * n_x if getattr(problem, "seminorm", False) else None
-    sampling = sampler.active
-    if sampling:
-        batch = shape[0] if len(shape) > 1 else 1
-        sampler.begin(vf, float(knots[0]), float(knots[-1]), batch)  # any order
+def _field_at(vf: nn.Module, t: Tensor, x: Tensor) -> Tensor:
+    with torch.no_grad():
+        return vf(t, x)
 
-    for k in range(len(knots) - 1, 0, -1):
-        t_hi, t_lo = knots[k], knots[k - 1]  # "hi" = later in the forward solve
-        i = out_at_knot.get(k)
-        if i is not None:
-            g = grad_sol[i]
-            a = a + g
-            if t_grad is not None:  # ∂L/∂t_i = ∂L/∂x(t_i) · F(t_i, x_i)  (+ ℓ at the last time)
-                t_grad[k] = (g * field_at(t_hi, x)).sum()
-                if k == len(knots) - 1:
-                    t_grad[k] += ell_at(t_hi, x)
-        if sampling:
-            sampler.node(float(t_hi), x, a)
 
-        def accepted(s: Tensor, y: Tensor) -> None:
-            sampler.node(-sigma * float(s), y[:n_x].reshape(shape), y[n_x : 2 * n_x].reshape(shape))
+def _ell_at(integral_loss: Any, t: Tensor, x: Tensor) -> Tensor:
+    if integral_loss is None:
+        return x.new_zeros(())
+    with torch.no_grad():
+        return integral_loss(t, x).sum()
 
-        y = torch.cat([x.reshape(-1), a.reshape(-1), mu])
-        y = integrate(
-            dynamics,
-            y,
-            -sigma * t_hi,
-            -sigma * t_lo,
-            solver,
-            problem.atol_adjoint,
-            problem.rtol_adjoint,
-            seminorm_dim,
-            accepted if sampling else None,
-            args,
-        )
-        x = y[:n_x].reshape(shape)
-        a = y[n_x : 2 * n_x].reshape(shape)
-        mu = y[2 * n_x :]
-        if sampling:
-            sampler.end_interval()
 
-    i0 = out_at_knot.get(0)
-    if t_grad is not None:  # ∂L/∂t0 = -a(t0⁺)·F(t0, x0) - ℓ(t0)
-        t_grad[0] = -(a * field_at(knots[0], x)).sum() - ell_at(knots[0], x)
-    if i0 is not None:
-        a = a + grad_sol[i0]
-    if sampling:
-        sampler.finish()
-    # Detached: an implicit solver_adjoint differentiates through the dynamics internally.
-    param_grads = [g.reshape(p.shape).detach() for g, p in zip(mu.split(sizes), params)]
-    return a.reshape(shape).detach(), t_grad, param_grads
+def _node_reporter(sampler: SolveSampling, sigma: float, n_x: int, shape: torch.Size) -> Any:
+    """The solver's accepted-step callback: ``(s, y)`` in backward time -> a curvature node."""
+
+    def accepted(s: Tensor, y: Tensor) -> None:
+        sampler.node(-sigma * float(s), y[:n_x].reshape(shape), y[n_x : 2 * n_x].reshape(shape))
+
+    return accepted
 
 
 def checked_inputs(x: Tensor, t_span: Any, params: tuple[Tensor, ...]) -> Tensor:
@@ -322,6 +412,7 @@ def snopt_odeint(
     """Entry point torchdyn calls as ``problem._autograd_func()(vf_params, x, t_span, ...)``."""
     params = tuple(p for p in problem.vf.parameters() if p.requires_grad)
     t_span = checked_inputs(x, t_span, params)
-    if torch.is_grad_enabled() and (x.requires_grad or params):  # a training call
-        sampler_of(problem).batch_size = x.shape[0] if x.dim() > 1 else 1
-    return _SNOptAdjoint.apply(problem, x, t_span, save_at, args or {}, *params)
+    request = record_of(problem).request
+    if request is not None and torch.is_grad_enabled() and (x.requires_grad or params):
+        request.batch_size = x.shape[0] if x.dim() > 1 else 1  # a training call
+    return _SNOptAdjoint.apply(problem, request, x, t_span, save_at, args or {}, *params)

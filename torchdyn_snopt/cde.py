@@ -33,71 +33,77 @@ import torch.nn as nn
 from torch import Tensor
 
 from torchdyn_snopt.curvature.base import LayerAdapter
-from torchdyn_snopt.curvature.capture import recording
-from torchdyn_snopt.curvature.sampler import (
-    NFE,
+from torchdyn_snopt.curvature.capture import Record, Recorder
+from torchdyn_snopt.curvature.sampler import NFE, subsample
+from torchdyn_snopt.curvature.source import (
+    CurvatureRequest,
     Factors,
-    segment_weights,
-    subsample,
-    uniform_grid,
+    IntegralSource,
+    NodeChain,
+    RowMoments,
 )
 
 
 @dataclass
 class _Eval:
-    """One backward evaluation: its time and per-layer sums ``Σ z̃z̃ᵀ``, ``Σ ggᵀ`` and counts."""
+    """One backward evaluation: its time and, per layer, ``Σ z̃z̃ᵀ`` (``zz``), ``Σ ggᵀ``
+    (``gg``, filled in by the VJP's tensor hooks) and the spatial locations seen."""
 
     t: float
-    zz: dict[LayerAdapter, list[Any]] = field(default_factory=dict)
-    gg: dict[LayerAdapter, list[Any]] = field(default_factory=dict)
+    zz: dict[LayerAdapter, RowMoments] = field(default_factory=dict)
+    gg: dict[LayerAdapter, RowMoments] = field(default_factory=dict)
     locations: dict[LayerAdapter, int] = field(default_factory=dict)
 
 
-@dataclass
-class TapSampler:
-    """The tap's counterpart of :class:`~torchdyn_snopt.curvature.sampler.CurvatureSampler`:
-    same attributes for the optimizer (``adapters``, ``armed``, ``grid_size``, ``batch_size``,
-    ``factors``, ``nfe``)."""
+class TapSampler(IntegralSource):
+    """The curvature source of one :class:`CurvatureTap`: records the adjoint evaluations of
+    the solve in progress and integrates them into :attr:`request` ``.factors``.
 
-    adapters: list[LayerAdapter] = field(default_factory=list)
-    grid_size: int = 100
-    batch_size: int = 1
-    horizon: float | None = None
-    nfe: NFE = field(default_factory=NFE)
-    _armed: bool = False
-    _stack: list[_Eval] = field(default_factory=list)
-    _t_start: float = math.inf
-    _factors: dict[LayerAdapter, Factors] = field(default_factory=dict)
+    Owned by its tap; an optimizer gives it a request with :meth:`bind` (before that, a
+    request without layers: nothing is recorded). ``nfe.curvature`` counts recorded
+    evaluations; ``horizon`` is the Gauss-Newton ``T`` (None: each solve's own span).
+    """
+
+    def __init__(self) -> None:
+        self.request = CurvatureRequest([], Recorder([]))
+        self.nfe = NFE()
+        self.horizon: float | None = None
+        self._stack: list[_Eval] = []
+        self._t_start = math.inf
+
+    def bind(self, request: CurvatureRequest) -> None:
+        """Record from now on as ``request`` says (replaces an earlier request)."""
+        self.request = request
 
     @property
-    def armed(self) -> bool:
-        return self._armed
+    def active(self) -> bool:
+        return self.request.active
 
-    @armed.setter
-    def armed(self, value: bool) -> None:
-        self._armed = value
-        if not value:
+    def arm(self, armed: bool) -> None:
+        self.request.armed = armed
+        if not armed:
             self._stack.clear()
-            self._factors.clear()
             self._t_start = math.inf
+            self.request.factors.clear()
+
+    def integrals(self) -> dict[LayerAdapter, Factors]:
+        self._close()  # the solve in progress, if any
+        return super().integrals()
+
+    @property
+    def factors(self) -> dict[LayerAdapter, Factors]:
+        """Factors of every solve recorded so far, without taking them (closes the solve in
+        progress)."""
+        self._close()
+        return self.request.factors.view()
 
     def forward_time(self, t: float) -> None:
         """A forward-solve evaluation: the solve's first time is the lowest one seen."""
         self._t_start = min(self._t_start, t)
 
-    @property
-    def active(self) -> bool:
-        return self._armed and bool(self.adapters)
-
-    @property
-    def factors(self) -> dict[LayerAdapter, Factors]:
-        """Factors of every solve recorded so far (closes the one in progress)."""
-        self._close()
-        return self._factors
-
-    def observe(self, t: float, batch: int, records: list) -> None:
+    def observe(self, t: float, batch: int, records: list[Record]) -> None:
         """Record one adjoint evaluation at time ``t`` (hooks fill in ``B`` during its VJP)."""
-        ours = set(self.adapters)
+        ours = set(self.request.adapters)
         records = [r for r in records if r[0] in ours and r[2].requires_grad]
         if not records:
             return
@@ -106,14 +112,12 @@ class TapSampler:
         while self._stack and self._stack[-1].t < t:
             self._stack.pop()  # a rejected step's (or the step probe's) evaluations
         ev = _Eval(t)
-        self.batch_size = batch
+        self.request.batch_size = batch
         self.nfe.curvature += 1
         with torch.no_grad():
             for adapter, inputs, output in records:
                 z = adapter.input_rows(subsample(inputs, adapter.locations(output))).detach()
-                entry = ev.zz.setdefault(adapter, [0.0, 0])
-                entry[0] = entry[0] + z.t() @ z
-                entry[1] += z.shape[0]
+                ev.zz.setdefault(adapter, RowMoments()).add(z)
                 ev.locations[adapter] = ev.locations.get(adapter, 0) + adapter.locations(output)
                 output.register_hook(self._grad_hook(ev, adapter))
         self._stack.append(ev)
@@ -122,10 +126,7 @@ class TapSampler:
     def _grad_hook(ev: _Eval, adapter: LayerAdapter) -> Any:
         def hook(g: Tensor) -> None:
             with torch.no_grad():
-                rows = adapter.output_rows(g).detach()
-                entry = ev.gg.setdefault(adapter, [0.0, 0])
-                entry[0] = entry[0] + rows.t() @ rows
-                entry[1] += rows.shape[0]
+                ev.gg.setdefault(adapter, RowMoments()).add(adapter.output_rows(g).detach())
 
         return hook
 
@@ -140,28 +141,20 @@ class TapSampler:
         self._t_start = math.inf
         if t_hi <= t_lo:
             return
-        grid, dt = uniform_grid(t_lo, t_hi, self.grid_size)
-        scale2 = self.batch_size**2 / (self.horizon or (t_hi - t_lo))  # q = a / sqrt(T) (§3.2)
-        weights = [0.0] * len(nodes)
-        for k in range(1, len(nodes)):
-            hi, lo = nodes[k - 1], nodes[k]  # decreasing time
-            if hi.t != lo.t:
-                w_lo, w_hi = segment_weights(grid, dt, lo.t, hi.t)
-                weights[k] += w_lo
-                weights[k - 1] += w_hi
-        for e, w in zip(nodes, weights):
-            if w <= 0.0:
+        batch = self.request.batch_size
+        scale2 = batch**2 / (self.horizon or (t_hi - t_lo))  # q = a / sqrt(T) (§3.2)
+        chain: NodeChain[_Eval] = NodeChain(t_lo, t_hi, self.request.grid_size)
+        closed = [chain.push(e.t, e) for e in nodes] + [chain.end()]  # decreasing time
+        for node in closed:
+            if node is None or node.weight <= 0.0:
                 continue
-            for adapter, (zz, nz) in e.zz.items():
-                gg, ng = e.gg.get(adapter, (None, 0))
-                if gg is None or not ng:
+            w, e = node.weight, node.payload
+            for adapter, zz in e.zz.items():
+                gg = e.gg.get(adapter)
+                if gg is None or not gg.rows:
                     continue
-                A, B = w * zz / nz, w * scale2 * gg / ng
-                acc = self._factors.get(adapter)
-                if acc is None:
-                    self._factors[adapter] = Factors(A, B, e.locations[adapter], self.batch_size)
-                else:
-                    acc.A, acc.B = acc.A + A, acc.B + B
+                A, B = w * zz.total() / zz.rows, w * scale2 * gg.total() / gg.rows
+                self.request.factors.add(adapter, A, B, e.locations[adapter], batch)
 
 
 def _step_ends(evals: list[_Eval]) -> list[_Eval]:
@@ -211,6 +204,7 @@ class CurvatureTap(nn.Module):
         if not isinstance(func, nn.Module):
             raise TypeError(f"func={type(func).__name__} must be a torch.nn.Module")
         self.func = func
+        #: this tap's curvature source (see :class:`TapSampler`).
         self.sampler = TapSampler()
 
     def forward(self, t: Tensor, z: Tensor) -> Tensor:
@@ -219,7 +213,7 @@ class CurvatureTap(nn.Module):
             if s.active and not torch.is_grad_enabled():
                 s.forward_time(float(t))
             return self.func(t, z)
-        with recording() as records:
+        with s.request.recorder.recording() as records:
             out = self.func(t, z)
         batch = math.prod(z.shape[:-1]) if z.dim() > 1 else 1
         s.observe(float(t.detach()), batch, records)

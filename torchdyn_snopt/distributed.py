@@ -27,6 +27,7 @@ The code is device-agnostic: buffers live on the parameters' device, so gloo (CP
 
 from __future__ import annotations
 
+import enum
 import functools
 import socket
 import time
@@ -42,11 +43,19 @@ from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel
 
 from torchdyn_snopt.curvature.base import LayerAdapter
-from torchdyn_snopt.curvature.sampler import Factors
+from torchdyn_snopt.curvature.source import Factors
 
-#: ``process_group`` value meaning: torch.distributed's default group when it is initialized
-#: with more than one process, otherwise no communication.
-AUTO = "auto"
+
+class Group(str, enum.Enum):
+    """Named choices of ``process_group`` (a string works too)."""
+
+    #: torch.distributed's default group when it is initialized with more than one process,
+    #: otherwise no communication.
+    AUTO = "auto"
+
+
+#: The default ``process_group`` (equal to the string ``"auto"``).
+AUTO = Group.AUTO
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -56,12 +65,15 @@ def unwrap(model: nn.Module) -> nn.Module:
     return model
 
 
-def check_process_group(process_group: Any) -> None:
-    """Raise ``TypeError`` unless ``process_group`` is ``"auto"``, ``None`` or a ProcessGroup."""
-    if process_group is None or (isinstance(process_group, str) and process_group == AUTO):
-        return
+def check_process_group(process_group: Any) -> Any:
+    """``process_group`` normalised (``"auto"`` -> :attr:`Group.AUTO`); ``TypeError`` unless it
+    is ``"auto"``, ``None`` or a ``torch.distributed.ProcessGroup``."""
+    if process_group is None:
+        return None
+    if isinstance(process_group, str) and process_group == AUTO:
+        return AUTO
     if dist.is_available() and isinstance(process_group, dist.ProcessGroup):
-        return
+        return process_group
     raise TypeError(
         f"process_group={process_group!r} is invalid; accepted: 'auto' (the default group when "
         "torch.distributed is initialized), None (no communication) or a "
@@ -93,7 +105,7 @@ class RankSync:
     """
 
     def __init__(self, process_group: Any = AUTO, distribute_eigh: bool = False) -> None:
-        check_process_group(process_group)
+        process_group = check_process_group(process_group)
         if not isinstance(distribute_eigh, bool):
             raise TypeError(f"distribute_eigh={distribute_eigh!r} must be a bool")
         self.process_group = process_group
@@ -112,7 +124,8 @@ class RankSync:
             return 1
         return dist.get_world_size(self._group())
 
-    def _all_reduce(self, buf: Tensor) -> Tensor:
+    def all_reduce(self, buf: Tensor) -> Tensor:
+        """Sum ``buf`` in place over the group's ranks (counted in :attr:`stats`); returns it."""
         start = time.perf_counter()
         dist.all_reduce(buf, op=dist.ReduceOp.SUM, group=self._group())
         if buf.is_cuda:  # NCCL only enqueues: count the time until the sum is there
@@ -141,7 +154,7 @@ class RankSync:
         if self.world_size() == 1:
             return bad, factors
         if not refresh:
-            flag = self._all_reduce(torch.tensor([float(bad)], device=device))
+            flag = self.all_reduce(torch.tensor([float(bad)], device=device))
             return int(flag.item()), {}
         dtype = _common_dtype([a.params()[0] for a in adapters])  # the same on every rank
         dims = [_dims(a) for a in adapters]
@@ -156,7 +169,7 @@ class RankSync:
                 buf[o + 2 : o + 2 + d_in * d_in] = f.A.reshape(-1)
                 buf[o + 2 + d_in * d_in : o + size] = f.B.reshape(-1)
             o += size
-        self._all_reduce(buf)
+        self.all_reduce(buf)
         starts = list(accumulate([1, *sizes[:-1]]))
         heads = buf[[0] + [s + k for s in starts for k in (0, 1)]].tolist()  # one host sync
         out: dict[LayerAdapter, Factors] = {}
@@ -205,7 +218,7 @@ class RankSync:
                 buf[o : o + n] = evals
                 buf[o + n : o + n + n * n] = evecs.reshape(-1)
             o += n + n * n
-        self._all_reduce(buf)
+        self.all_reduce(buf)
         out, o = [], 0
         for m, n in zip(matrices, sizes):
             out.append(

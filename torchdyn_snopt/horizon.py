@@ -24,6 +24,7 @@ weight decay ``γ`` (any optimizer's): only then has ``Q_T`` an interior zero,
 
 from __future__ import annotations
 
+import enum
 import math
 import warnings
 from collections.abc import Iterable
@@ -34,7 +35,16 @@ import torch.nn as nn
 from torch import Tensor
 from torch.utils.hooks import RemovableHandle
 
-POLICIES: tuple[str, ...] = ("feedback", "baseline")
+
+class Policy(str, enum.Enum):
+    """How :class:`FreeHorizon` moves ``T`` (a string works too)."""
+
+    FEEDBACK = "feedback"  # second-order feedback policy, eq. 16
+    BASELINE = "baseline"  # first order, Massaroli et al. 2020
+
+
+#: The accepted ``policy`` strings.
+POLICIES: tuple[str, ...] = tuple(p.value for p in Policy)
 
 
 def _node_types() -> tuple[type, ...]:
@@ -51,7 +61,8 @@ class FreeHorizon(nn.Module):
         t1: initial horizon ``T`` (> t0). Default 1.0.
         penalty: ``c`` of the ``c/2·T²`` penalty (eq. 15), ``>= 0``. Default 1e-3.
         lr: step size ``η`` of eq. 16 (or of the first-order rule), ``> 0``. Default 0.1.
-        policy: ``"feedback"`` (eq. 16) or ``"baseline"`` (first-order). Default "feedback".
+        policy: a :class:`Policy` or its string: ``"feedback"`` (eq. 16) or ``"baseline"``
+            (first-order). Default "feedback".
         update_every: optimizer steps between updates of ``T``. Default 50.
         min_t1: lower clamp of ``T`` (> t0). Default ``t0 + 0.1``.
         max_t1: upper clamp of ``T`` or None (no upper clamp). Default None.
@@ -85,7 +96,7 @@ class FreeHorizon(nn.Module):
         t1: float = 1.0,
         penalty: float = 1e-3,
         lr: float = 0.1,
-        policy: str = "feedback",
+        policy: Policy | str = Policy.FEEDBACK,
         update_every: int = 50,
         min_t1: float | None = None,
         max_t1: float | None = None,
@@ -101,7 +112,7 @@ class FreeHorizon(nn.Module):
         self.t0 = float(t0)
         self.penalty = float(penalty)
         self.lr = float(lr)
-        self.policy = policy
+        self.policy = Policy(policy)
         self.update_every = int(update_every)
         self.min_t1 = float(min_t1)
         self.max_t1 = None if max_t1 is None else float(max_t1)
@@ -245,7 +256,7 @@ class FreeHorizon(nn.Module):
         world = self._sync.world_size()
         if world > 1:  # DDP averages ∂L/∂θ over ranks; T is not a DDP parameter: same here
             buf = torch.tensor([s, float(not has_grad)], dtype=torch.float64, device=self.T.device)
-            self._sync._all_reduce(buf)
+            self._sync.all_reduce(buf)
             s, has_grad = float(buf[0]) / world, bool(buf[1] == 0)
         if not has_grad:
             warnings.warn(
@@ -255,7 +266,7 @@ class FreeHorizon(nn.Module):
             )
             return False
         feedback = 0.0
-        if self.policy == "feedback":
+        if self.policy is Policy.FEEDBACK:
             if delta_theta is None or grads is None:
                 raise ValueError(
                     "policy='feedback' needs delta_theta and grads (the step's parameter change "
@@ -288,7 +299,7 @@ class FreeHorizon(nn.Module):
             return False
         debias = 1 - m ** int(self.steps)
         q_t = float(self.avg_s) / debias + self.penalty * T  # eq. 15: ∂/∂T of Φ + c/2·T²
-        if self.policy == "feedback":  # eq. 16, Gauss-Newton Q_TT = Fᵀ a aᵀ F + c
+        if self.policy is Policy.FEEDBACK:  # eq. 16, Gauss-Newton Q_TT = Fᵀ a aᵀ F + c
             q_tt = float(self.avg_s2) / debias + self.penalty
             delta = (q_t + float(self.feedback_sum)) / max(q_tt, 1e-12)
         else:  # first order
@@ -314,7 +325,7 @@ class FreeHorizon(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"t0={self.t0}, T={float(self.T):.4g}, penalty={self.penalty}, lr={self.lr}, "
-            f"policy={self.policy!r}, update_every={self.update_every}, "
+            f"policy={self.policy.value!r}, update_every={self.update_every}, "
             f"min_t1={self.min_t1}, max_t1={self.max_t1}"
         )
 
@@ -324,7 +335,7 @@ def _check_args(
     t1: float,
     penalty: float,
     lr: float,
-    policy: str,
+    policy: Policy | str,
     update_every: int,
     min_t1: float,
     max_t1: float | None,
@@ -343,7 +354,7 @@ def _check_args(
         raise ValueError(f"penalty={penalty!r} is invalid; accepted: a float >= 0")
     if lr <= 0:
         raise ValueError(f"lr={lr!r} is invalid; accepted: a float > 0")
-    if policy not in POLICIES:
+    if not isinstance(policy, str) or policy not in POLICIES:
         raise ValueError(f"policy={policy!r} is invalid; accepted: {', '.join(POLICIES)}")
     if isinstance(update_every, bool) or not isinstance(update_every, int) or update_every < 1:
         raise ValueError(f"update_every={update_every!r} is invalid; accepted: an int >= 1")

@@ -11,14 +11,15 @@ and starts the second-moment estimate in the Kronecker eigenbasis at ``m = L·λ
 which is eq. 14, ``B̄⁻¹ G Ā⁻ᵀ``, with the inverse taken in the eigenbasis (George et al. 2018).
 Weight decay ``γ`` enters as ``γθ`` in the gradient and ``γI`` in the damping (Remark, §3.2).
 How a refresh gets ``U_A``, ``U_B`` (``torch.linalg.eigh``, or a warm start from the previous
-bases, ``refresh="power"``) lives in :mod:`torchdyn_snopt.curvature.eigenbasis`.
+bases, ``refresh="power"``) lives in :mod:`torchdyn_snopt.curvature.eigenbasis`; the per-layer
+state and math in :mod:`torchdyn_snopt.layer_state`; where the factors come from in
+:mod:`torchdyn_snopt.curvature.source`. :class:`SNOptPreconditioner` only orchestrates one
+step: collect -> agree (across ranks) -> refresh -> precondition -> commit.
 """
 
 from __future__ import annotations
 
-import math
-import warnings
-from dataclasses import dataclass
+import logging
 from typing import Any, cast
 
 import torch
@@ -26,120 +27,46 @@ import torch.nn as nn
 from torch import Tensor
 from torchdyn.core.problems import ODEProblem
 
-from torchdyn_snopt.adjoint import sampler_of
-from torchdyn_snopt.cde import CurvatureTap, TapSampler
+from torchdyn_snopt import adjoint
+from torchdyn_snopt._warn import warn
+from torchdyn_snopt.cde import CurvatureTap
+from torchdyn_snopt.config import PrecondConfig
 from torchdyn_snopt.curvature.base import LayerAdapter
-from torchdyn_snopt.curvature.capture import attach
-from torchdyn_snopt.curvature.eigenbasis import (
-    Eigenpairs,
-    Refresh,
-    parse_refresh,
-    refresh_eigh,
-)
+from torchdyn_snopt.curvature.capture import Recorder
+from torchdyn_snopt.curvature.eigenbasis import Refresh, refresh_eigh
 from torchdyn_snopt.curvature.eigenbasis import eigh_exact as _eigh  # noqa: F401 (old name)
-from torchdyn_snopt.curvature.eigenbasis import eigh_from_rows as _eigh_from_rows
 from torchdyn_snopt.curvature.outer import OuterFactors
 from torchdyn_snopt.curvature.registry import adapter_for
-from torchdyn_snopt.curvature.sampler import CurvatureSampler, Factors
+from torchdyn_snopt.curvature.sampler import CurvatureSampler
+from torchdyn_snopt.curvature.source import (
+    CurvatureRequest,
+    CurvatureSource,
+    Factors,
+    collect,
+)
 from torchdyn_snopt.distributed import AUTO, RankSync, unwrap
+from torchdyn_snopt.layer_state import (
+    Eigenbasis,
+    LayerState,
+    Step,
+    eigen_from_factors,
+    factor_pairs,
+    priors,
+    project,
+    solve_in_eigenbasis,
+)
 from torchdyn_snopt.registration import SENSITIVITIES, is_snopt_problem
 
+__all__ = [
+    "SNOpt",
+    "SNOptPreconditioner",
+    "eigen_from_factors",
+    "project",
+    "read_nfe",
+    "solve_in_eigenbasis",
+]
 
-def _check_lr(lr: float) -> None:
-    if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
-        raise ValueError(f"lr={lr!r} is invalid; accepted: a finite float > 0")
-
-
-def _check_hyper(
-    eps: float,
-    update_freq: int,
-    alpha: float,
-    grid_size: int,
-    weight_decay: float,
-    kl_clip: float | None,
-) -> None:
-    """Raise before anything changes when a curvature hyperparameter is out of range."""
-    if kl_clip is not None and not (
-        isinstance(kl_clip, (int, float)) and kl_clip > 0 and math.isfinite(kl_clip)
-    ):
-        raise ValueError(f"kl_clip={kl_clip!r} is invalid; accepted: None or a float > 0")
-    if not (isinstance(eps, (int, float)) and math.isfinite(eps) and eps > 0):
-        raise ValueError(f"eps={eps!r} is invalid; accepted: a finite float > 0")
-    if isinstance(update_freq, bool) or not isinstance(update_freq, int):
-        raise TypeError(f"update_freq={update_freq!r} must be an int >= 1")
-    if update_freq < 1:
-        raise ValueError(f"update_freq={update_freq!r} is invalid; accepted: an int >= 1")
-    if not (isinstance(alpha, (int, float)) and 0.0 <= alpha < 1.0):
-        raise ValueError(f"alpha={alpha!r} is invalid; accepted: a float in [0, 1)")
-    if isinstance(grid_size, bool) or not isinstance(grid_size, int):
-        raise TypeError(f"grid_size={grid_size!r} must be an int >= 2")
-    if grid_size < 2:
-        raise ValueError(f"grid_size={grid_size!r} is invalid; accepted: an int >= 2")
-    if not (
-        isinstance(weight_decay, (int, float)) and math.isfinite(weight_decay) and weight_decay >= 0
-    ):
-        raise ValueError(f"weight_decay={weight_decay!r} is invalid; accepted: a float >= 0")
-
-
-@dataclass
-class _Eigen:
-    """Kronecker eigenbasis of one layer and the running second moment ``m`` in it.
-
-    ``lamA``, ``lamB``: the eigenvalues the bases came with (the warm start of the next
-    :attr:`Refresh.POWER` refresh; None from a checkpoint that predates them).
-    """
-
-    UA: Tensor
-    UB: Tensor
-    m: Tensor
-    lamA: Tensor | None = None
-    lamB: Tensor | None = None
-
-    def pairs(self) -> tuple[Eigenpairs | None, Eigenpairs | None]:
-        """``(λ_A, U_A)`` and ``(λ_B, U_B)``, each None when its eigenvalues are unknown."""
-        return (
-            None if self.lamA is None else (self.lamA, self.UA),
-            None if self.lamB is None else (self.lamB, self.UB),
-        )
-
-
-def _factor_pairs(
-    f: Factors, refresh: Refresh = Refresh.EXACT, prior: _Eigen | None = None
-) -> tuple[Eigenpairs, Eigenpairs]:
-    """(eigenvalues, eigenvectors) of ``Ā`` (from its rows when it has them) and of ``B̄``;
-    ``refresh`` and the layer's previous eigenbasis ``prior``: see :func:`refresh_eigh`."""
-    prior_a, prior_b = _priors(prior)
-    if f.rows is not None:
-        pair_a = _eigh_from_rows(f.rows)
-    else:
-        pair_a = refresh_eigh(f.A, prior_a, refresh)
-    return pair_a, refresh_eigh(f.B, prior_b, refresh)
-
-
-def _priors(eig: _Eigen | None) -> tuple[Eigenpairs | None, Eigenpairs | None]:
-    return (None, None) if eig is None else eig.pairs()
-
-
-def eigen_from_factors(f: Factors) -> _Eigen:
-    """Fresh eigenbasis and ``m = L·λ_B λ_Aᵀ`` from sampled factors."""
-    return _eigen_from_pairs(f, *_factor_pairs(f))
-
-
-def _eigen_from_pairs(
-    f: Factors, pair_a: tuple[Tensor, Tensor], pair_b: tuple[Tensor, Tensor]
-) -> _Eigen:
-    (lam_a, UA), (lam_b, UB) = pair_a, pair_b
-    return _Eigen(UA, UB, torch.outer(lam_b, lam_a) * f.locations, lam_a, lam_b)
-
-
-def project(G: Tensor, eig: _Eigen) -> Tensor:
-    """``U_Bᵀ G U_A``: a layer matrix in the Kronecker eigenbasis."""
-    return eig.UB.t() @ G @ eig.UA
-
-
-def solve_in_eigenbasis(G1: Tensor, eig: _Eigen, denom: Tensor) -> Tensor:
-    """``U_B (G' / denom) U_Aᵀ``: eq. 14's ``B̄⁻¹ G Ā⁻ᵀ`` with the damped eigenvalues ``denom``."""
-    return eig.UB @ (G1 / denom) @ eig.UA.t()
+_log = logging.getLogger(__name__)
 
 
 class _PassCounter:
@@ -166,8 +93,44 @@ def _all_finite(tensors: list[Tensor]) -> bool:
     return all(bool(torch.isfinite(t).all()) for t in tensors)
 
 
+class _Layers:
+    """The adapted layers of a model, found once: per ODE (snopt problem or tap) its layers,
+    and (``full_precond``) the layers outside the ODEs."""
+
+    def __init__(self, model: nn.Module, full_precond: bool) -> None:
+        self.problems = [m for m in model.modules() if is_snopt_problem(m)]
+        self.taps = [m for m in model.modules() if isinstance(m, CurvatureTap)]  # cdeint
+        # torchdyn is untyped: an ODEProblem's vf is its vector field module
+        fields = [cast(nn.Module, p.vf) for p in model.modules() if isinstance(p, ODEProblem)]
+        in_ode = {id(m) for f in fields + [t.func for t in self.taps] for m in f.modules()}
+        names = {id(m): n for n, m in model.named_modules()}
+        ode: dict[int, LayerAdapter] = {}
+        self.per_ode: list[list[LayerAdapter]] = []
+        for vf in [cast(nn.Module, p.vf) for p in self.problems] + [t.func for t in self.taps]:
+            mine = []
+            for module in vf.modules():
+                if id(module) not in ode:
+                    adapter = adapter_for(module, names.get(id(module), type(module).__name__))
+                    if adapter is None:
+                        continue
+                    ode[id(module)] = adapter
+                mine.append(ode[id(module)])
+            self.per_ode.append(mine)
+        self.ode = list(ode.values())
+        self.outer: list[LayerAdapter] = []
+        if full_precond:
+            for name, module in model.named_modules():
+                if id(module) not in in_ode:
+                    adapter = adapter_for(module, name)
+                    if adapter is not None:
+                        self.outer.append(adapter)
+
+
 class SNOptPreconditioner:
     """SNOpt's curvature, applied to the gradients before any torch optimizer.
+
+    Every argument after ``model`` is keyword only; all are validated once, by
+    :class:`~torchdyn_snopt.config.PrecondConfig`, before the model is touched.
 
     Args:
         model: module holding one or more ``NeuralODE``s with ``sensitivity`` in
@@ -185,11 +148,12 @@ class SNOptPreconditioner:
             step's predicted change of the Gauss-Newton model stays below ``kl_clip``.
         lr: learning rate of the optimizer that follows (only used by ``kl_clip``).
         process_group: ranks that share this curvature (:mod:`torchdyn_snopt.distributed`):
-            ``"auto"`` (default) = torch.distributed's default group whenever it is initialized
+            ``"auto"`` (default, :attr:`~torchdyn_snopt.distributed.Group.AUTO`) =
+            torch.distributed's default group whenever it is initialized
             with more than one process, ``None`` = never communicate, or a ``ProcessGroup``.
         distribute_eigh: with several processes, each rank eigendecomposes a share of the
             factors and the results are exchanged (default False: every rank decomposes all).
-        refresh: how a refresh gets the eigenbases (keyword only; a
+        refresh: how a refresh gets the eigenbases (a
             :class:`~torchdyn_snopt.curvature.eigenbasis.Refresh` or its string):
             ``"exact"`` (default) = ``torch.linalg.eigh`` of every factor; ``"power"`` = a
             warm start from the layer's previous eigenbasis (one subspace-iteration step;
@@ -204,12 +168,15 @@ class SNOptPreconditioner:
 
     Call :meth:`step` after ``loss.backward()``: it rewrites ``.grad`` in place and returns
     ``False`` (changing nothing) when a gradient or a factor is not finite. After a refresh,
-    :attr:`last_factors` maps each layer name to the ``Factors`` (``Ā``, ``B̄``) it used.
+    :attr:`last_factors` maps each layer name to the ``Factors`` (``Ā``, ``B̄``) it used;
+    :attr:`layers` maps each refreshed layer's adapter to its
+    :class:`~torchdyn_snopt.layer_state.LayerState` (eigenbasis, second moment).
     """
 
     def __init__(
         self,
         model: nn.Module,
+        *,
         eps: float = 0.05,
         update_freq: int = 100,
         alpha: float = 0.75,
@@ -220,90 +187,114 @@ class SNOptPreconditioner:
         lr: float = 1.0,
         process_group: Any = AUTO,
         distribute_eigh: bool = False,
-        *,
         refresh: Refresh | str = Refresh.EXACT,
-        _stacklevel: int = 2,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model={type(model).__name__} must be a torch.nn.Module")
-        _check_hyper(eps, update_freq, alpha, grid_size, weight_decay, kl_clip)
-        _check_lr(lr)
-        refresh = parse_refresh(refresh)
-        sync = RankSync(process_group, distribute_eigh)  # validates both
+        config = PrecondConfig(
+            eps=eps,
+            update_freq=update_freq,
+            alpha=alpha,
+            full_precond=full_precond,
+            grid_size=grid_size,
+            weight_decay=weight_decay,
+            kl_clip=kl_clip,
+            lr=lr,
+            process_group=process_group,
+            distribute_eigh=distribute_eigh,
+            refresh=refresh,
+        )
+        self._setup(model, config)
+
+    @classmethod
+    def _from_config(cls, model: nn.Module, config: PrecondConfig) -> SNOptPreconditioner:
+        """A preconditioner for an already validated ``config`` (used by :class:`SNOpt`)."""
+        self = cls.__new__(cls)
+        self._setup(model, config)
+        return self
+
+    def _setup(self, model: nn.Module, config: PrecondConfig) -> None:
+        """Find the layers, then (only if there are any) hook the model and bind the sources."""
+        self.config = config
+        self.sync = RankSync(config.process_group, config.distribute_eigh)
         model = unwrap(model)
-        problems = [m for m in model.modules() if is_snopt_problem(m)]
-        taps = [m for m in model.modules() if isinstance(m, CurvatureTap)]  # torchcde.cdeint
-        # torchdyn is untyped: an ODEProblem's vf is its vector field module
-        fields = [cast(nn.Module, p.vf) for p in model.modules() if isinstance(p, ODEProblem)]
-        in_ode = {id(m) for f in fields + [t.func for t in taps] for m in f.modules()}
-        names = {id(m): n for n, m in model.named_modules()}
-
-        ode_adapters: dict[int, LayerAdapter] = {}
-        per_problem: list[list[LayerAdapter]] = []
-        for vf in [cast(nn.Module, p.vf) for p in problems] + [t.func for t in taps]:
-            mine = []
-            for module in vf.modules():
-                if id(module) not in ode_adapters:
-                    adapter = adapter_for(module, names.get(id(module), type(module).__name__))
-                    if adapter is None:
-                        continue
-                    ode_adapters[id(module)] = adapter
-                mine.append(ode_adapters[id(module)])
-            per_problem.append(mine)
-
-        outer: list[LayerAdapter] = []
-        if full_precond:
-            for name, module in model.named_modules():
-                if id(module) not in in_ode:
-                    adapter = adapter_for(module, name)
-                    if adapter is not None:
-                        outer.append(adapter)
-        if not ode_adapters and not outer:
+        layers = _Layers(model, config.full_precond)
+        if not layers.ode and not layers.outer:
             raise ValueError(
                 f"model={type(model).__name__} holds no NeuralODE with sensitivity in "
                 f"{SENSITIVITIES} (nor a CurvatureTap) that has an adaptable layer"
-                + ("" if full_precond else ", and full_precond=False")
+                + ("" if config.full_precond else ", and full_precond=False")
                 + "; build the NeuralODE with sensitivity='snopt' or pass full_precond=True"
             )
-
-        # Validated: from here on the model is changed (samplers configured, hooks attached).
-        self._samplers: list[CurvatureSampler | TapSampler] = []
-        owners = [sampler_of(p) for p in problems] + [t.sampler for t in taps]
-        for sampler, mine in zip(owners, per_problem):
-            sampler.adapters, sampler.grid_size = mine, grid_size
-            self._samplers.append(sampler)
-        self.last_factors: dict[str, Factors] = {}
-        self.eps, self.update_freq, self.alpha = float(eps), update_freq, float(alpha)
-        self.kl_clip, self.lr = kl_clip, float(lr)
-        self.weight_decay, self.full_precond, self.grid_size = (
-            float(weight_decay),
-            full_precond,
-            grid_size,
-        )
-        self.adapters: list[LayerAdapter] = list(ode_adapters.values()) + outer
-        self._ode_adapters = list(ode_adapters.values())
-        self._handles = [attach(a) for a in self._ode_adapters]
+        # Validated: from here on the model is changed (hooks attached, requests bound).
+        self.lr = config.lr
+        self.adapters: list[LayerAdapter] = layers.ode + layers.outer
+        self._recorder = Recorder(layers.ode)
+        self._sources: list[CurvatureSource] = []
+        owners: list[Any] = [*layers.problems, *layers.taps]
+        for owner, mine in zip(owners, layers.per_ode):
+            request = CurvatureRequest(mine, self._recorder, config.grid_size)
+            if isinstance(owner, CurvatureTap):
+                owner.sampler.bind(request)
+                self._sources.append(owner.sampler)
+            else:
+                adjoint.bind_request(owner, request)
+                self._sources.append(CurvatureSampler(request))
+        self._sources.append(OuterFactors(layers.outer))
         self._passes = _PassCounter(self.adapters[0].params()[0])
-        self._handles.append(self._passes.handle)
-        self._outer = OuterFactors(outer)
-        self._eigen: dict[LayerAdapter, _Eigen] = {}
-        self.sync = sync
-        self.refresh = refresh
+        self.layers: dict[LayerAdapter, LayerState] = {}
+        self.last_factors: dict[str, Factors] = {}
         self._device = self.adapters[0].params()[0].device  # where collectives' buffers live
         self.steps = 0
-        covered = {id(p) for a in self.adapters for p in a.params()}
+        self.covered = {id(p) for a in self.adapters for p in a.params()}
         self.params = [p for p in model.parameters() if p.requires_grad]
-        self.covered = covered
         uncovered = [
-            n for n, p in model.named_parameters() if p.requires_grad and id(p) not in covered
+            n for n, p in model.named_parameters() if p.requires_grad and id(p) not in self.covered
         ]
         if uncovered:
-            warnings.warn(
+            warn(
                 "SNOpt has no Kronecker factors for these parameters; they get the plain "
-                f"gradient: {', '.join(uncovered)}",
-                stacklevel=_stacklevel,
+                f"gradient: {', '.join(uncovered)}"
             )
-        self._set_armed(True)
+        self._arm(True)
+
+    # --- configuration (read only; see PrecondConfig) ---------------------------------------
+    @property
+    def eps(self) -> float:
+        return self.config.eps
+
+    @property
+    def update_freq(self) -> int:
+        return self.config.update_freq
+
+    @property
+    def alpha(self) -> float:
+        return self.config.alpha
+
+    @property
+    def weight_decay(self) -> float:
+        return self.config.weight_decay
+
+    @property
+    def kl_clip(self) -> float | None:
+        return self.config.kl_clip
+
+    @property
+    def full_precond(self) -> bool:
+        return self.config.full_precond
+
+    @property
+    def grid_size(self) -> int:
+        return self.config.grid_size
+
+    @property
+    def refresh(self) -> Refresh:
+        return Refresh(self.config.refresh)
+
+    @property
+    def _eigen(self) -> dict[LayerAdapter, Eigenbasis]:
+        """Each layer's eigenbasis (read by ``bench/refresh_cost.py``)."""
+        return {a: s.eigen for a, s in self.layers.items()}
 
     # --- arming ---------------------------------------------------------------------------
     @property
@@ -311,116 +302,113 @@ class SNOptPreconditioner:
         """Whether the next backward pass samples curvature."""
         return self._armed
 
-    def _set_armed(self, armed: bool) -> None:
+    def _arm(self, armed: bool) -> None:
         self._armed = armed
-        for s in self._samplers:
-            s.armed = armed
-            if not armed:
-                s.factors.clear()
-        self._outer.armed = armed
-
-    def _collect(self) -> dict[LayerAdapter, Factors]:
-        """Factors sampled since arming: summed over ODEs (and calls) within a backward pass,
-        averaged over the backward passes since the last step (gradient accumulation: ``k``
-        passes, each loss a mean over its own samples, give the factors of one pass over the
-        concatenated batch)."""
-        passes = max(self._passes.take(), 1)
-        total: dict[LayerAdapter, Factors] = {}
-        for s in self._samplers:
-            for adapter, f in s.factors.items():
-                if adapter in total:
-                    total[adapter].A = total[adapter].A + f.A
-                    total[adapter].B = total[adapter].B + f.B
-                else:
-                    total[adapter] = Factors(f.A.clone(), f.B.clone(), f.locations, f.batch_size)
-            s.factors.clear()
-        if passes > 1:
-            for f in total.values():
-                f.A, f.B = f.A / passes, f.B / passes
-        total.update(self._outer.take(passes))
-        return total
+        for source in self._sources:
+            source.arm(armed)
 
     def _batch_size(self, adapter: LayerAdapter) -> int:
-        if adapter in self._outer.batch_size:
-            return self._outer.batch_size[adapter]
-        return max((s.batch_size for s in self._samplers if adapter in s.adapters), default=1)
+        sizes = [b for s in self._sources if (b := s.batch_size(adapter)) is not None]
+        return max(sizes, default=1)
 
     # --- the update -----------------------------------------------------------------------
     @torch.no_grad()
     def step(self) -> bool:
-        """Precondition every covered gradient in place (eq. 14); ``False`` = step skipped."""
-        grads = [p.grad for p in self.params if p.grad is not None]
-        factors = self._collect() if self._armed else {}  # a skipped step drops its samples
-        self._passes.take()
-        world = self.sync.world_size()
-        # One collective with several processes: the flag, plus the factors at a refresh.
-        bad, factors = self.sync.agree(
-            _all_finite(grads), factors, self.adapters, self._armed, self._device
-        )
+        """Precondition every covered gradient in place (eq. 14); ``False`` = step skipped
+        (a non-finite gradient, factor or result: nothing changed, with a warning)."""
+        grads_ok = _all_finite([p.grad for p in self.params if p.grad is not None])
+        factors = self._collect()
+        bad, factors = self.sync.agree(grads_ok, factors, self.adapters, self._armed, self._device)
         if bad:
+            world = self.sync.world_size()
             where = f" on {bad} of {world} ranks" if world > 1 else ""
-            warnings.warn(f"non-finite gradient{where}: SNOpt skipped this step", stacklevel=3)
-            return False
-        fresh: dict[LayerAdapter, _Eigen] = {}
-        if self._armed:
-            if not _all_finite([t for f in factors.values() for t in (f.A, f.B)]):
-                warnings.warn("non-finite curvature factor: SNOpt skipped this step", stacklevel=3)
-                return False
-            refresh, old = self.refresh, self._eigen
-            if world == 1:  # one process: a low-rank Ā's rows are this process's own
-                pairs = [
-                    p for a, f in factors.items() for p in _factor_pairs(f, refresh, old.get(a))
-                ]
-            else:  # factors averaged over ranks (no rows), decompositions maybe shared out
-                priors = [p for a in factors for p in _priors(old.get(a))]
-                pairs = self.sync.eigh(
-                    [m for f in factors.values() for m in (f.A, f.B)],
-                    lambda m, prior: refresh_eigh(m, prior, refresh),
-                    priors=priors,
-                )
-            fresh = {
-                a: _eigen_from_pairs(f, pairs[2 * i], pairs[2 * i + 1])
-                for i, (a, f) in enumerate(factors.items())
-            }
-        eigen = {**self._eigen, **fresh}
-        updates: dict[LayerAdapter, tuple[Tensor, Tensor]] = {}
+            return self._skip(f"non-finite gradient{where}")
+        fresh = self._refresh(factors)
+        if fresh is None:
+            return self._skip("non-finite curvature factor")
+        layers = {**self.layers, **fresh}
+        updates = self._precondition(layers)
+        if not _all_finite([t for u in updates.values() for t in (u.P, u.m)]):
+            return self._skip("non-finite preconditioned gradient")
+        self._commit(layers, updates, factors if fresh else None)
+        return True
+
+    def _skip(self, why: str) -> bool:
+        warn(f"{why}: SNOpt skipped this step")
+        return False
+
+    def _collect(self) -> dict[LayerAdapter, Factors]:
+        """Factors sampled since arming (none when not armed), as one backward pass's; a
+        skipped step drops them."""
+        passes = max(self._passes.take(), 1)
+        return collect(self._sources, passes) if self._armed else {}
+
+    def _refresh(
+        self, factors: dict[LayerAdapter, Factors]
+    ) -> dict[LayerAdapter, LayerState] | None:
+        """New eigenbases of the layers with fresh factors (None: a factor is not finite)."""
+        if not self._armed:
+            return {}
+        if not _all_finite([t for f in factors.values() for t in (f.A, f.B)]):
+            return None
+        refresh, old = self.refresh, self.layers
+        if self.sync.world_size() == 1:  # one process: a low-rank Ā's rows are its own
+            pairs = [
+                p
+                for a, f in factors.items()
+                for p in factor_pairs(f, refresh, old[a].eigen if a in old else None)
+            ]
+        else:  # factors averaged over ranks (no rows), decompositions maybe shared out
+            pairs = self.sync.eigh(
+                [m for f in factors.values() for m in (f.A, f.B)],
+                lambda m, prior: refresh_eigh(m, prior, refresh),
+                priors=[p for a in factors for p in priors(old[a].eigen if a in old else None)],
+            )
+        fresh = {}
+        for i, (a, f) in enumerate(factors.items()):
+            eigen = Eigenbasis.from_pairs(f, pairs[2 * i], pairs[2 * i + 1])
+            fresh[a] = old[a].refreshed(eigen) if a in old else LayerState(a, eigen)
+        _log.debug("refresh at step %d: %d layers", self.steps, len(fresh))
+        return fresh
+
+    def _precondition(self, layers: dict[LayerAdapter, LayerState]) -> dict[LayerAdapter, Step]:
+        """Each layer's preconditioned gradient (eq. 14), scaled by ``kl_clip`` when set."""
+        config, world = self.config, self.sync.world_size()
+        steps: dict[LayerAdapter, Step] = {}
         vg: Tensor | None = None  # Σ ⟨P, G⟩ over the updated layers
-        for adapter, eig in eigen.items():
+        for adapter, state in layers.items():
             if not adapter.has_grad():
                 continue
-            G = adapter.grad_matrix()
-            G1 = project(G, eig)
             batch = self._batch_size(adapter) * world  # DDP's gradient: the global batch's
-            m = eig.m * self.alpha + (1.0 - self.alpha) * batch * G1.square()
-            if self.weight_decay:
-                G1 = G1 + self.weight_decay * project(adapter.param_matrix(), eig)
-            P = solve_in_eigenbasis(G1, eig, m + self.eps + self.weight_decay)
-            updates[adapter] = (P, m)
-            vg = (P * G).sum() if vg is None else vg + (P * G).sum()
-        if self.kl_clip is not None and vg is not None:  # vg is None iff updates is empty
-            nu = torch.clamp(torch.sqrt(self.kl_clip / (self.lr**2 * vg.abs() + 1e-30)), max=1.0)
-            updates = {a: (P * nu, m) for a, (P, m) in updates.items()}
-        if not _all_finite([u for pair in updates.values() for u in pair]):
-            warnings.warn(
-                "non-finite preconditioned gradient: SNOpt skipped this step", stacklevel=3
-            )
-            return False
-        # Everything is finite: commit.
-        self._eigen = eigen
-        for adapter, (P, m) in updates.items():
-            adapter.set_grad_matrix(P)
-            eigen[adapter].m = m
-        if self.weight_decay:
+            step = state.propose(batch, config.alpha, config.eps, config.weight_decay)
+            steps[adapter] = step
+            vg = (step.P * step.G).sum() if vg is None else vg + (step.P * step.G).sum()
+        if config.kl_clip is not None and vg is not None:  # vg is None iff steps is empty
+            nu = torch.clamp(torch.sqrt(config.kl_clip / (self.lr**2 * vg.abs() + 1e-30)), max=1.0)
+            for step in steps.values():
+                step.P = step.P * nu
+        return steps
+
+    def _commit(
+        self,
+        layers: dict[LayerAdapter, LayerState],
+        steps: dict[LayerAdapter, Step],
+        refreshed: dict[LayerAdapter, Factors] | None,
+    ) -> None:
+        """Everything is finite: keep the new state, write the gradients, re-arm when due."""
+        self.layers = layers
+        for adapter, step in steps.items():
+            layers[adapter].commit(step)
+        if self.config.weight_decay:
             for p in self.params:
                 if p.grad is not None and id(p) not in self.covered:
-                    p.grad.add_(p, alpha=self.weight_decay)
-        if fresh:
-            self.last_factors = {a.name: f for a, f in factors.items()}
-            self._set_armed(False)
+                    p.grad.add_(p, alpha=self.config.weight_decay)
+        if refreshed is not None:
+            self.last_factors = {a.name: f for a, f in refreshed.items()}
+            self._arm(False)
         self.steps += 1
-        if self.steps % self.update_freq == 0:
-            self._set_armed(True)
-        return True
+        if self.steps % self.config.update_freq == 0:
+            self._arm(True)
 
     # --- persistence ----------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -431,11 +419,11 @@ class SNOptPreconditioner:
             "armed": self._armed,
             "layers": {
                 a.name: {
-                    k: getattr(e, k).clone()
+                    k: getattr(s.eigen, k).clone()
                     for k in ("UA", "UB", "m", "lamA", "lamB")
-                    if getattr(e, k) is not None
+                    if getattr(s.eigen, k) is not None
                 }
-                for a, e in self._eigen.items()
+                for a, s in self.layers.items()
             },
         }
 
@@ -477,23 +465,23 @@ class SNOptPreconditioner:
         (checked first by :meth:`check_state_dict`: a mismatch changes nothing)."""
         self.check_state_dict(state)
         by_name = {a.name: a for a in self.adapters}
-        eigen = {}
+        layers = {}
         for name, e in state["layers"].items():
-            ref = by_name[name].params()[0]
+            adapter = by_name[name]
+            ref = adapter.params()[0]
             put = {k: v.to(device=ref.device, dtype=ref.dtype) for k, v in e.items()}
-            eigen[by_name[name]] = _Eigen(
-                put["UA"], put["UB"], put["m"], put.get("lamA"), put.get("lamB")
-            )
-        self._eigen, self.steps = eigen, int(state["steps"])
-        self._set_armed(bool(state["armed"]))
+            eigen = Eigenbasis(put["UA"], put["UB"], put["m"], put.get("lamA"), put.get("lamB"))
+            layers[adapter] = LayerState(adapter, eigen)
+        self.layers, self.steps = layers, int(state["steps"])
+        self._arm(bool(state["armed"]))
 
     def remove_hooks(self) -> None:
         """Detach every hook this preconditioner put on the model."""
-        for h in self._handles:
-            h.remove()
-        self._handles.clear()
-        self._outer.remove()
-        self._set_armed(False)
+        self._recorder.remove()
+        self._passes.handle.remove()
+        for source in self._sources:
+            source.remove()
+        self._arm(False)
 
 
 class SNOpt(torch.optim.Optimizer):
@@ -506,8 +494,8 @@ class SNOpt(torch.optim.Optimizer):
         momentum: heavy-ball momentum in ``[0, 1)`` (default 0.9, as in the paper's runs).
         eps: as in :class:`SNOptPreconditioner`, and so are ``update_freq``, ``alpha``,
             ``full_precond``, ``grid_size``, ``weight_decay``, ``kl_clip`` (with this
-            optimizer's ``lr``), ``process_group``, ``distribute_eigh`` and ``refresh``
-            (keyword only). ``model`` may be wrapped in DDP.
+            optimizer's ``lr``), ``process_group``, ``distribute_eigh`` and ``refresh``.
+            Everything after ``lr`` is keyword only. ``model`` may be wrapped in DDP.
 
     Per iteration: ``zero_grad()``, ``loss.backward()``, ``step()``; the curvature sampling
     of the backward passes is armed by the optimizer itself.
@@ -517,6 +505,7 @@ class SNOpt(torch.optim.Optimizer):
         self,
         model: nn.Module,
         lr: float,
+        *,
         momentum: float = 0.9,
         eps: float = 0.05,
         update_freq: int = 100,
@@ -527,31 +516,26 @@ class SNOpt(torch.optim.Optimizer):
         kl_clip: float | None = None,
         process_group: Any = AUTO,
         distribute_eigh: bool = False,
-        *,
         refresh: Refresh | str = Refresh.EXACT,
     ) -> None:
-        _check_lr(lr)
-        if not (isinstance(momentum, (int, float)) and 0.0 <= momentum < 1.0):
+        config = PrecondConfig(
+            eps=eps,
+            update_freq=update_freq,
+            alpha=alpha,
+            full_precond=full_precond,
+            grid_size=grid_size,
+            weight_decay=weight_decay,
+            kl_clip=kl_clip,
+            lr=lr,
+            process_group=process_group,
+            distribute_eigh=distribute_eigh,
+            refresh=refresh,
+        )
+        if not (isinstance(momentum, int | float) and 0.0 <= momentum < 1.0):
             raise ValueError(f"momentum={momentum!r} is invalid; accepted: a float in [0, 1)")
         if not isinstance(model, nn.Module):
             raise TypeError(f"model={type(model).__name__} must be a torch.nn.Module")
-        _check_hyper(eps, update_freq, alpha, grid_size, weight_decay, kl_clip)
-        parse_refresh(refresh)
-        precond = SNOptPreconditioner(
-            model,
-            eps,
-            update_freq,
-            alpha,
-            full_precond,
-            grid_size,
-            weight_decay,
-            kl_clip,
-            lr,
-            process_group,
-            distribute_eigh,
-            refresh=refresh,
-            _stacklevel=3,
-        )
+        precond = SNOptPreconditioner._from_config(model, config)
         super().__init__(precond.params, {"lr": lr, "momentum": momentum})
         self.preconditioner = precond
 
@@ -621,7 +605,7 @@ def read_nfe(model: nn.Module, reset: bool = True) -> dict[str, int]:
     total = {"forward": 0, "backward": 0, "curvature": 0}
     for m in model.modules():
         if is_snopt_problem(m):
-            nfe = sampler_of(m).nfe
+            nfe = adjoint.record_of(m).nfe
             total["forward"] += nfe.forward
             total["backward"] += nfe.backward
             total["curvature"] += nfe.curvature

@@ -20,6 +20,8 @@ from torch import Tensor
 from torchdyn.core import NeuralODE
 from torchdyn.numerics.odeint import odeint
 
+from torchdyn_snopt.adjoint import existing_record, forget
+
 __all__ = ["kinetic_jacobian"]
 
 
@@ -142,8 +144,8 @@ def kinetic_jacobian(
 
     vf = node.vf
     nfe_before = vf.nfe
-    sampler = node.__dict__.get("_snopt_sampler")
-    sampler_nfe = None if sampler is None else vars(sampler.nfe).copy()
+    record = existing_record(node)
+    record_nfe = None if record is None else vars(record.nfe).copy()
     buffers = [(b, b.detach().clone()) for b in node.buffers()]
     try:
         with torch.no_grad():
@@ -171,11 +173,11 @@ def kinetic_jacobian(
             jacobian = float((torch.stack(jac_t) * weights).sum(0).mean())
     finally:
         vf.nfe = nfe_before
-        if sampler is None:
-            node.__dict__.pop("_snopt_sampler", None)
-        elif sampler_nfe is not None:
-            for key, value in sampler_nfe.items():
-                setattr(sampler.nfe, key, value)
+        if record is None:
+            forget(node)
+        elif record_nfe is not None:
+            for key, value in record_nfe.items():
+                setattr(record.nfe, key, value)
         with torch.no_grad():
             for b, saved in buffers:
                 b.copy_(saved)

@@ -20,6 +20,7 @@ weight sharing, Grosse & Martens 2016; the in-ODE sampler counts repeated calls 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -29,42 +30,60 @@ from torch.utils.hooks import RemovableHandle
 
 from torchdyn_snopt.curvature.base import LayerAdapter
 from torchdyn_snopt.curvature.capture import replace_hook
-from torchdyn_snopt.curvature.sampler import Factors, subsample
+from torchdyn_snopt.curvature.sampler import subsample
+from torchdyn_snopt.curvature.source import CurvatureSource, Factors, RowMoments
 
 
-class OuterFactors:
-    """Hooks on outer layers; :meth:`take` returns and clears what the last backward recorded."""
+@dataclass
+class _LayerSums:
+    """One outer layer's armed calls since the last :meth:`OuterFactors.take`: input rows
+    ``z`` (for ``A``), output-gradient rows ``g`` (for ``B``), summed locations, and the raw
+    input rows while ``A``'s rank may be below half its width (None once it cannot be)."""
+
+    z: RowMoments = field(default_factory=RowMoments)
+    g: RowMoments = field(default_factory=RowMoments)
+    locations: int = 0
+    kept: list[Tensor] | None = field(default_factory=list)
+
+
+class OuterFactors(CurvatureSource):
+    """The curvature source of the layers outside the ODEs: forward hooks on their modules
+    (owned by this object, removed by :meth:`remove`); :meth:`take` returns and clears what
+    the armed backward passes recorded."""
 
     def __init__(self, adapters: list[LayerAdapter]) -> None:
         self.adapters = adapters
         self.armed = False
-        self.batch_size: dict[LayerAdapter, int] = {}
-        self._sums: dict[LayerAdapter, list[Any]] = {}
+        self._batch: dict[LayerAdapter, int] = {}
+        self._sums: dict[LayerAdapter, _LayerSums] = {}
         self._handles: list[RemovableHandle] = [
-            replace_hook(a.module, "_snopt_outer_hook", self._hook(a)) for a in adapters
+            replace_hook(a.module, "outer", self._hook(a)) for a in adapters
         ]
+
+    def arm(self, armed: bool) -> None:
+        self.armed = armed
+
+    def batch_size(self, adapter: LayerAdapter) -> int | None:
+        return self._batch.get(adapter)
 
     def _hook(self, adapter: LayerAdapter) -> Any:
         def hook(module: nn.Module, inputs: tuple[Any, ...], output: Tensor) -> None:
             first = inputs[0]
             batch = first.shape[0] if first.dim() > 1 else 1
-            self.batch_size[adapter] = batch
+            self._batch[adapter] = batch
             if not (self.armed and torch.is_grad_enabled() and output.requires_grad):
                 return
             with torch.no_grad():
                 z = adapter.input_rows(subsample(inputs, adapter.locations(output)))
-                entry = self._sums.setdefault(adapter, [0.0, 0, 0.0, 0, 0, []])
-                entry[0] = entry[0] + z.t() @ z
-                entry[1] += z.shape[0]
-                if entry[5] is not None:  # keep the rows while A's rank is below half its width
-                    entry[5] = entry[5] + [z] if 2 * entry[1] <= z.shape[1] else None
-                entry[4] += adapter.locations(output)  # weight shared over calls (GRU steps)
+                sums = self._sums.setdefault(adapter, _LayerSums())
+                sums.z.add(z)
+                if sums.kept is not None:  # keep the rows while A's rank is below half its width
+                    sums.kept = sums.kept + [z] if 2 * sums.z.rows <= z.shape[1] else None
+                sums.locations += adapter.locations(output)  # weight shared over calls (GRU)
 
             def grad_hook(g: Tensor) -> None:
                 with torch.no_grad():
-                    rows = adapter.output_rows(g) * batch
-                    entry[2] = entry[2] + rows.t() @ rows
-                    entry[3] += rows.shape[0]
+                    sums.g.add(adapter.output_rows(g) * batch)
 
             output.register_hook(grad_hook)
 
@@ -75,11 +94,13 @@ class OuterFactors:
         call: ``A`` and ``B`` are means over all their rows, the locations per pass), cleared
         afterwards (only complete ones)."""
         out = {}
-        for adapter, (zz, nz, gg, ng, loc, zs) in self._sums.items():
+        for adapter, s in self._sums.items():
+            nz, ng = s.z.rows, s.g.rows
             if nz and ng:
-                rows = torch.cat(zs) / math.sqrt(nz) if zs else None
-                batch = self.batch_size.get(adapter, 1)
-                out[adapter] = Factors(zz / nz, gg / ng, max(loc // passes, 1), batch, rows)
+                rows = torch.cat(s.kept) / math.sqrt(nz) if s.kept else None
+                batch = self._batch.get(adapter, 1)
+                A, B = s.z.total() / nz, s.g.total() / ng
+                out[adapter] = Factors(A, B, max(s.locations // passes, 1), batch, rows)
         self._sums.clear()
         return out
 

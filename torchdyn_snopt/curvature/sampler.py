@@ -15,9 +15,16 @@ is evaluated once, only if that weight is positive, and only when its segment is
 memory is O(1) in the number of solver steps and no solver restart is ever forced.
 
 Many short solves (ODE-RNN, §4): each solve's ``Ā``, ``B̄`` integrate over its own span, so
-summing the solves of one iteration weights each by its time span. Set :attr:`horizon` to the
-whole sequence's time range so that ``q = a / sqrt(horizon)`` is the Gauss-Newton vector of the
-sequence (default None: each solve's own ``t1 - t0``).
+summing the solves of one iteration weights each by its time span. Set the problem's
+horizon (:func:`torchdyn_snopt.adjoint.set_horizon`) to the whole sequence's time range so
+that ``q = a / sqrt(horizon)`` is the Gauss-Newton vector of the sequence (default None: each
+solve's own ``t1 - t0``).
+
+Who does what: the preconditioner owns a :class:`CurvatureSampler` per snopt ODE (the
+:class:`~torchdyn_snopt.curvature.source.CurvatureSource`) and binds its
+:class:`~torchdyn_snopt.curvature.source.CurvatureRequest` to the ODE problem
+(:func:`torchdyn_snopt.adjoint.bind_request`); each backward solve of an armed request runs a
+:class:`SolveSampling` that adds its integrals to ``request.factors``.
 
 Rows: ``B`` uses the whole batch; ``A`` at most :data:`A_ROWS` rows (see there).
 
@@ -30,9 +37,8 @@ damping is meaningful.
 
 from __future__ import annotations
 
-import bisect
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -40,37 +46,32 @@ from torch import Tensor
 
 from torchdyn_snopt.cnf import without_trace
 from torchdyn_snopt.curvature.base import LayerAdapter, second_moment
-from torchdyn_snopt.curvature.capture import recording
+from torchdyn_snopt.curvature.source import (
+    CurvatureRequest,
+    Factors,
+    IntegralSource,
+    Node,
+    NodeChain,
+    segment_weights,
+    uniform_grid,
+)
+
+__all__ = [
+    "A_ROWS",
+    "NFE",
+    "CurvatureSampler",
+    "Factors",
+    "SolveSampling",
+    "segment_weights",
+    "subsample",
+    "uniform_grid",
+]
 
 #: Input rows (samples × locations) per node and layer used for ``A``; beyond it only the
 #: batch's first ``ceil(A_ROWS / locations)`` samples are used (no fresh random draw: with a
 #: shuffled minibatch the first samples are themselves a uniform random subset, so ``A`` stays
 #: unbiased; with an ordered batch they are not), keeping its cost independent of the batch.
 A_ROWS = 2048
-
-
-@dataclass
-class Factors:
-    """Accumulated ``Ā``, ``B̄`` of one layer plus what the update needs to scale them.
-
-    ``rows``: optional ``(r, d_in)`` matrix ``R`` with ``Ā = RᵀR`` and ``r < d_in`` (a layer
-    outside the ODEs seen by fewer input rows than its width, e.g. a head on a batch of 128):
-    the eigenbasis then comes from a QR of ``Rᵀ`` instead of an eigh of ``Ā``.
-    """
-
-    A: Tensor
-    B: Tensor
-    locations: int = 1
-    batch_size: int = 1
-    rows: Tensor | None = None
-
-
-@dataclass
-class _Node:
-    t: float
-    x: Tensor
-    a: Tensor
-    weight: float = 0.0
 
 
 @dataclass
@@ -85,96 +86,79 @@ class NFE:
         self.forward = self.backward = self.curvature = 0
 
 
+class CurvatureSampler(IntegralSource):
+    """The curvature source of one snopt ODE: its :attr:`request`, bound to the problem by
+    the preconditioner, collects what the problem's backward solves sample."""
+
+    def __init__(self, request: CurvatureRequest) -> None:
+        self.request = request
+
+
 @dataclass
-class CurvatureSampler:
-    """Per-ODE sampling state; the optimizer arms it and reads :attr:`factors`."""
+class _State:
+    """The backward state at a node: ``x`` and the adjoint ``a``."""
 
-    adapters: list[LayerAdapter] = field(default_factory=list)
-    armed: bool = False
-    grid_size: int = 100
-    batch_size: int = 1
-    horizon: float | None = None
-    factors: dict[LayerAdapter, Factors] = field(default_factory=dict)
-    nfe: NFE = field(default_factory=NFE)
+    x: Tensor
+    a: Tensor
 
-    # --- state of the backward solve in progress -----------------------------------------
-    _grid: list[float] = field(default_factory=list)
-    _dt: float = 0.0
-    _scale: float = 1.0
-    _batch: int = 1
-    _pending: _Node | None = None
-    _vf: nn.Module | None = None
 
-    @property
-    def active(self) -> bool:
-        return self.armed and bool(self.adapters)
+class SolveSampling:
+    """Sampling of one backward solve between times ``t0`` and ``t1`` (either order).
 
-    def begin(self, vf: nn.Module, t0: float, t1: float, batch_size: int) -> None:
-        """Start sampling a backward solve between times ``t0`` and ``t1`` (either order)."""
-        t0, t1 = min(t0, t1), max(t0, t1)
-        span = t1 - t0
-        self._grid, self._dt = uniform_grid(t0, t1, self.grid_size)
-        norm = self.horizon if self.horizon else span
-        self._scale = batch_size / math.sqrt(norm)  # q = a / sqrt(t1 - t0), per-sample (§3.2)
-        self._batch, self._vf, self._pending = batch_size, vf, None
+    Args:
+        request: the armed request whose ``adapters`` are sampled and whose ``factors``
+            receive this solve's ``Ā``, ``B̄``; its ``recorder`` sees the layers' calls.
+        vf: the vector field evaluated at the nodes.
+        batch_size: samples in the solve's batch.
+        horizon: Gauss-Newton normalisation ``T`` of ``q = a / sqrt(T)`` (None: ``t1 - t0``).
+        nfe: counters whose ``curvature`` entry counts the node evaluations.
+    """
+
+    def __init__(
+        self,
+        request: CurvatureRequest,
+        vf: nn.Module,
+        t0: float,
+        t1: float,
+        batch_size: int,
+        horizon: float | None,
+        nfe: NFE,
+    ) -> None:
+        self.request, self.vf, self.nfe, self.batch = request, vf, nfe, batch_size
+        self.chain: NodeChain[_State] = NodeChain(t0, t1, request.grid_size)
+        span = max(t0, t1) - min(t0, t1)
+        self.scale = batch_size / math.sqrt(horizon if horizon else span)  # q = a/sqrt(T) (§3.2)
 
     def node(self, t: float, x: Tensor, a: Tensor) -> None:
         """An accepted backward state at true time ``t`` (consecutive nodes bound a segment)."""
-        new = _Node(t, x, a)
-        prev = self._pending
-        if prev is not None:
-            if prev.t != t:
-                lo, hi = (new, prev) if t < prev.t else (prev, new)
-                w_lo, w_hi = self._segment_weights(lo.t, hi.t)
-                lo.weight += w_lo
-                hi.weight += w_hi
-            self._finish(prev)
-        self._pending = new
+        self._finish(self.chain.push(t, _State(x, a)))
 
     def end_interval(self) -> None:
         """Close the current ``t_span`` interval (the adjoint may jump before the next)."""
-        if self._pending is not None:
-            self._finish(self._pending)
-        self._pending = None
+        self._finish(self.chain.end())
 
-    def finish(self) -> None:
-        self.end_interval()
-        self._vf = None
-
-    # --- internals ----------------------------------------------------------------------
-    def _segment_weights(self, lo: float, hi: float) -> tuple[float, float]:
-        return segment_weights(self._grid, self._dt, lo, hi)
-
-    def _finish(self, node: _Node) -> None:
-        if node.weight <= 0.0:
+    def _finish(self, node: Node[_State] | None) -> None:
+        """Evaluate a node whose weight is final (only if positive) and add its factors."""
+        if node is None or node.weight <= 0.0:
             return
+        w, add = node.weight, self.request.factors.add
         for adapter, (A, B, locations) in self._evaluate(node).items():
-            acc = self.factors.get(adapter)
-            if acc is None:
-                self.factors[adapter] = Factors(
-                    node.weight * A, node.weight * B, locations, self._batch
-                )
-            else:
-                acc.A += node.weight * A
-                acc.B += node.weight * B
-                acc.locations, acc.batch_size = locations, self._batch
+            add(adapter, w * A, w * B, locations, self.batch)
 
-    def _evaluate(self, node: _Node) -> dict[LayerAdapter, tuple[Tensor, Tensor, int]]:
+    def _evaluate(self, node: Node[_State]) -> dict[LayerAdapter, tuple[Tensor, Tensor, int]]:
         """One evaluation of F at the node: ``A_n(t_k)``, ``B_n(t_k)`` per adapter (eq. 13)."""
-        vf = self._vf
-        if vf is None:
-            raise RuntimeError("curvature node outside a backward solve (no vector field set)")
-        ours = set(self.adapters)
-        t = torch.as_tensor(node.t, dtype=node.x.dtype, device=node.x.device)
+        x, a = node.payload.x, node.payload.a
+        ours = set(self.request.adapters)
+        t = torch.as_tensor(node.t, dtype=x.dtype, device=x.device)
         # A CNF contributes f(t, x) only: no trace-estimator passes in the factors (§4).
-        with torch.enable_grad(), without_trace(vf), recording() as records:
-            out = vf(t, node.x.detach())
+        with torch.enable_grad(), without_trace(self.vf), self.request.recorder.recording() as rec:
+            out = self.vf(t, x.detach())
         self.nfe.curvature += 1
-        records = [r for r in records if r[0] in ours and r[2].requires_grad]
+        records = [r for r in rec if r[0] in ours and r[2].requires_grad]
         if not records:
             return {}
         grads = torch.autograd.grad(
-            out, [r[2] for r in records], grad_outputs=node.a * self._scale, allow_unused=True
+            out, [r[2] for r in records], grad_outputs=a * self.scale, allow_unused=True
         )
         rows: dict[LayerAdapter, tuple[list[Tensor], list[Tensor], int]] = {}
         with torch.no_grad():
@@ -190,26 +174,6 @@ class CurvatureSampler:
                 z, g = torch.cat(zs), torch.cat(gs)
                 result[adapter] = (second_moment(z), second_moment(g), loc)
         return result
-
-
-def segment_weights(grid: list[float], dt: float, lo: float, hi: float) -> tuple[float, float]:
-    """Weights of the nodes at ``lo`` and ``hi`` from the points of the uniform ``grid`` (step
-    ``dt``) in ``[lo, hi)`` (``[lo, hi]`` for the top segment), by linear interpolation (eq. 13)."""
-    i0 = bisect.bisect_left(grid, lo)
-    top = hi >= grid[-1]
-    i1 = bisect.bisect_right(grid, hi) if top else bisect.bisect_left(grid, hi)
-    w_lo = w_hi = 0.0
-    for tj in grid[i0:i1]:
-        lam = (tj - lo) / (hi - lo)
-        w_lo += (1.0 - lam) * dt
-        w_hi += lam * dt
-    return w_lo, w_hi
-
-
-def uniform_grid(t0: float, t1: float, size: int) -> tuple[list[float], float]:
-    """``size`` equally spaced times from ``t0`` to ``t1`` and their spacing."""
-    span = t1 - t0
-    return [t0 + span * j / (size - 1) for j in range(size)], span / (size - 1)
 
 
 def subsample(inputs: tuple, locations: int) -> tuple:

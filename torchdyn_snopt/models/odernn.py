@@ -11,7 +11,7 @@ import torch.nn as nn
 from torch import Tensor
 from torchdyn.core import NeuralODE
 
-from torchdyn_snopt.adjoint import sampler_of
+from torchdyn_snopt.adjoint import set_horizon
 from torchdyn_snopt.nn import GRUCell
 from torchdyn_snopt.registration import is_snopt_problem
 
@@ -86,7 +86,7 @@ class ODERNN(nn.Module):
         if len(times) == 0:
             raise ValueError("x has no finite time in channel 0: every series is empty")
         if is_snopt_problem(self.ode):  # one Gauss-Newton horizon for all the short solves
-            sampler_of(self.ode).horizon = float(times[-1] - times[0]) or None
+            set_horizon(self.ode, float(times[-1] - times[0]) or None)
         h = x.new_zeros(x.shape[0], self.hidden)
         last = h
         for k in range(len(times)):

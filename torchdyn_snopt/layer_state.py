@@ -1,0 +1,138 @@
+"""What SNOpt keeps for one layer between steps, and the per-layer math of eq. 14.
+
+Per layer (``d_out × d_in`` weight matrix ``W``, bias as its last column): the Kronecker
+eigenbasis ``U_A`` (``d_in × d_in``), ``U_B`` (``d_out × d_out``) of the last refresh, the
+eigenvalues it came with, and the running second moment ``m`` (``d_out × d_in``) of the
+gradient in that basis (EKFAC, George et al. 2018)::
+
+    G' = U_Bᵀ G U_A,   m ← α m + (1 - α)·batch·G'²,   P = U_B [G' / (m + eps + γ)] U_Aᵀ
+
+:class:`LayerState` owns these and is the place for per-layer damping state (a later issue):
+add its fields to :class:`LayerState` and use them in :meth:`LayerState.damped`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+from torch import Tensor
+
+from torchdyn_snopt.curvature.base import LayerAdapter
+from torchdyn_snopt.curvature.eigenbasis import (
+    Eigenpairs,
+    Refresh,
+    eigh_from_rows,
+    refresh_eigh,
+)
+from torchdyn_snopt.curvature.source import Factors
+
+
+@dataclass
+class Eigenbasis:
+    """Kronecker eigenbasis of one layer and the running second moment ``m`` in it.
+
+    ``lamA``, ``lamB``: the eigenvalues the bases came with (the warm start of the next
+    :attr:`Refresh.POWER` refresh; None from a checkpoint that predates them).
+    """
+
+    UA: Tensor
+    UB: Tensor
+    m: Tensor
+    lamA: Tensor | None = None
+    lamB: Tensor | None = None
+
+    def pairs(self) -> tuple[Eigenpairs | None, Eigenpairs | None]:
+        """``(λ_A, U_A)`` and ``(λ_B, U_B)``, each None when its eigenvalues are unknown."""
+        return (
+            None if self.lamA is None else (self.lamA, self.UA),
+            None if self.lamB is None else (self.lamB, self.UB),
+        )
+
+    @classmethod
+    def from_pairs(cls, f: Factors, pair_a: Eigenpairs, pair_b: Eigenpairs) -> Eigenbasis:
+        """The basis of fresh eigenpairs of ``Ā``, ``B̄``, with ``m = L·λ_B λ_Aᵀ``."""
+        (lam_a, UA), (lam_b, UB) = pair_a, pair_b
+        return cls(UA, UB, torch.outer(lam_b, lam_a) * f.locations, lam_a, lam_b)
+
+
+def priors(eig: Eigenbasis | None) -> tuple[Eigenpairs | None, Eigenpairs | None]:
+    """The warm starts of a refresh: ``eig``'s eigenpairs, or None."""
+    return (None, None) if eig is None else eig.pairs()
+
+
+def factor_pairs(
+    f: Factors, refresh: Refresh = Refresh.EXACT, prior: Eigenbasis | None = None
+) -> tuple[Eigenpairs, Eigenpairs]:
+    """(eigenvalues, eigenvectors) of ``Ā`` (from its rows when it has them) and of ``B̄``;
+    ``refresh`` and the layer's previous eigenbasis ``prior``: see :func:`refresh_eigh`."""
+    prior_a, prior_b = priors(prior)
+    if f.rows is not None:
+        pair_a = eigh_from_rows(f.rows)
+    else:
+        pair_a = refresh_eigh(f.A, prior_a, refresh)
+    return pair_a, refresh_eigh(f.B, prior_b, refresh)
+
+
+def eigen_from_factors(f: Factors) -> Eigenbasis:
+    """Fresh eigenbasis and ``m = L·λ_B λ_Aᵀ`` from sampled factors."""
+    return Eigenbasis.from_pairs(f, *factor_pairs(f))
+
+
+def project(G: Tensor, eig: Eigenbasis) -> Tensor:
+    """``U_Bᵀ G U_A``: a layer matrix in the Kronecker eigenbasis."""
+    return eig.UB.t() @ G @ eig.UA
+
+
+def solve_in_eigenbasis(G1: Tensor, eig: Eigenbasis, denom: Tensor) -> Tensor:
+    """``U_B (G' / denom) U_Aᵀ``: eq. 14's ``B̄⁻¹ G Ā⁻ᵀ`` with the damped eigenvalues ``denom``."""
+    return eig.UB @ (G1 / denom) @ eig.UA.t()
+
+
+@dataclass
+class Step:
+    """One layer's proposed update: the preconditioned gradient ``P``, the second moment
+    ``m`` to keep if the step is committed, and the raw gradient ``G`` (all ``d_out × d_in``)."""
+
+    P: Tensor
+    m: Tensor
+    G: Tensor
+
+
+@dataclass
+class LayerState:
+    """Everything the preconditioner keeps for one layer: its adapter and eigenbasis.
+
+    Per-layer damping state belongs here (next to :attr:`eigen`); :meth:`damped` is where
+    it enters the update and :meth:`refreshed` where it carries over a refresh.
+    """
+
+    adapter: LayerAdapter
+    eigen: Eigenbasis
+
+    def refreshed(self, eigen: Eigenbasis) -> LayerState:
+        """This layer with a new eigenbasis (everything else carried over)."""
+        return replace(self, eigen=eigen)
+
+    def damped(self, m: Tensor, eps: float, weight_decay: float) -> Tensor:
+        """The denominator of eq. 14 in the eigenbasis: ``m + eps + γ`` (Tikhonov, §3.2)."""
+        return m + eps + weight_decay
+
+    def propose(self, batch: int, alpha: float, eps: float, weight_decay: float) -> Step:
+        """Precondition the layer's current gradient (eq. 14); changes nothing.
+
+        ``batch``: samples behind the gradient (``m`` is on the per-sample scale); ``alpha``:
+        running-average weight of ``m``; ``eps``: damping; ``weight_decay``: ``γ``, adding
+        ``γθ`` to the gradient and ``γ`` to the damping (Remark, §3.2).
+        """
+        eig, G = self.eigen, self.adapter.grad_matrix()
+        G1 = project(G, eig)
+        m = eig.m * alpha + (1.0 - alpha) * batch * G1.square()
+        if weight_decay:
+            G1 = G1 + weight_decay * project(self.adapter.param_matrix(), eig)
+        return Step(solve_in_eigenbasis(G1, eig, self.damped(m, eps, weight_decay)), m, G)
+
+    def commit(self, step: Step) -> None:
+        """Write the (possibly rescaled) ``step.P`` into ``.grad`` and keep ``step.m``."""
+        self.adapter.set_grad_matrix(step.P)
+        self.eigen.m = step.m
