@@ -18,6 +18,14 @@ from tests.helpers.training import train_steps
 
 DT = torch.float64
 
+#: The paper's preconditioner settings: these tests check eq. 14 as published (fixed damping,
+#: a refresh every 100 steps, ODE layers only); ``tests/test_defaults.py`` checks the defaults.
+PAPER = {"damping": "fixed", "eps": 0.05, "update_freq": 100, "full_precond": False}
+
+
+def _paper_preconditioner(model, **kw) -> tds.SNOptPreconditioner:
+    return tds.SNOptPreconditioner(model, **{**PAPER, **kw})
+
 
 def _data(n: int = 64, seed: int = 0, dtype=DT):
     return classification_data(n, seed, dtype)
@@ -32,7 +40,7 @@ def test_huge_eps_reduces_to_scaled_sgd():
     model = _model()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        opt = tds.SNOpt(model, lr=0.5, momentum=0.0, eps=1e8, full_precond=True)
+        opt = tds.SNOpt.paper(model, lr=0.5, momentum=0.0, eps=1e8, full_precond=True)
     x, y = _data()
     F.cross_entropy(model(x), y).backward()
     before = [p.detach().clone() for p in model.parameters()]
@@ -45,15 +53,15 @@ def test_huge_eps_reduces_to_scaled_sgd():
 def test_uncovered_parameters_warn_once_with_names():
     model = _model()
     with pytest.warns(UserWarning, match=r"enc\.weight.*head\.bias"):
-        tds.SNOpt(model, lr=0.1)
+        tds.SNOpt.paper(model, lr=0.1)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        tds.SNOpt(_model(), lr=0.1, full_precond=True)  # everything covered: no warning
+        tds.SNOpt.paper(_model(), lr=0.1, full_precond=True)  # everything covered: no warning
 
 
 def test_full_precond_samples_outer_layers():
     model = _model()
-    opt = tds.SNOpt(model, lr=0.1, full_precond=True)
+    opt = tds.SNOpt.paper(model, lr=0.1, full_precond=True)
     x, y = _data()
     F.cross_entropy(model(x), y).backward()
     before = _model()
@@ -117,7 +125,7 @@ def test_preconditioned_gradient_by_hand_over_two_steps(wd):
     x, y = _data(64)
     model = _model()
     alpha, eps, n = 0.75, 0.05, 16
-    pre = tds.SNOptPreconditioner(
+    pre = _paper_preconditioner(
         model, eps=eps, alpha=alpha, update_freq=10, weight_decay=wd, full_precond=True
     )
     state = {}
@@ -147,7 +155,7 @@ def test_weight_decay_of_uncovered_parameters_is_exactly_gamma_theta():
     model, wd = _model(), 0.3
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # enc and head get the plain gradient
-        pre = tds.SNOptPreconditioner(model, weight_decay=wd, update_freq=10)
+        pre = _paper_preconditioner(model, weight_decay=wd, update_freq=10)
     _batch_grads(model, x, y)
     plain = {n: (p.grad.clone(), p.detach().clone()) for n, p in model.named_parameters()}
     mats = {name: _layer_matrices(model, name) for name in ("ode.vf.vf.l1", "ode.vf.vf.l2")}
@@ -169,7 +177,7 @@ def test_kl_clip_scales_every_layer_by_hand():
     Kills: ``lr`` instead of ``lr²``; ``ν`` without the square root."""
     x, y = _data(16)
     model, kl, lr = _model(), 1e-4, 0.1
-    pre = tds.SNOptPreconditioner(model, kl_clip=kl, lr=lr, update_freq=10, full_precond=True)
+    pre = _paper_preconditioner(model, kl_clip=kl, lr=lr, update_freq=10, full_precond=True)
     _batch_grads(model, x, y)
     mats = {name: _layer_matrices(model, name) for name in [*LAYERS, "head"]}
     assert pre.step()
@@ -191,7 +199,7 @@ def test_snopt_momentum_and_update_by_hand_over_three_steps():
     Kills: dampening (``(1 − μ)·d``); the buffer restarted at every step."""
     x, y = _data(48)
     model, lr, mom = _model(), 0.05, 0.9
-    opt = tds.SNOpt(model, lr=lr, momentum=mom, update_freq=2, full_precond=True)
+    opt = tds.SNOpt.paper(model, lr=lr, momentum=mom, update_freq=2, full_precond=True)
     bufs = {}
     for step in range(3):
         _batch_grads(model, x[step * 16 : (step + 1) * 16], y[step * 16 : (step + 1) * 16])
@@ -206,7 +214,7 @@ def test_snopt_momentum_and_update_by_hand_over_three_steps():
 def test_checkpoint_resume_is_exact():
     x, y = _data()
     model = _model()
-    opt = tds.SNOpt(model, lr=0.05, update_freq=3, full_precond=True)
+    opt = tds.SNOpt.paper(model, lr=0.05, update_freq=3, full_precond=True)
     train_steps(model, opt, 4, x, y)
     saved_model = copy.deepcopy(model.state_dict())
     saved_opt = copy.deepcopy(opt.state_dict())
@@ -215,7 +223,7 @@ def test_checkpoint_resume_is_exact():
 
     resumed = _model(seed=123)
     resumed.load_state_dict(saved_model)
-    opt2 = tds.SNOpt(resumed, lr=0.05, update_freq=3, full_precond=True)
+    opt2 = tds.SNOpt.paper(resumed, lr=0.05, update_freq=3, full_precond=True)
     opt2.load_state_dict(saved_opt)
     assert opt2.preconditioner.steps == 4
     train_steps(resumed, opt2, 5, x, y, start=4)
@@ -226,7 +234,7 @@ def test_checkpoint_resume_is_exact():
 def test_preconditioner_with_adam_and_state_dict():
     x, y = _data()
     model = _model()
-    precond = tds.SNOptPreconditioner(model, update_freq=2, full_precond=True)
+    precond = _paper_preconditioner(model, update_freq=2, full_precond=True)
     adam = torch.optim.Adam(model.parameters(), lr=1e-2)
     losses = []
     for _ in range(6):
@@ -239,7 +247,7 @@ def test_preconditioner_with_adam_and_state_dict():
     assert losses[-1] < losses[0]
     state = precond.state_dict()
     assert state["steps"] == 6 and set(state["layers"]) == set(precond.last_factors)
-    other = tds.SNOptPreconditioner(_model(), update_freq=2, full_precond=True)
+    other = _paper_preconditioner(_model(), update_freq=2, full_precond=True)
     other.load_state_dict(state)
     assert other.steps == 6 and other.armed == precond.armed
 
@@ -272,9 +280,10 @@ def test_bad_arguments_raise_and_change_nothing(kwargs, exc, match):
 def test_model_without_snopt_ode_is_rejected():
     plain = nn.Sequential(nn.Linear(3, 3))
     with pytest.raises(ValueError, match="full_precond=True"):
-        tds.SNOpt(plain, lr=0.1)
+        tds.SNOpt(plain, lr=0.1, full_precond=False)
+    tds.SNOpt(plain)  # no ODE at all: K-FAC on every layer (full_precond, the default)
     adjoint_model = _model(sensitivity="adjoint")
-    with pytest.raises(ValueError, match="snopt"):
+    with pytest.raises(ValueError, match=r"\(ode\) use a sensitivity.*sensitivity='snopt'"):
         tds.SNOptPreconditioner(adjoint_model)
     with pytest.raises(TypeError, match="model"):
         tds.SNOpt("not a module", lr=0.1)
@@ -283,7 +292,7 @@ def test_model_without_snopt_ode_is_rejected():
 def test_nan_gradient_skips_step_and_training_continues():
     x, y = _data()
     model = _model()
-    opt = tds.SNOpt(model, lr=0.05, update_freq=2, full_precond=True)
+    opt = tds.SNOpt.paper(model, lr=0.05, update_freq=2, full_precond=True)
     train_steps(model, opt, 3, x, y)
     params = [p.detach().clone() for p in model.parameters()]
     state = copy.deepcopy(opt.state_dict())
@@ -305,14 +314,14 @@ def test_nan_gradient_skips_step_and_training_continues():
 def test_second_optimizer_on_same_model_replaces_hooks():
     model = _model()
     x, y = _data()
-    tds.SNOpt(model, lr=0.05, full_precond=True)
-    opt = tds.SNOpt(model, lr=0.05, full_precond=True)
+    tds.SNOpt.paper(model, lr=0.05, full_precond=True)
+    opt = tds.SNOpt.paper(model, lr=0.05, full_precond=True)
     for m in (model.enc, model.head, model.ode.vf.vf.l1, model.ode.vf.vf.l2):
         assert len(m._forward_hooks) == 1
     F.cross_entropy(model(x), y).backward()
     opt.step()
     single = _model()
-    ref = tds.SNOpt(single, lr=0.05, full_precond=True)
+    ref = tds.SNOpt.paper(single, lr=0.05, full_precond=True)
     F.cross_entropy(single(x), y).backward()
     ref.step()
     for name, f in ref.preconditioner.last_factors.items():
@@ -335,7 +344,7 @@ def test_low_rank_outer_factor_eigenbasis_from_rows():
     grads = []
     for full_eigh in (False, True):
         model = _wide_mlp()
-        pre = tds.SNOptPreconditioner(model, full_precond=True)
+        pre = _paper_preconditioner(model, full_precond=True)
         F.cross_entropy(model(x), y).backward()
         if full_eigh:  # the same factors through torch.linalg.eigh of A
             original = state_module.eigh_from_rows
@@ -359,7 +368,7 @@ def test_low_rank_outer_factor_eigenbasis_from_rows():
 
 def test_factors_from_many_rows_keep_no_rows():
     model = _wide_mlp()
-    pre = tds.SNOptPreconditioner(model, full_precond=True)
+    pre = _paper_preconditioner(model, full_precond=True)
     x, y = torch.randn(64, 40, dtype=DT), torch.randint(0, 3, (64,))
     F.cross_entropy(model(x), y).backward()
     pre.step()

@@ -7,6 +7,10 @@ optimizer's step, plus the final preconditioner ``state_dict``. The test asserts
 ``torch.equal`` against ``tests/data/trajectory_golden.pt``: a refactor that claims identical
 behaviour must leave every number unchanged.
 
+Every configuration runs the paper's rule (:meth:`SNOpt.paper`: fixed damping, no graft,
+heavy-ball momentum), pinned since before the defaults moved to relative damping and the
+Adam graft, which ``tests/test_defaults.py`` checks by hand.
+
 The golden file is machine dependent in principle (BLAS, LAPACK, thread count: the runs use one
 thread); it was generated on this project's CI machine. The test never writes it. To regenerate
 deliberately (only when a change of numbers is intended and reviewed)::
@@ -133,7 +137,7 @@ def mlp(dtype: torch.dtype) -> Run:
     torch.manual_seed(0)
     node = _node(_Mlp(3, 8), dtype, solver="dopri5", atol=1e-4, rtol=1e-4)
     model = _Last(node, torch.linspace(0, 1, 2, dtype=dtype))
-    opt = tds.SNOpt(model, lr=0.05, update_freq=2, grid_size=7)
+    opt = tds.SNOpt.paper(model, lr=0.05, update_freq=2, grid_size=7)
     return _train(model, opt, _mse_loss(model, _data(dtype, 16, 3)))
 
 
@@ -144,7 +148,7 @@ def multi_time(dtype: torch.dtype) -> Run:
     node = _node(field, dtype, sensitivity="snopt_adjoint")
     t_span = torch.linspace(0, 1, 4, dtype=dtype)
     x = _data(dtype, 16, 3)
-    opt = tds.SNOpt(node, lr=0.05, update_freq=2, grid_size=9, refresh="power", alpha=0.5)
+    opt = tds.SNOpt.paper(node, lr=0.05, update_freq=2, grid_size=9, refresh="power", alpha=0.5)
 
     def loss(i: int) -> Tensor:
         sol = node(x[(4 * i) % 16 :][:4], t_span)
@@ -167,7 +171,7 @@ def conv(dtype: torch.dtype) -> Run:
     torch.manual_seed(2)
     node = _node(_ConvField(2), dtype)
     model = _Last(node, torch.linspace(0, 1, 3, dtype=dtype))
-    opt = tds.SNOpt(model, lr=0.05, update_freq=3, grid_size=5)
+    opt = tds.SNOpt.paper(model, lr=0.05, update_freq=3, grid_size=5)
     return _train(model, opt, _mse_loss(model, _data(dtype, 8, 2, 5, 5)))
 
 
@@ -179,7 +183,7 @@ def full_precond(dtype: torch.dtype) -> Run:
         nn.Linear(3, 4).to(dtype), _Last(node, torch.linspace(0, 1, 2, dtype=dtype))
     )
     model.append(nn.Linear(4, 3).to(dtype))
-    opt = tds.SNOpt(
+    opt = tds.SNOpt.paper(
         model,
         lr=0.1,
         momentum=0.5,
@@ -199,7 +203,7 @@ def accumulate(dtype: torch.dtype) -> Run:
     node = _node(_Mlp(3, 5), dtype)
     model = nn.Sequential(_Last(node, torch.linspace(0, 1, 2, dtype=dtype)), nn.Linear(3, 3))
     model = model.to(dtype)
-    opt = tds.SNOpt(model, lr=0.05, update_freq=2, grid_size=5, full_precond=True)
+    opt = tds.SNOpt.paper(model, lr=0.05, update_freq=2, grid_size=5, full_precond=True)
     return _train(model, opt, _mse_loss(model, _data(dtype, 24, 3)), passes=2)
 
 
@@ -209,7 +213,9 @@ def precond_adam(dtype: torch.dtype) -> Run:
     node = _node(_Mlp(3, 6), dtype)
     model = nn.Sequential(_Last(node, torch.linspace(0, 1, 2, dtype=dtype)), nn.Linear(3, 3))
     model = model.to(dtype)
-    pre = tds.SNOptPreconditioner(model, update_freq=2, grid_size=5, eps=0.05)
+    pre = tds.SNOptPreconditioner(
+        model, update_freq=2, grid_size=5, eps=0.05, damping="fixed", full_precond=False
+    )
     adam = torch.optim.Adam(model.parameters(), lr=1e-2)
     return _train(model, adam, _mse_loss(model, _data(dtype, 16, 3)), precond=pre)
 
@@ -226,7 +232,7 @@ def cde_tap(dtype: torch.dtype) -> Run:
     t = torch.sort(torch.rand(6, generator=g))[0].to(dtype) * 2
     x = torch.randn(8, 6, 2, generator=g).to(dtype)
     X = torchcde.CubicSpline(torchcde.hermite_cubic_coefficients_with_backward_differences(x, t), t)
-    opt = tds.SNOpt(model, lr=0.05, update_freq=2, grid_size=8)
+    opt = tds.SNOpt.paper(model, lr=0.05, update_freq=2, grid_size=8)
 
     def loss(i: int) -> Tensor:
         z0 = X.evaluate(t[0]).sum(-1, keepdim=True).expand(-1, 3) * 0.5
@@ -244,7 +250,7 @@ def odernn(dtype: torch.dtype) -> Run:
     t = torch.sort(torch.rand(8, 5, generator=g), 1)[0]
     x = torch.cat([t[..., None], torch.randn(8, 5, 1, generator=g)], -1).to(dtype)
     y = torch.randint(0, 2, (8,), generator=g)
-    opt = tds.SNOpt(model, lr=0.05, update_freq=3, grid_size=5, full_precond=True)
+    opt = tds.SNOpt.paper(model, lr=0.05, update_freq=3, grid_size=5, full_precond=True)
 
     def loss(i: int) -> Tensor:
         sl = slice((4 * i) % 8, (4 * i) % 8 + 4)
@@ -258,7 +264,7 @@ def free_horizon(dtype: torch.dtype) -> Run:
     torch.manual_seed(10)
     node = _node(_Mlp(3, 5), dtype)
     model = _Last(node, torch.linspace(0, 1, 2, dtype=dtype))
-    opt = tds.SNOpt(model, lr=0.05, update_freq=2, grid_size=5, weight_decay=1e-2)
+    opt = tds.SNOpt.paper(model, lr=0.05, update_freq=2, grid_size=5, weight_decay=1e-2)
     horizon = tds.FreeHorizon(t1=1.0, penalty=1e-3, lr=0.5, update_every=2).attach(model, opt)
     run = _train(model, opt, _mse_loss(model, _data(dtype, 16, 3)))
     run["T"] = horizon.history

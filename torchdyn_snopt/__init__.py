@@ -12,6 +12,7 @@ register()
 
 from torchdyn_snopt import models, nn, second_order  # noqa: E402
 from torchdyn_snopt.cde import CurvatureTap  # noqa: E402
+from torchdyn_snopt.config import Damping, Graft  # noqa: E402
 from torchdyn_snopt.curvature import LayerAdapter, register_adapter  # noqa: E402
 from torchdyn_snopt.curvature.eigenbasis import Refresh  # noqa: E402
 from torchdyn_snopt.horizon import FreeHorizon  # noqa: E402
@@ -25,7 +26,9 @@ except _metadata.PackageNotFoundError:  # pragma: no cover - running from an uni
 __all__ = [
     "SENSITIVITIES",
     "CurvatureTap",
+    "Damping",
     "FreeHorizon",
+    "Graft",
     "LayerAdapter",
     "Refresh",
     "SNOpt",

@@ -7,6 +7,7 @@ and normalises the choices given as strings to their enums, before anything touc
 
 from __future__ import annotations
 
+import enum
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -25,6 +26,39 @@ def check_lr(lr: Any) -> None:
         raise ValueError(f"lr={lr!r} is invalid; accepted: a finite float > 0")
 
 
+class Damping(str, enum.Enum):
+    """How ``eps`` damps the curvature eigenvalues (a string works too).
+
+    ``RELATIVE`` (default): ``m + eps·mean(m)``, a fraction of the layer's mean second moment,
+    so the same ``eps`` fits every layer and loss scale. ``FIXED``: ``m + eps``, the paper's
+    Tikhonov damping (§3.2) in the per-sample squared-gradient units of ``m``.
+    """
+
+    RELATIVE = "relative"
+    FIXED = "fixed"
+
+
+class Graft(str, enum.Enum):
+    """Where :class:`~torchdyn_snopt.SNOpt`'s step length comes from (a string works too).
+
+    ``ADAM`` (default): each layer moves along SNOpt's preconditioned direction by the length
+    of Adam's step on the raw gradient (grafting, Agarwal et al. 2020), so ``lr`` means what
+    it means for Adam. ``NONE``: ``lr`` times the preconditioned gradient (the paper's Alg. 1).
+    """
+
+    ADAM = "adam"
+    NONE = "none"
+
+
+def parse_choice(name: str, value: Any, kind: type[enum.Enum]) -> Any:
+    """``value`` as a member of the string enum ``kind``; ``ValueError`` naming ``name``."""
+    try:
+        return kind(value)
+    except ValueError:
+        accepted = ", ".join(repr(m.value) for m in kind)
+        raise ValueError(f"{name}={value!r} is invalid; accepted: {accepted}") from None
+
+
 def _check_int(name: str, value: Any, low: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{name}={value!r} must be an int >= {low}")
@@ -37,17 +71,18 @@ class PrecondConfig:
     """SNOpt's curvature settings (defaults as in :class:`~torchdyn_snopt.SNOptPreconditioner`,
     where each is documented).
 
-    ``eps`` (damping, per-sample squared-gradient scale), ``update_freq`` (steps per refresh),
+    ``eps`` (damping, see ``damping``), ``update_freq`` (steps per refresh),
     ``alpha`` (running-average weight of ``m``), ``full_precond``, ``grid_size`` (points of
     eq. 13's grid), ``weight_decay`` (``γ``), ``kl_clip`` (None = off), ``lr`` (initial
     learning rate, read by ``kl_clip``), ``process_group`` (:class:`Group`, None or a
-    ``ProcessGroup``), ``distribute_eigh``, ``refresh`` (:class:`Refresh`).
+    ``ProcessGroup``), ``distribute_eigh``, ``refresh`` (:class:`Refresh`), ``damping``
+    (:class:`Damping`).
     """
 
-    eps: float = 0.05
-    update_freq: int = 100
+    eps: float = 0.1
+    update_freq: int = 10
     alpha: float = 0.75
-    full_precond: bool = False
+    full_precond: bool = True
     grid_size: int = 100
     weight_decay: float = 0.0
     kl_clip: float | None = None
@@ -55,6 +90,7 @@ class PrecondConfig:
     process_group: Any = AUTO
     distribute_eigh: bool = False
     refresh: Refresh | str = Refresh.EXACT
+    damping: Damping | str = Damping.RELATIVE
 
     def __post_init__(self) -> None:
         check_lr(self.lr)
@@ -71,6 +107,7 @@ class PrecondConfig:
         if not (_finite_number(wd) and wd >= 0):
             raise ValueError(f"weight_decay={wd!r} is invalid; accepted: a float >= 0")
         refresh = parse_refresh(self.refresh)
+        damping = parse_choice("damping", self.damping, Damping)
         group = check_process_group(self.process_group)
         if not isinstance(self.distribute_eigh, bool):
             raise TypeError(f"distribute_eigh={self.distribute_eigh!r} must be a bool")
@@ -78,7 +115,54 @@ class PrecondConfig:
         for name in ("eps", "alpha", "weight_decay", "lr"):
             object.__setattr__(self, name, float(getattr(self, name)))
         object.__setattr__(self, "refresh", refresh)
+        object.__setattr__(self, "damping", damping)
         object.__setattr__(self, "process_group", group)
 
 
-__all__ = ["Group", "PrecondConfig", "Refresh", "check_lr"]
+@dataclass(frozen=True)
+class StepConfig:
+    """:class:`~torchdyn_snopt.SNOpt`'s own step settings (documented there): ``lr``,
+    ``momentum``, ``graft`` (:class:`Graft`), Adam's ``betas`` and ``graft_eps`` of the graft.
+    """
+
+    lr: float = 0.02
+    momentum: float = 0.0
+    graft: Graft | str = Graft.ADAM
+    betas: tuple[float, float] = (0.9, 0.999)
+    graft_eps: float = 1e-8
+
+    def __post_init__(self) -> None:
+        check_lr(self.lr)
+        mom = self.momentum
+        if not (isinstance(mom, int | float) and 0.0 <= mom < 1.0):
+            raise ValueError(f"momentum={mom!r} is invalid; accepted: a float in [0, 1)")
+        graft = parse_choice("graft", self.graft, Graft)
+        betas = self.betas
+        if not (
+            isinstance(betas, tuple | list)
+            and len(betas) == 2
+            and all(isinstance(b, int | float) and 0.0 <= b < 1.0 for b in betas)
+        ):
+            raise ValueError(
+                f"betas={betas!r} is invalid; accepted: two floats in [0, 1) (Adam's beta1, beta2)"
+            )
+        if not (_finite_number(self.graft_eps) and self.graft_eps > 0):
+            raise ValueError(
+                f"graft_eps={self.graft_eps!r} is invalid; accepted: a finite float > 0"
+            )
+        object.__setattr__(self, "graft", graft)
+        object.__setattr__(self, "betas", (float(betas[0]), float(betas[1])))
+        for name in ("lr", "momentum", "graft_eps"):
+            object.__setattr__(self, name, float(getattr(self, name)))
+
+
+__all__ = [
+    "Damping",
+    "Graft",
+    "Group",
+    "PrecondConfig",
+    "Refresh",
+    "StepConfig",
+    "check_lr",
+    "parse_choice",
+]

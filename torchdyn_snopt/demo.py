@@ -29,8 +29,8 @@ from torchdyn_snopt.data import load_digits
 from torchdyn_snopt.models import ImageClassifier
 from torchdyn_snopt.optim import SNOpt
 
-DEFAULT_LR_SNOPT = 3e-3
-SNOPT_OPTIONS: dict[str, Any] = {"update_freq": 10, "full_precond": True}
+DEFAULT_LR_SNOPT = 2e-2
+SNOPT_OPTIONS: dict[str, Any] = {}  # SNOpt at its defaults
 DEFAULT_LR_ADAM = 3e-3
 DEFAULT_ITERATIONS = 300
 DEFAULT_BATCH_SIZE = 128

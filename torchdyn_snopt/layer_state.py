@@ -5,10 +5,10 @@ eigenbasis ``U_A`` (``d_in × d_in``), ``U_B`` (``d_out × d_out``) of the last 
 eigenvalues it came with, and the running second moment ``m`` (``d_out × d_in``) of the
 gradient in that basis (EKFAC, George et al. 2018)::
 
-    G' = U_Bᵀ G U_A,   m ← α m + (1 - α)·batch·G'²,   P = U_B [G' / (m + eps + γ)] U_Aᵀ
+    G' = U_Bᵀ G U_A,   m ← α m + (1 - α)·batch·G'²,   P = U_B [G' / (m + λ + γ)] U_Aᵀ
 
-:class:`LayerState` owns these and is the place for per-layer damping state (a later issue):
-add its fields to :class:`LayerState` and use them in :meth:`LayerState.damped`.
+with the damping ``λ = eps·mean(m)`` (:attr:`Damping.RELATIVE`, the default) or ``λ = eps``
+(:attr:`Damping.FIXED`, the paper's Tikhonov damping). :class:`LayerState` owns these.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from dataclasses import dataclass, replace
 import torch
 from torch import Tensor
 
+from torchdyn_snopt.config import Damping
 from torchdyn_snopt.curvature.base import LayerAdapter
 from torchdyn_snopt.curvature.eigenbasis import (
     Eigenpairs,
@@ -103,8 +104,8 @@ class Step:
 class LayerState:
     """Everything the preconditioner keeps for one layer: its adapter and eigenbasis.
 
-    Per-layer damping state belongs here (next to :attr:`eigen`); :meth:`damped` is where
-    it enters the update and :meth:`refreshed` where it carries over a refresh.
+    :meth:`damped` is where the damping enters the update and :meth:`refreshed` where the
+    state carries over a refresh.
     """
 
     adapter: LayerAdapter
@@ -114,23 +115,37 @@ class LayerState:
         """This layer with a new eigenbasis (everything else carried over)."""
         return replace(self, eigen=eigen)
 
-    def damped(self, m: Tensor, eps: float, weight_decay: float) -> Tensor:
-        """The denominator of eq. 14 in the eigenbasis: ``m + eps + γ`` (Tikhonov, §3.2)."""
+    @staticmethod
+    def damped(m: Tensor, eps: float, weight_decay: float, damping: Damping) -> Tensor:
+        """The denominator of eq. 14 in the eigenbasis: ``m + eps + γ`` (:attr:`Damping.FIXED`,
+        Tikhonov, §3.2) or ``m + eps·mean(m) + γ`` (:attr:`Damping.RELATIVE`: ``eps`` is a
+        fraction of the layer's mean second moment, whatever the scale of its gradients)."""
+        if damping is Damping.RELATIVE:
+            return m + (eps * m.mean() + weight_decay)
         return m + eps + weight_decay
 
-    def propose(self, batch: int, alpha: float, eps: float, weight_decay: float) -> Step:
+    def propose(
+        self,
+        batch: int,
+        alpha: float,
+        eps: float,
+        weight_decay: float,
+        damping: Damping = Damping.FIXED,
+    ) -> Step:
         """Precondition the layer's current gradient (eq. 14); changes nothing.
 
         ``batch``: samples behind the gradient (``m`` is on the per-sample scale); ``alpha``:
-        running-average weight of ``m``; ``eps``: damping; ``weight_decay``: ``γ``, adding
-        ``γθ`` to the gradient and ``γ`` to the damping (Remark, §3.2).
+        running-average weight of ``m``; ``eps``, ``damping``: see :meth:`damped`;
+        ``weight_decay``: ``γ``, adding ``γθ`` to the gradient and ``γ`` to the damping
+        (Remark, §3.2).
         """
         eig, G = self.eigen, self.adapter.grad_matrix()
         G1 = project(G, eig)
         m = eig.m * alpha + (1.0 - alpha) * batch * G1.square()
         if weight_decay:
             G1 = G1 + weight_decay * project(self.adapter.param_matrix(), eig)
-        return Step(solve_in_eigenbasis(G1, eig, self.damped(m, eps, weight_decay)), m, G)
+        denom = self.damped(m, eps, weight_decay, damping)
+        return Step(solve_in_eigenbasis(G1, eig, denom), m, G)
 
     def commit(self, step: Step) -> None:
         """Write the (possibly rescaled) ``step.P`` into ``.grad`` and keep ``step.m``."""

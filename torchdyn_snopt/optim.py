@@ -30,7 +30,7 @@ from torchdyn.core.problems import ODEProblem
 from torchdyn_snopt import adjoint
 from torchdyn_snopt._warn import warn
 from torchdyn_snopt.cde import CurvatureTap
-from torchdyn_snopt.config import PrecondConfig
+from torchdyn_snopt.config import Damping, Graft, PrecondConfig, StepConfig
 from torchdyn_snopt.curvature.base import LayerAdapter
 from torchdyn_snopt.curvature.capture import Recorder
 from torchdyn_snopt.curvature.eigenbasis import Refresh, refresh_eigh
@@ -101,7 +101,10 @@ class _Layers:
         self.problems = [m for m in model.modules() if is_snopt_problem(m)]
         self.taps = [m for m in model.modules() if isinstance(m, CurvatureTap)]  # cdeint
         # torchdyn is untyped: an ODEProblem's vf is its vector field module
-        fields = [cast(nn.Module, p.vf) for p in model.modules() if isinstance(p, ODEProblem)]
+        odes = [p for p in model.modules() if isinstance(p, ODEProblem)]
+        fields = [cast(nn.Module, p.vf) for p in odes]
+        #: names of the ODEs whose sensitivity samples no curvature (torchdyn's own)
+        self.other = [n for n, p in model.named_modules() if p in odes and p not in self.problems]
         in_ode = {id(m) for f in fields + [t.func for t in self.taps] for m in f.modules()}
         names = {id(m): n for n, m in model.named_modules()}
         ode: dict[int, LayerAdapter] = {}
@@ -136,11 +139,18 @@ class SNOptPreconditioner:
         model: module holding one or more ``NeuralODE``s with ``sensitivity`` in
             :data:`~torchdyn_snopt.SENSITIVITIES` and/or :class:`~torchdyn_snopt.CurvatureTap`
             wrappers of ``torchcde.cdeint`` functions (and, with ``full_precond``, other layers).
-        eps: Tikhonov damping added to the curvature eigenvalues (default 0.05; per-sample
-            squared-gradient scale, see :mod:`torchdyn_snopt.curvature.sampler`).
-        update_freq: steps between curvature refreshes (eigenbases recomputed), ``>= 1``.
+        eps: damping added to the curvature eigenvalues (default 0.1), read as ``damping``
+            says. Raise it (0.3, 1) when training is unstable; lower it (0.03) for a more
+            Newton-like direction.
+        damping: ``"relative"`` (default, :attr:`~torchdyn_snopt.config.Damping.RELATIVE`):
+            ``eps`` times the layer's mean curvature eigenvalue, so one value fits every
+            layer and loss scale; ``"fixed"``: ``eps`` itself, the paper's Tikhonov damping in
+            per-sample squared-gradient units (:mod:`torchdyn_snopt.curvature.sampler`).
+        update_freq: steps between curvature refreshes (eigenbases recomputed), ``>= 1``
+            (default 10; the paper's runs used 100, which refreshes too rarely for short runs).
         alpha: running-average weight of the eigenbasis second moment, in ``[0, 1)``.
-        full_precond: also precondition adaptable layers outside the ODEs with K-FAC factors.
+        full_precond: also precondition adaptable layers outside the ODEs (encoders, heads)
+            with K-FAC factors (default True).
         grid_size: points of the uniform time grid of eq. 13 (``>= 2``).
         weight_decay: ``γ``; adds ``γθ`` to the gradient and ``γ`` to the damping.
         kl_clip: trust region on the preconditioned step (None = off): the preconditioned
@@ -177,10 +187,11 @@ class SNOptPreconditioner:
         self,
         model: nn.Module,
         *,
-        eps: float = 0.05,
-        update_freq: int = 100,
+        eps: float = 0.1,
+        damping: Damping | str = Damping.RELATIVE,
+        update_freq: int = 10,
         alpha: float = 0.75,
-        full_precond: bool = False,
+        full_precond: bool = True,
         grid_size: int = 100,
         weight_decay: float = 0.0,
         kl_clip: float | None = None,
@@ -193,6 +204,7 @@ class SNOptPreconditioner:
             raise TypeError(f"model={type(model).__name__} must be a torch.nn.Module")
         config = PrecondConfig(
             eps=eps,
+            damping=damping,
             update_freq=update_freq,
             alpha=alpha,
             full_precond=full_precond,
@@ -219,6 +231,12 @@ class SNOptPreconditioner:
         self.sync = RankSync(config.process_group, config.distribute_eigh)
         model = unwrap(model)
         layers = _Layers(model, config.full_precond)
+        if not layers.ode and layers.other:
+            raise ValueError(
+                f"model={type(model).__name__}'s NeuralODEs ({', '.join(layers.other)}) use a "
+                f"sensitivity outside {SENSITIVITIES}, so SNOpt gets no curvature of their "
+                "layers; build them with sensitivity='snopt'"
+            )
         if not layers.ode and not layers.outer:
             raise ValueError(
                 f"model={type(model).__name__} holds no NeuralODE with sensitivity in "
@@ -253,8 +271,9 @@ class SNOptPreconditioner:
         ]
         if uncovered:
             warn(
-                "SNOpt has no Kronecker factors for these parameters; they get the plain "
-                f"gradient: {', '.join(uncovered)}"
+                "SNOpt has no Kronecker factors for these parameters; their gradient is left "
+                "as it is (SNOpt with graft='adam' gives them Adam's step): "
+                f"{', '.join(uncovered)}"
             )
         self._arm(True)
 
@@ -262,6 +281,10 @@ class SNOptPreconditioner:
     @property
     def eps(self) -> float:
         return self.config.eps
+
+    @property
+    def damping(self) -> Damping:
+        return Damping(self.config.damping)
 
     @property
     def update_freq(self) -> int:
@@ -380,7 +403,7 @@ class SNOptPreconditioner:
             if not adapter.has_grad():
                 continue
             batch = self._batch_size(adapter) * world  # DDP's gradient: the global batch's
-            step = state.propose(batch, config.alpha, config.eps, config.weight_decay)
+            step = state.propose(batch, config.alpha, config.eps, config.weight_decay, self.damping)
             steps[adapter] = step
             vg = (step.P * step.G).sum() if vg is None else vg + (step.P * step.G).sum()
         if config.kl_clip is not None and vg is not None:  # vg is None iff steps is empty
@@ -485,41 +508,67 @@ class SNOptPreconditioner:
 
 
 class SNOpt(torch.optim.Optimizer):
-    """SNOpt (Alg. 1): the preconditioned gradient of eq. 14, then SGD with momentum.
+    """SNOpt (Alg. 1): SNOpt's preconditioned direction (eq. 14), each layer stepped by the
+    length of Adam's step (the default) or by ``lr`` (the paper's rule).
+
+    ``tds.SNOpt(model)`` needs nothing else. Each step: the preconditioner turns every covered
+    layer's gradient ``G`` into ``P`` (eq. 14, relative damping); with ``graft="adam"`` the
+    layer (weight and bias together) then moves by ``−lr·‖u‖/‖d‖·d``, where ``d`` is ``P`` (or
+    its heavy-ball average with ``momentum``) and ``u = m̂/(√v̂ + graft_eps)`` is Adam's step
+    on the raw gradient (bias-corrected moments with ``betas``). SNOpt picks the direction,
+    Adam's statistics the length, so ``lr`` means what it means for Adam. Parameters without
+    Kronecker factors take Adam's step. With ``graft="none"``: ``p ← p − lr·d`` (Alg. 1).
 
     Args:
         model: module holding one or more snopt ``NeuralODE``s (see
             :class:`SNOptPreconditioner`); all its trainable parameters are optimized.
-        lr: learning rate ``η > 0``.
-        momentum: heavy-ball momentum in ``[0, 1)`` (default 0.9, as in the paper's runs).
-        eps: as in :class:`SNOptPreconditioner`, and so are ``update_freq``, ``alpha``,
-            ``full_precond``, ``grid_size``, ``weight_decay``, ``kl_clip`` (with this
-            optimizer's ``lr``), ``process_group``, ``distribute_eigh`` and ``refresh``.
-            Everything after ``lr`` is keyword only. ``model`` may be wrapped in DDP.
+        lr: learning rate ``η > 0`` (default 0.02). With the graft, as for Adam; lower it
+            (0.01, 0.005) if the loss spikes or the adaptive solver needs many more steps.
+        momentum: heavy-ball momentum on ``P`` in ``[0, 1)`` (default 0: with the graft,
+            Adam's moments already average; the paper's runs used 0.9 without it).
+        graft: ``"adam"`` (default) or ``"none"`` (:class:`~torchdyn_snopt.config.Graft`).
+        betas: Adam's ``(β1, β2)`` of the graft (default ``(0.9, 0.999)``; rarely changed).
+        graft_eps: Adam's ``ε`` of the graft (default 1e-8; rarely changed).
+        eps: damping (default 0.1), with ``damping`` (default ``"relative"``): see
+            :class:`SNOptPreconditioner`, as for ``update_freq`` (default 10), ``alpha``,
+            ``full_precond`` (default True), ``grid_size``, ``weight_decay``, ``kl_clip``
+            (only with ``graft="none"``; with this optimizer's ``lr``), ``process_group``,
+            ``distribute_eigh`` and ``refresh``.
 
-    Per iteration: ``zero_grad()``, ``loss.backward()``, ``step()``; the curvature sampling
-    of the backward passes is armed by the optimizer itself.
+    Everything after ``lr`` is keyword only. ``model`` may be wrapped in DDP. The paper's
+    configuration (fixed damping 0.05, no graft, momentum 0.9, a refresh every 100 steps,
+    ODE layers only) is :meth:`paper`. Per iteration: ``zero_grad()``, ``loss.backward()``,
+    ``step()`` (a closure, as Lightning passes, works too); the curvature sampling of the
+    backward passes is armed by the optimizer itself.
     """
 
     def __init__(
         self,
         model: nn.Module,
-        lr: float,
+        lr: float = 0.02,
         *,
-        momentum: float = 0.9,
-        eps: float = 0.05,
-        update_freq: int = 100,
+        momentum: float = 0.0,
+        graft: Graft | str = Graft.ADAM,
+        betas: tuple[float, float] = (0.9, 0.999),
+        graft_eps: float = 1e-8,
+        eps: float = 0.1,
+        damping: Damping | str = Damping.RELATIVE,
+        update_freq: int = 10,
         alpha: float = 0.75,
         weight_decay: float = 0.0,
-        full_precond: bool = False,
+        full_precond: bool = True,
         grid_size: int = 100,
         kl_clip: float | None = None,
         process_group: Any = AUTO,
         distribute_eigh: bool = False,
         refresh: Refresh | str = Refresh.EXACT,
     ) -> None:
+        settings = StepConfig(
+            lr=lr, momentum=momentum, graft=graft, betas=betas, graft_eps=graft_eps
+        )
         config = PrecondConfig(
             eps=eps,
+            damping=damping,
             update_freq=update_freq,
             alpha=alpha,
             full_precond=full_precond,
@@ -531,13 +580,41 @@ class SNOpt(torch.optim.Optimizer):
             distribute_eigh=distribute_eigh,
             refresh=refresh,
         )
-        if not (isinstance(momentum, int | float) and 0.0 <= momentum < 1.0):
-            raise ValueError(f"momentum={momentum!r} is invalid; accepted: a float in [0, 1)")
+        if kl_clip is not None and settings.graft is Graft.ADAM:
+            raise ValueError(
+                f"kl_clip={kl_clip!r} only acts with graft='none' (the graft sets each "
+                "layer's step length); pass graft='none' or leave kl_clip=None"
+            )
         if not isinstance(model, nn.Module):
             raise TypeError(f"model={type(model).__name__} must be a torch.nn.Module")
         precond = SNOptPreconditioner._from_config(model, config)
         super().__init__(precond.params, {"lr": lr, "momentum": momentum})
         self.preconditioner = precond
+        self.settings = settings
+        trained = {id(p) for p in precond.params}
+        #: the graft's layers: each adapter's parameters together (covered), then every
+        #: other trained parameter alone (uncovered: Adam's step)
+        self._layers: list[list[Tensor]] = [
+            [p for p in a.params() if id(p) in trained] for a in precond.adapters
+        ]
+        self._uncovered = [p for p in precond.params if id(p) not in precond.covered]
+
+    @classmethod
+    def paper(cls, model: nn.Module, lr: float, **overrides: Any) -> SNOpt:
+        """SNOpt as published (Alg. 1, eq. 14; the released experiments' settings): fixed
+        Tikhonov damping ``eps=0.05``, no graft (``p ← p − lr·d``), heavy-ball momentum 0.9,
+        a curvature refresh every 100 steps, the ODEs' layers only. ``overrides``: any other
+        keyword of :class:`SNOpt`, replacing these."""
+        settings: dict[str, Any] = {
+            "momentum": 0.9,
+            "graft": Graft.NONE,
+            "damping": Damping.FIXED,
+            "eps": 0.05,
+            "update_freq": 100,
+            "full_precond": False,
+            **overrides,
+        }
+        return cls(model, lr, **settings)
 
     @torch.no_grad()
     def step(self, closure: Any = None) -> Any:
@@ -546,23 +623,76 @@ class SNOpt(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         self.preconditioner.lr = self.param_groups[0]["lr"]
-        if not self.preconditioner.step():
+        if self.settings.graft is Graft.NONE:
+            if self.preconditioner.step():
+                self._heavy_ball()
             return loss
+        wd = self.preconditioner.weight_decay
+        raw = {}  # the raw gradients (with coupled weight decay), before eq. 14 rewrites them
+        for p in self._with_grad():
+            g = cast(Tensor, p.grad)
+            raw[p] = g + wd * p if wd else g.clone()
+        if self.preconditioner.step():
+            self._grafted(raw)
+        return loss
+
+    def _with_grad(self) -> list[Tensor]:
+        return [p for group in self.param_groups for p in group["params"] if p.grad is not None]
+
+    def _heavy_ball(self) -> None:
+        """Alg. 1: ``buf ← μ·buf + d`` (``buf = d`` at first), ``p ← p − lr·buf``."""
         for group in self.param_groups:
             lr, mom = group["lr"], group["momentum"]
             for p in group["params"]:
                 if p.grad is None:
                     continue
-                d = p.grad
-                if mom:
-                    buf = self.state[p].get("momentum_buffer")
-                    if buf is None:
-                        buf = self.state[p]["momentum_buffer"] = d.clone()
-                    else:
-                        buf.mul_(mom).add_(d)
-                    d = buf
-                p.add_(d, alpha=-lr)
-        return loss
+                p.add_(self._direction(p, mom), alpha=-lr)
+
+    def _direction(self, p: Tensor, mom: float) -> Tensor:
+        """``p``'s preconditioned gradient, or its heavy-ball average with ``mom``."""
+        d = cast(Tensor, p.grad)
+        if not mom:
+            return d
+        buf = self.state[p].get("momentum_buffer")
+        if buf is None:
+            buf = self.state[p]["momentum_buffer"] = d.clone()
+        else:
+            buf.mul_(mom).add_(d)
+        return buf
+
+    def _adam(self, p: Tensor, g: Tensor) -> Tensor:
+        """Update ``p``'s Adam moments with the raw gradient ``g``; Adam's step direction
+        ``m̂/(√v̂ + ε)`` (bias corrected)."""
+        (b1, b2), state = self.settings.betas, self.state[p]
+        if "exp_avg" not in state:
+            state["step"] = 0
+            state["exp_avg"] = torch.zeros_like(p)
+            state["exp_avg_sq"] = torch.zeros_like(p)
+        state["step"] += 1
+        t = state["step"]
+        state["exp_avg"].mul_(b1).add_(g, alpha=1 - b1)
+        state["exp_avg_sq"].mul_(b2).addcmul_(g, g, value=1 - b2)
+        denom = (state["exp_avg_sq"] / (1 - b2**t)).sqrt_().add_(self.settings.graft_eps)
+        return state["exp_avg"] / (1 - b1**t) / denom
+
+    def _grafted(self, raw: dict[Tensor, Tensor]) -> None:
+        """Each covered layer along its (momentum-averaged) ``P`` with the length of Adam's
+        step; uncovered parameters by Adam's step itself."""
+        lr, mom = self.param_groups[0]["lr"], self.param_groups[0]["momentum"]
+        for params in self._layers:
+            params = [p for p in params if p in raw]
+            if not params:
+                continue
+            u = [self._adam(p, raw[p]) for p in params]
+            d = [self._direction(p, mom) for p in params]
+            u_norm = torch.stack([x.square().sum() for x in u]).sum().sqrt()
+            d_norm = torch.stack([x.square().sum() for x in d]).sum().sqrt()
+            scale = torch.where(d_norm > 0, u_norm / d_norm, torch.zeros_like(d_norm))
+            for p, x in zip(params, d):
+                p.sub_(lr * scale * x)
+        for p in self._uncovered:
+            if p in raw:
+                p.sub_(lr * self._adam(p, raw[p]))
 
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()
@@ -581,17 +711,18 @@ class SNOpt(torch.optim.Optimizer):
         self.preconditioner.check_state_dict(precond)
         params = [p for group in self.param_groups for p in group["params"]]
         for index, entry in state_dict.get("state", {}).items():
-            buf = entry.get("momentum_buffer") if isinstance(entry, dict) else None
             if not isinstance(index, int) or not 0 <= index < len(params):
                 raise ValueError(
                     f"state_dict has state for parameter {index!r}; this optimizer has "
                     f"{len(params)} parameters"
                 )
-            if buf is not None and buf.shape != params[index].shape:
-                raise ValueError(
-                    f"state_dict's momentum buffer of parameter {index} has shape "
-                    f"{tuple(buf.shape)}, the parameter {tuple(params[index].shape)}"
-                )
+            for key in ("momentum_buffer", "exp_avg", "exp_avg_sq"):
+                buf = entry.get(key) if isinstance(entry, dict) else None
+                if buf is not None and buf.shape != params[index].shape:
+                    raise ValueError(
+                        f"state_dict's {key} of parameter {index} has shape "
+                        f"{tuple(buf.shape)}, the parameter {tuple(params[index].shape)}"
+                    )
         super().load_state_dict(state_dict)
         self.preconditioner.load_state_dict(precond)
 

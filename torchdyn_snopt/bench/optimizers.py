@@ -32,6 +32,10 @@ def snopt_lr_has_default() -> bool:
     return snopt_default_lr() is not None
 
 
+#: ``SNOpt``'s default learning rate: the rate of the benches' ``snopt`` (run at its defaults).
+SNOPT_LR: float = snopt_default_lr() or SNOPT_REFERENCE_LR
+
+
 def require_soap() -> Any:
     """``pytorch_optimizer.SOAP``; ImportError naming the bench extra when it is missing."""
     try:
