@@ -17,9 +17,9 @@ sees a non-finite gradient. Every rank therefore holds the same preconditioner, 
 parameters stay identical on every rank, which each part checks at its end.
 
 Part 1 is a hand-written loop: a ``DistributedSampler`` gives each rank its shard of the digits,
-``DistributedDataParallel`` averages the gradients, ``tds.SNOpt(ddp_model, ...)`` preconditions.
+``DistributedDataParallel`` averages the gradients, ``tds.SNOpt(ddp_model)`` preconditions.
 Part 2 trains the same classifier from a ``LightningModule`` whose ``configure_optimizers``
-returns ``tds.SNOpt(self, ...)``; Lightning's ``strategy="ddp"`` joins torchrun's processes, and
+returns ``tds.SNOpt(self)``; Lightning's ``strategy="ddp"`` joins torchrun's processes, and
 its checkpoints carry SNOpt's curvature state, so ``trainer.fit(..., ckpt_path=...)`` resumes
 exactly.
 """
@@ -42,7 +42,10 @@ import torchdyn_snopt as tds
 from torchdyn_snopt.data import load_digits
 from torchdyn_snopt.models import ImageClassifier
 
-SNOPT = {"update_freq": 10, "full_precond": True}  # as `torchdyn-snopt bench image` runs it
+
+def make_snopt(model: torch.nn.Module, lr: float | None) -> tds.SNOpt:
+    """SNOpt at its defaults, as ``torchdyn-snopt bench image`` runs it; ``lr`` when given."""
+    return tds.SNOpt(model) if lr is None else tds.SNOpt(model, lr=lr)
 
 
 def setup() -> torch.device:
@@ -89,7 +92,7 @@ def train_ddp(args: argparse.Namespace, device: torch.device) -> None:
     torch.manual_seed(0)  # DDP also broadcasts rank 0's initial weights
     model = ImageClassifier().to(device)
     ddp = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
-    opt = tds.SNOpt(ddp, lr=args.lr, **SNOPT)  # finds model.ode inside the wrapper
+    opt = make_snopt(ddp, args.lr)  # finds model.ode inside the wrapper
 
     step, epoch = 0, 0
     while step < args.steps:
@@ -117,7 +120,7 @@ def train_ddp(args: argparse.Namespace, device: torch.device) -> None:
 class DigitsModule(pl.LightningModule):
     """The same classifier as a LightningModule: SNOpt comes from ``configure_optimizers``."""
 
-    def __init__(self, lr: float) -> None:
+    def __init__(self, lr: float | None) -> None:
         super().__init__()
         self.model, self.lr = ImageClassifier(), lr
 
@@ -126,7 +129,7 @@ class DigitsModule(pl.LightningModule):
         return F.cross_entropy(self.model(x), y)
 
     def configure_optimizers(self):
-        return tds.SNOpt(self, lr=self.lr, **SNOPT)
+        return make_snopt(self, self.lr)
 
 
 def train_lightning(args: argparse.Namespace, device: torch.device) -> None:
@@ -168,7 +171,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=100, help="training steps of each part")
     parser.add_argument("--batch-size", type=int, default=64, help="images per process")
-    parser.add_argument("--lr", type=float, default=1e-3, help="SNOpt learning rate")
+    parser.add_argument(
+        "--lr", type=float, default=None, help="SNOpt learning rate (default: SNOpt's own)"
+    )
     parser.add_argument("--out", default="runs/tutorial06", help="folder for the checkpoint")
     args = parser.parse_args()
     Path(args.out).mkdir(parents=True, exist_ok=True)
