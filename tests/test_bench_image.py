@@ -78,8 +78,8 @@ def test_cli_bench_image_sweep_and_lr_override(tmp_path, capsys):
     )
     rows = json.loads((out / "sweep_digits.json").read_text())
     lrs = [r["lr"] for r in rows if r["eps"] != r["eps"]]  # NaN eps: the lr grid
-    assert lrs == [1e-3, 3e-3, 1e-2]
-    assert [r["eps"] for r in rows if r["eps"] == r["eps"]] == [0.01, 0.05, 0.2]
+    assert lrs == [1e-2, 2e-2, 5e-2]
+    assert [r["eps"] for r in rows if r["eps"] == r["eps"]] == [0.03, 0.1, 0.3]
     assert all(r["lr"] == 0.002 for r in rows if r["eps"] == r["eps"])
     assert (out / "sweep_digits.png").stat().st_size > 1000
     printed = capsys.readouterr().out

@@ -144,7 +144,8 @@ def test_rates_file_covers_every_task_and_ships_as_package_data():
 def test_snopt_default_passes_the_reference_rate_only_while_lr_has_no_default(monkeypatch):
     model = quiet_build(TASKS["flowmap"], TASKS["flowmap"].load())
     opt = optimizers.make_optimizer("snopt-default", model, 123.0, {"update_freq": 1})
-    assert opt.param_groups[0]["lr"] == optimizers.SNOPT_REFERENCE_LR  # neither 123 nor options
+    assert optimizers.snopt_lr_has_default()  # SNOpt(model) works: its own rate, no options
+    assert opt.param_groups[0]["lr"] == optimizers.snopt_default_lr() != 123.0
     assert opt.preconditioner.update_freq != 1
     calls = []
 

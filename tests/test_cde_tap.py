@@ -42,7 +42,7 @@ def _loss(z_all, head):  # whole-sequence loss: every observation time
 def _precond(model):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # init/head are outside (full_precond=False)
-        return tds.SNOptPreconditioner(model, update_freq=1)
+        return tds.SNOptPreconditioner(model, update_freq=1, full_precond=False)
 
 
 def _node_route():

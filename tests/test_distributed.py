@@ -26,7 +26,9 @@ WORLD = 2
 STEPS = 7  # refreshes (update_freq 3) at steps 0, 3, 6
 PER_RANK = 8
 REL = 1e-6
-OPTS = {"lr": 0.05, "update_freq": 3, "full_precond": True, "weight_decay": 1e-3}
+#: SNOpt's defaults (relative damping, Adam graft) with a short refresh interval, a momentum on
+#: the direction and weight decay, so every piece of per-step state crosses ranks.
+OPTS = {"lr": 0.05, "update_freq": 3, "momentum": 0.5, "weight_decay": 1e-3}
 NAN_STEPS = (1, 4)  # rank 1 sees a NaN gradient at a plain step (1) and at a refresh (4)
 
 
@@ -50,7 +52,13 @@ def _state(model: nn.Module, opt: tds.SNOpt) -> dict:
     return {
         "params": [p.detach().clone() for p in model.parameters()],
         "precond": opt.preconditioner.state_dict(),
-        "momentum": [opt.state[p]["momentum_buffer"].clone() for p in model.parameters()],
+        # every per-parameter tensor: the graft's Adam moments (the default) or momentum
+        "momentum": [
+            v.clone()
+            for p in model.parameters()
+            for _, v in sorted(opt.state[p].items())
+            if isinstance(v, torch.Tensor)
+        ],
     }
 
 

@@ -36,9 +36,9 @@ DEFAULT_LRS: dict[str, dict[str, float]] = {
 SWEEP_LRS: dict[str, tuple[float, ...]] = {
     "adam": (1e-3, 3e-3, 1e-2),
     "sgd": (0.01, 0.03, 0.1),
-    "snopt": (1e-3, 3e-3, 1e-2),
+    "snopt": (1e-2, 2e-2, 5e-2),  # around SNOpt's default rate (Adam-grafted step)
 }
-SWEEP_EPS: tuple[float, ...] = (0.01, 0.05, 0.2)
+SWEEP_EPS: tuple[float, ...] = (0.03, 0.1, 0.3)  # relative damping, around the default 0.1
 #: SNOpt runs at its defaults (relative damping, Adam-grafted step, a refresh every 10 steps,
 #: every adaptable layer): no option and, in the rates above, its default ``lr``. The rates
 #: tuned before the defaults existed were for the paper's rule (``SNOpt.paper``).

@@ -15,8 +15,8 @@ from torchdyn_snopt.optim import SNOpt
 OPTIMIZERS: tuple[str, ...] = ("adam", "sgd", "snopt")
 #: Every name :func:`make_optimizer` builds (``bench suite`` also compares the last two).
 KNOWN_OPTIMIZERS: tuple[str, ...] = (*OPTIMIZERS, "soap", "snopt-default")
-#: The rate ``snopt-default`` passes while ``SNOpt``'s ``lr`` has no default: the reference
-#: rate of the released image experiments (implementation notes: SNOpt 0.01-0.02 on images).
+#: The rate ``snopt-default`` would pass if ``SNOpt``'s ``lr`` had no default (it has one
+#: now): the reference rate of the released image experiments (implementation notes).
 SNOPT_REFERENCE_LR = 0.01
 BENCH_EXTRA_HINT = 'pip install "torchdyn-snopt[bench]"'
 
