@@ -302,3 +302,39 @@ def test_bad_step_options_raise_and_change_nothing(kwargs, match):
         tds.SNOpt(model, **kwargs)
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k])
+
+
+class _Gated(nn.Module):
+    """A field whose second layer starts at zero: the first layer's gradient and curvature
+    are exactly zero at the first step (as FFJORD's zero-initialised gates)."""
+
+    def __init__(self, dim: int = 4, hidden: int = 8) -> None:
+        super().__init__()
+        self.l1, self.l2 = nn.Linear(dim, hidden), nn.Linear(hidden, dim)
+        nn.init.zeros_(self.l2.weight)
+        nn.init.zeros_(self.l2.bias)
+
+    def forward(self, t, x, args=None):
+        return self.l2(torch.tanh(self.l1(x)))
+
+
+def test_layer_without_gradient_takes_no_step_and_nothing_is_skipped():
+    """Relative damping of an all-zero second moment: ``0/0`` would make every step non-finite
+    and skipped (the breast-cancer and circles FFJORD runs of ``bench suite`` stalled at their
+    initial loss that way). The zero layer must stay put, the others move, no warning."""
+    torch.manual_seed(6)
+    node = NeuralODE(_Gated(), sensitivity="snopt", solver="rk4", return_t_eval=False).to(DT)
+    t = torch.linspace(0, 1, 3, dtype=DT)
+    x = torch.randn(16, 4, dtype=DT)
+    opt = tds.SNOpt(node)
+    l1 = node.vf.vf.l1.weight.detach().clone()
+    l2 = node.vf.vf.l2.weight.detach().clone()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        opt.zero_grad()
+        (node(x, t)[-1] - 1).square().mean().backward()
+        assert float(node.vf.vf.l1.weight.grad.abs().max()) == 0.0
+        opt.step()
+    assert torch.equal(node.vf.vf.l1.weight, l1)
+    assert not torch.equal(node.vf.vf.l2.weight, l2)
+    assert all(torch.isfinite(p).all() for p in node.parameters())

@@ -119,9 +119,13 @@ class LayerState:
     def damped(m: Tensor, eps: float, weight_decay: float, damping: Damping) -> Tensor:
         """The denominator of eq. 14 in the eigenbasis: ``m + eps + γ`` (:attr:`Damping.FIXED`,
         Tikhonov, §3.2) or ``m + eps·mean(m) + γ`` (:attr:`Damping.RELATIVE`: ``eps`` is a
-        fraction of the layer's mean second moment, whatever the scale of its gradients)."""
+        fraction of the layer's mean second moment, whatever the scale of its gradients).
+
+        A layer with ``m = 0`` (no gradient yet, e.g. zero-initialised gates) has ``G' = 0``
+        (``m ≥ (1 − α)·batch·G'²``); its relative denominator is floored at the dtype's
+        smallest normal number so that its step is ``0``, not ``0/0``."""
         if damping is Damping.RELATIVE:
-            return m + (eps * m.mean() + weight_decay)
+            return (m + (eps * m.mean() + weight_decay)).clamp_min(torch.finfo(m.dtype).tiny)
         return m + eps + weight_decay
 
     def propose(
