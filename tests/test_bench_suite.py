@@ -124,6 +124,11 @@ def test_rates_file_covers_every_task_and_ships_as_package_data():
         fine = suite.lr_grid(rates, name, suite.SENSITIVITY_POINTS)  # --lr-sensitivity's
         assert len(fine) == 10 and (fine[0], fine[-1]) == (grid[0], grid[-1])
     assert suite.lr_grid(rates, "adam") == [0.001, 0.00316, 0.01, 0.0316, 0.1]
+    # snopt-default's grid (--lr-sensitivity only): two decades centred on SNOpt's default rate
+    fine = suite.lr_grid(rates, "snopt-default", suite.SENSITIVITY_POINTS)
+    assert len(fine) == 10 and (fine[0], fine[-1]) == (0.002, 0.2)
+    assert math.sqrt(fine[0] * fine[-1]) == pytest.approx(optimizers.snopt_default_lr())
+    assert "snopt-default" not in suite.TUNED and "snopt-default" in suite.SENSITIVITY_OPTIMIZERS
     text = (Path(__file__).resolve().parents[1] / "pyproject.toml").read_text()
     package_data = text.split("[tool.setuptools.package-data]", 1)[1].split("\n[", 1)[0]
     assert '"torchdyn_snopt.bench" = ["suite_rates.json"]' in package_data
@@ -141,22 +146,35 @@ def test_rates_file_covers_every_task_and_ships_as_package_data():
 # --------------------------------------------------------------------------- optimizers
 
 
-def test_snopt_default_passes_the_reference_rate_only_while_lr_has_no_default(monkeypatch):
+def test_snopt_default_is_snopt_model_at_the_default_rate_and_takes_any_other_rate(monkeypatch):
     model = quiet_build(TASKS["flowmap"], TASKS["flowmap"].load())
-    opt = optimizers.make_optimizer("snopt-default", model, 123.0, {"update_freq": 1})
-    assert optimizers.snopt_lr_has_default()  # SNOpt(model) works: its own rate, no options
-    assert opt.param_groups[0]["lr"] == optimizers.snopt_default_lr() != 123.0
+    default = optimizers.snopt_default_lr()
+    assert default is not None and optimizers.snopt_lr_has_default()
+    opt = optimizers.make_optimizer("snopt-default", model, default, {"update_freq": 1})
+    assert opt.param_groups[0]["lr"] == default  # its own rate; the options are ignored
     assert opt.preconditioner.update_freq != 1
+    opt = optimizers.make_optimizer("snopt-default", model, 123.0, {"update_freq": 1})
+    assert opt.param_groups[0]["lr"] == 123.0  # --lr-sensitivity's grid rates get through
+    assert opt.preconditioner.update_freq != 1
+    with pytest.raises(ValueError, match=r"weight_decay=0.1 is invalid for snopt-default"):
+        optimizers.make_optimizer("snopt-default", model, default, {}, 0.1)
+
+    class Rate(float):  # a default told apart from the same rate passed explicitly
+        pass
+
+    own = Rate(0.05)
     calls = []
 
     class WithDefaults:
-        def __init__(self, model: torch.nn.Module, lr: float = 0.05, **kw: object) -> None:
+        def __init__(self, model: torch.nn.Module, lr: float = own, **kw: object) -> None:
             calls.append((lr, kw))
 
     monkeypatch.setattr(optimizers, "SNOpt", WithDefaults)
-    assert optimizers.snopt_lr_has_default()
-    optimizers.make_optimizer("snopt-default", model, 123.0, {"update_freq": 1})
-    assert calls == [(0.05, {})]  # exactly SNOpt(model)
+    assert optimizers.snopt_default_lr() == 0.05
+    optimizers.make_optimizer("snopt-default", model, 0.05, {"update_freq": 1})
+    assert calls[-1][0] is own and calls[-1][1] == {}  # exactly SNOpt(model)
+    optimizers.make_optimizer("snopt-default", model, 0.2, {"update_freq": 1})
+    assert calls[-1] == (0.2, {}) and calls[-1][0] is not own  # SNOpt(model, lr=0.2)
     assert suite.rate_of({}, "flowmap", "snopt-default") == (0.05, "default")
 
 
@@ -189,7 +207,7 @@ def test_missing_pytorch_optimizer_names_the_bench_extra(monkeypatch, tmp_path):
         ({"seeds": 0}, r"seeds=0 is invalid; accepted: an int >= 1"),
         ({"sweep": True, "lr_sensitivity": True}, r"at most one"),
         ({"sweep": True, "grid_budget_s": -1.0}, r"budget_s=-1.0 is invalid"),
-        ({"lr_sensitivity": True, "optimizers": "snopt-default"}, r"at least one of adam"),
+        ({"sweep": True, "optimizers": "snopt-default"}, r"--sweep; accepted: at least one of"),
     ],
 )
 def test_bad_arguments_fail_before_anything_runs(kw, pattern, tmp_path, monkeypatch):
@@ -309,7 +327,8 @@ def test_sweep_rewrites_the_rates_file_and_reports_sensitivity(tmp_path, monkeyp
         quiet=True,
     )
     grid = suite.lr_grid(suite.load_rates(rates), "adam")
-    assert [r["lr"] for r in doc["lr_runs"]] == grid + grid  # snopt-default has no grid
+    assert [r["lr"] for r in doc["lr_runs"]] == grid + grid  # --sweep never tunes snopt-default
+    assert {r["optimizer"] for r in doc["lr_runs"]} == {"adam"}
     new = json.loads(rates.read_text())
     assert new["rates"]["flowmap"]["adam"] == {
         "lr": 0.01,
@@ -327,6 +346,30 @@ def test_sweep_rewrites_the_rates_file_and_reports_sensitivity(tmp_path, monkeyp
         assert (tmp_path / "out" / name).is_file()
     assert (tmp_path / "out" / "lr_sensitivity.png").read_bytes()[:8] == PNG
     assert "adam: median max/min" in (tmp_path / "out" / "lr_sensitivity.md").read_text()
+
+    # --lr-sensitivity: 10 rates per optimizer, snopt-default over its own grid; rates untouched
+    before = rates.read_text()
+    doc = suite.bench_suite(
+        tasks="flowmap",
+        optimizers="adam,snopt-default",
+        lr_sensitivity=True,
+        grid_budget_s=0.2,
+        rates_path=rates,
+        out=tmp_path / "sens",
+        quiet=True,
+    )
+    loaded = suite.load_rates(rates)
+    adam = suite.lr_grid(loaded, "adam", suite.SENSITIVITY_POINTS)
+    default = suite.lr_grid(loaded, "snopt-default", suite.SENSITIVITY_POINTS)
+    assert doc["grid"] == {"adam": adam, "snopt-default": default}
+    assert [(r["optimizer"], r["lr"]) for r in doc["lr_runs"]] == [
+        *(("adam", lr) for lr in adam),
+        *(("snopt-default", lr) for lr in default),
+    ]
+    assert set(doc["sensitivity"]["flowmap"]) == {"adam", "snopt-default"}
+    assert rates.read_text() == before
+    md = (tmp_path / "sens" / "lr_sensitivity.md").read_text()
+    assert "## Usable learning rates: snopt-default and adam" in md
 
 
 # --------------------------------------------------------------------------- the nine tasks

@@ -99,3 +99,111 @@ def test_report_refuses_a_readme_without_the_block_and_missing_runs(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         main(["report", str(tmp_path / "nowhere"), "--out", str(tmp_path / "o")])
     assert not (tmp_path / "o").exists()
+
+
+def _suite_with_costs(tmp_path):
+    """Two tasks: snopt-default at 1.2x Adam's s/iter on flowmap, 1.5x on spiral."""
+    run = _suite(tmp_path)
+    doc = json.loads((run / "suite.json").read_text())
+    rows = doc["summary"]["flowmap"]
+    rows[0]["s_per_iter"], rows[1]["s_per_iter"] = 0.02, 0.024
+    doc["summary"]["spiral"] = [_row("adam", 0.3, 1.0), _row("snopt-default", 0.2, 0.5)]
+    doc["summary"]["spiral"][0]["s_per_iter"] = 0.1
+    doc["summary"]["spiral"][1]["s_per_iter"] = 0.15
+    doc["tasks"]["spiral"] = {"description": "two spirals", "metric": "mse"}
+    doc["overall"]["winners"]["spiral"] = "snopt-default"
+    (run / "suite.json").write_text(json.dumps(doc))
+    return run
+
+
+def _usable(low: float, high: float, count: int) -> dict:
+    return {"best_lr": low, "best_loss": 0.1, "low": low, "high": high,
+            "ratio": high / low, "count": count}  # fmt: skip
+
+
+def _sensitivity(tmp_path):
+    """An lr_sensitivity.json on two 5-rate grids: on flowmap snopt-default is usable over
+    0.002-0.2 (the whole grid: 100x, at both ends), Adam over 0.01-0.1 (10x); on spiral
+    snopt-default over 0.002-0.02 (10x, short of 30x) and Adam has no usable rate."""
+    run = tmp_path / "sens_run"
+    run.mkdir()
+    doc = {
+        **ENV,
+        "command": "torchdyn-snopt bench suite --lr-sensitivity --grid-budget-s 4",
+        "settings": {"mode": "lr-sensitivity", "budget_s": 4.0},
+        "grid": {
+            "adam": [0.001, 0.00316, 0.01, 0.0316, 0.1],
+            "snopt-default": [0.002, 0.00632, 0.02, 0.0632, 0.2],
+        },
+        "sensitivity": {
+            "flowmap": {"adam": _usable(0.01, 0.1, 3), "snopt-default": _usable(0.002, 0.2, 5)},
+            "spiral": {
+                "adam": _usable(math.nan, math.nan, 0) | {"ratio": math.nan},
+                "snopt-default": _usable(0.002, 0.02, 3),
+            },  # fmt: skip
+        },
+    }
+    (run / "lr_sensitivity.json").write_text(json.dumps(doc))
+    return run, doc
+
+
+def test_cost_and_range_tables_from_the_json(tmp_path):
+    from torchdyn_snopt.bench import suite_report as sr
+
+    suite_doc = json.loads((_suite_with_costs(tmp_path) / "suite.json").read_text())
+    cost = sr.cost_rows(suite_doc)
+    assert [r["task"] for r in cost] == ["flowmap", "spiral"]
+    assert [r["x adam"] for r in cost] == [pytest.approx(1.2), pytest.approx(1.5)]
+    assert [r["<= 1.3x"] for r in cost] == ["yes", "NO"]
+    _, sens = _sensitivity(tmp_path)
+    rows = {r["task"]: r for r in sr.range_rows(sens)}
+    flow, spiral = rows["flowmap"], rows["spiral"]
+    assert flow["snopt-default usable lr"] == "0.002 – 0.2"
+    assert flow["snopt-default high/low"] == "≥100×"  # reaches both grid ends
+    assert (flow["adam usable lr"], flow["adam high/low"]) == ("0.01 – 0.1", "≥10×")
+    assert flow["snopt-default >= 30x"] == "yes"
+    assert spiral["snopt-default high/low"] == "≥10×" and spiral["snopt-default >= 30x"] == "NO"
+    assert (spiral["adam usable lr"], spiral["adam high/low"]) == ("none", "-")
+    # a gap: 3 usable rates but 0.00632 inside 0.002-0.0632 was not, so even 31.6x misses
+    gap = {**sens, "sensitivity": {"t": {"snopt-default": _usable(0.002, 0.0632, 3)}}}
+    (row,) = sr.range_rows(gap)
+    assert row["snopt-default usable lr"] == "0.002 – 0.0632 (1 unusable inside)"
+    assert row["snopt-default high/low"] == "≥31.6×" and row["snopt-default >= 30x"] == "NO"
+    assert row["adam usable lr"] == "not run"
+    # a grid run without snopt-default (e.g. --sweep) gives no range table
+    assert sr.range_rows({**sens, "sensitivity": {"t": {"adam": _usable(0.01, 0.1, 3)}}}) == []
+
+
+def test_report_adds_the_target_lines_and_tables(tmp_path):
+    run = _suite_with_costs(tmp_path)
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# title\n\n{BEGIN}\nold\n{END}\n")
+    out = tmp_path / "pages"
+    assert main(["report", str(run), "--out", str(out), "--readme", str(readme)]) == 0
+    text = readme.read_text()
+    assert (
+        "snopt-default's seconds per iteration: 1.2× to 1.5× adam's over 2 tasks "
+        "(target ≤ 1.3×; above it on spiral 1.5×)." in text
+    )
+    assert "Usable learning-rate range" not in text  # no sensitivity run: no line, no table
+    page = (out / "suite_run.md").read_text()
+    assert "## Cost per iteration: snopt-default against adam" in page
+    assert "| spiral | 0.1 | 0.15 | 1.5 | NO |" in page
+    assert "## Usable learning rates" not in page
+
+    sens_run, _ = _sensitivity(tmp_path)
+    assert (
+        main(["report", str(run), str(sens_run), "--out", str(out), "--readme", str(readme)]) == 0
+    )
+    text = readme.read_text()
+    assert (
+        "Usable learning-rate range (high/low, final loss within 2× of the best, no failure): "
+        "snopt-default 10× to 100×; adam 10× to 10× (target for snopt-default ≥ 30×; missed "
+        "on spiral)." in text
+    )
+    for page in (out / "suite_run.md", out / "sens_run.md"):
+        md = page.read_text()
+        assert "## Usable learning rates: snopt-default and adam" in md
+        assert "| flowmap | 0.002 – 0.2 | ≥100× | 0.01 – 0.1 | ≥10× | yes |" in md
+        assert "| spiral | 0.002 – 0.02 | ≥10× | none | - | NO |" in md
+        assert "--lr-sensitivity --grid-budget-s 4" in md

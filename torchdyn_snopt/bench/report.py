@@ -8,7 +8,12 @@ Every published number comes from a committed run file through this command, nev
   becomes ``<name>.md`` with its summary table and PNG;
 - with ``--readme``, the block between :data:`BEGIN` and :data:`END` in the README is replaced
   by the suite's results table (final training loss per optimizer, time to tuned Adam's final
-  loss) and the run's command, date, machine and versions.
+  loss), a line on SNOpt-at-defaults' s/iter against Adam's, a line on its usable range of
+  rates when an ``--lr-sensitivity`` run with ``snopt-default`` is among the inputs, and the
+  run's command, date, machine and versions.
+
+The suite's page also holds the per-task tables of those two lines (the range table only with
+such a run; the grid run's own page holds it too).
 """
 
 from __future__ import annotations
@@ -57,10 +62,15 @@ def bench_markdown(doc: dict[str, Any], name: str, png: str | None) -> str:
     return "\n".join(lines)
 
 
-def readme_table(doc: dict[str, Any]) -> str:
+def readme_table(doc: dict[str, Any], sensitivity: dict[str, Any] | None = None) -> str:
     """The README's results block from a ``suite.json``: per task the final training loss of
     each optimizer (mean over seeds) with its time to tuned Adam's final loss (× Adam's), the
-    test metric of Adam and of SNOpt at its defaults, and the winner."""
+    test metric of Adam and of SNOpt at its defaults, and the winner; then one line each on
+    SNOpt-at-defaults' s/iter against Adam's and, from ``sensitivity`` (an
+    ``lr_sensitivity.json`` with a ``snopt-default`` grid), its usable range of rates
+    (:func:`~torchdyn_snopt.bench.suite_report.target_summary`)."""
+    from torchdyn_snopt.bench.suite_report import target_summary
+
     rows = []
     for task, summary in doc["summary"].items():
         by = {r["optimizer"]: r for r in summary}
@@ -89,7 +99,9 @@ def readme_table(doc: dict[str, Any]) -> str:
         "better; `never` = not within the budget). Winner: first to Adam's final loss. Runs "
         "one at a time on an otherwise idle machine."
     )
-    return "\n".join([head, "", *_md_table(rows), "", footer(doc)])
+    targets = target_summary(doc, sensitivity)
+    extra = ["", *targets] if targets else []
+    return "\n".join([head, "", *_md_table(rows), *extra, "", footer(doc)])
 
 
 def replace_block(text: str, block: str) -> str:
@@ -110,6 +122,10 @@ def report(run_dirs: list[Path], out: Path, readme: Path | None = None) -> list[
         if not any(key in doc for key in ("overall", "summary", "sensitivity")):
             raise ValueError(f"{str(f)!r} is not a benchmark JSON (no 'summary')")
     suites = [(f, d) for f, d in docs if "overall" in d]
+    from torchdyn_snopt.bench.suite_report import range_rows
+
+    # the first grid run with a snopt-default grid feeds the suite page and the README
+    sens = next((d for _, d in docs if "sensitivity" in d and range_rows(d)), None)
     if readme is not None and not suites:
         raise ValueError("--readme needs a bench suite run (a suite.json) among the run dirs")
     out.mkdir(parents=True, exist_ok=True)
@@ -124,7 +140,7 @@ def report(run_dirs: list[Path], out: Path, readme: Path | None = None) -> list[
         if "overall" in doc:
             from torchdyn_snopt.bench.suite_report import suite_markdown
 
-            text = suite_markdown(doc, png or "", title=f"# {name}")
+            text = suite_markdown(doc, png or "", title=f"# {name}", sensitivity=sens)
         elif "sensitivity" in doc:
             from torchdyn_snopt.bench.suite_report import sensitivity_markdown
 
@@ -138,6 +154,7 @@ def report(run_dirs: list[Path], out: Path, readme: Path | None = None) -> list[
     (out / "index.md").write_text("\n".join(index) + "\n")
     written.append(out / "index.md")
     if readme is not None:
-        readme.write_text(replace_block(readme.read_text(), readme_table(suites[0][1])))
+        block = readme_table(suites[0][1], sens)
+        readme.write_text(replace_block(readme.read_text(), block))
         written.append(readme)
     return written

@@ -6,8 +6,9 @@ minibatch stream (a generator seeded per task and seed); evaluations pause the c
 headline is training loss against wall-clock: per seed, the time an optimizer needs to reach
 tuned Adam's final training loss, as a multiple of Adam's own time. ``snopt`` is SNOpt with
 the paper's fixed Tikhonov damping at its tuned rate; ``snopt-default`` is ``SNOpt(model)``
-with nothing tuned. ``--lr-sensitivity`` maps final training loss over a log grid of rates;
-``--sweep`` does the same and stores each optimizer's best rate per task in the rates file.
+with nothing tuned. ``--lr-sensitivity`` maps final training loss over a log grid of rates
+(``snopt-default`` included: SNOpt with every argument at its default but ``lr``); ``--sweep``
+runs the tuned optimizers' grids and stores each one's best rate per task in the rates file.
 """
 
 from __future__ import annotations
@@ -39,6 +40,9 @@ __all__ = ["STALL", "Trial", "batch_seed", "bench_suite", "flag_run", "run_trial
 SUITE_OPTIMIZERS: tuple[str, ...] = ("adam", "sgd", "soap", "snopt", "snopt-default")
 #: Optimizers with a tuned rate (``snopt-default`` has none by design).
 TUNED: tuple[str, ...] = ("adam", "sgd", "soap", "snopt")
+#: Optimizers ``--lr-sensitivity`` runs over a grid: the tuned ones and ``snopt-default``
+#: (``SNOpt(model, lr=lr)``, every other argument at its default; never tuned by ``--sweep``).
+SENSITIVITY_OPTIMIZERS: tuple[str, ...] = (*TUNED, "snopt-default")
 #: Training seconds per run. A full run (9 tasks x 5 optimizers x 3 seeds = 135 runs):
 #: 135 x 18 s = 2,430 s of training, plus evaluations and set-up measured at about 360 s in
 #: all on one core (per run: 13 training-loss evaluations and one test evaluation; 4.6-6.9 s
@@ -46,10 +50,13 @@ TUNED: tuple[str, ...] = ("adam", "sgd", "soap", "snopt")
 #: trained ODEs need twice the solver steps to evaluate.
 DEFAULT_BUDGET_S = 18.0
 DEFAULT_SEEDS = 3
-#: Training seconds per run of ``--sweep`` / ``--lr-sensitivity`` (one seed, 10 rates):
-#: 4 optimizers x 10 rates x 9 tasks = 360 runs: 1,800 s of training plus about 490 s of
-#: evaluations (6 per run), about 38 min (more if large rates make the ODEs stiff).
+#: Training seconds per run of ``--sweep`` / ``--lr-sensitivity`` (one seed; 5 / 10 rates per
+#: optimizer and task: 45 / 90 runs per optimizer over the nine tasks).
 DEFAULT_GRID_BUDGET_S = 5.0
+#: Seconds per grid run besides its training budget (evaluations, set-up), measured: the
+#: committed ``--sweep --grid-budget-s 4`` (180 runs) took 1,389 s on a 2-core machine, 7.7 s a
+#: run (more if large rates make the ODEs stiff).
+GRID_RUN_OVERHEAD_S = 3.7
 #: ``--quick``: one seed, this many seconds per run (both kinds of run).
 QUICK_BUDGET_S = 2.0
 #: Evaluations of the training loss per run (plus one at 0 s); fewer in a grid run.
@@ -375,18 +382,20 @@ def bench_suite(
     if sweep and lr_sensitivity:
         raise ValueError("sweep=True and lr_sensitivity=True is invalid; accepted: at most one")
     grid_mode = sweep or lr_sensitivity
+    gridded = TUNED if sweep else SENSITIVITY_OPTIMIZERS
     if grid_mode:
         check_suite_args(tasks, optimizers, grid_budget_s, 1)
-        if not set(optimizers) & set(TUNED):
+        if not set(optimizers) & set(gridded):
             raise ValueError(
-                f"optimizers={','.join(optimizers)!r} is invalid with a learning-rate grid; "
-                f"accepted: at least one of {', '.join(TUNED)}"
+                f"optimizers={','.join(optimizers)!r} is invalid with "
+                f"{'--sweep' if sweep else '--lr-sensitivity'}; accepted: at least one of "
+                + ", ".join(gridded)
             )
     rates = load_rates(rates_path)
     try:
         chosen = {t: {o: rate_of(rates, t, o) for o in optimizers} for t in tasks}
         points = SENSITIVITY_POINTS if lr_sensitivity else None
-        grids = {o: lr_grid(rates, o, points) for o in optimizers if o in TUNED}
+        grids = {o: lr_grid(rates, o, points) for o in optimizers if o in gridded}
     except (KeyError, TypeError, ValueError) as err:
         raise ValueError(
             f"rates_path={str(rates_path)!r} has no valid rate or grid for {err}; accepted: a "
@@ -451,11 +460,12 @@ def _grid_mode(
     session: Session,
     doc: dict[str, Any],
 ) -> dict[str, Any]:
-    """``--sweep`` / ``--lr-sensitivity``: seed 0 of every tuned optimizer over its grid."""
+    """``--sweep`` / ``--lr-sensitivity``: seed 0 of every optimizer in ``grids`` over its
+    grid (``--sweep``: the tuned ones; ``--lr-sensitivity`` also ``snopt-default``)."""
     from torchdyn_snopt.bench import suite_report as report
 
     log, outdir = session.report, session.out
-    if "snopt-default" in doc["settings"]["optimizers"]:
+    if "snopt-default" in doc["settings"]["optimizers"] and "snopt-default" not in grids:
         log("snopt-default has no rate to tune: left out of the grid")
     runs: list[tuple[str, RunResult]] = []
     for tname in tasks:

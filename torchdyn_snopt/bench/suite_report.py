@@ -14,6 +14,143 @@ from torchdyn_snopt.bench.suite_tasks import TASKS, Data, Task
 
 #: The training loss of each kind of task (plot titles).
 LOSS_LABEL = {"accuracy": "cross-entropy", "mse": "MSE", "nll": "NLL (nats)"}
+#: The optimizer the targets below are about (SNOpt at its defaults) and its reference.
+TARGET, REFERENCE = "snopt-default", "adam"
+#: Target: :data:`TARGET`'s seconds per iteration at most this multiple of Adam's, every task.
+COST_TARGET = 1.3
+#: Target: :data:`TARGET`'s usable range of rates (``high / low``, see
+#: :func:`~torchdyn_snopt.bench.suite.usable_range`) at least this wide, every task.
+RANGE_TARGET = 30.0
+
+
+def _ok(good: bool | None) -> str:
+    return "-" if good is None else "yes" if good else "NO"
+
+
+def cost_rows(doc: dict[str, Any]) -> list[dict[str, Any]]:
+    """Per task of a ``suite.json``: Adam's and :data:`TARGET`'s seconds per iteration (the
+    summary's mean over seeds), their ratio and whether it is <= :data:`COST_TARGET`
+    (``yes`` / ``NO``; ``-`` when a time is missing). Empty when either optimizer is absent."""
+    rows = []
+    for task, summary in doc["summary"].items():
+        by = {r["optimizer"]: r for r in summary}
+        if TARGET not in by or REFERENCE not in by:
+            continue
+        ref, ours = by[REFERENCE]["s_per_iter"], by[TARGET]["s_per_iter"]
+        known = math.isfinite(ref) and math.isfinite(ours) and ref > 0
+        x = ours / ref if known else math.nan
+        rows.append(
+            {
+                "task": task,
+                f"{REFERENCE} s/iter": ref,
+                f"{TARGET} s/iter": ours,
+                f"x {REFERENCE}": x,
+                f"<= {COST_TARGET:g}x": _ok(x <= COST_TARGET if known else None),
+            }
+        )
+    return rows
+
+
+def _range_cells(u: dict[str, float] | None, grid: list[float]) -> tuple[str, str, int]:
+    """``(interval, ratio, gaps)`` cells of one usable range; ``>=`` marks a range that ends
+    at an end of the grid (a wider grid might widen it); ``gaps``: grid rates inside the
+    interval that were not usable."""
+    if u is None:
+        return "not run", "-", 0
+    if not u["count"]:
+        return "none", "-", 0
+    lo, hi = u["low"], u["high"]
+    censored = bool(grid) and (lo <= min(grid) or hi >= max(grid))
+    inside = sum(1 for lr in grid if lo <= lr <= hi)
+    ratio = ("≥" if censored else "") + f"{fmt(u['ratio'])}×"
+    return f"{fmt(lo)} – {fmt(hi)}", ratio, max(0, inside - int(u["count"]))
+
+
+def range_rows(doc: dict[str, Any]) -> list[dict[str, Any]]:
+    """Per task of an ``lr_sensitivity.json``: the usable rates (interval and ``high / low``)
+    of :data:`TARGET` and Adam side by side, and whether :data:`TARGET`'s range is at least
+    :data:`RANGE_TARGET` wide with no unusable rate inside it (``yes`` / ``NO``). Empty when
+    the run has no :data:`TARGET` grid."""
+    sens = doc.get("sensitivity", {})
+    if not any(TARGET in per for per in sens.values()):
+        return []
+    grids = doc.get("grid", {})
+    rows = []
+    for task, per in sens.items():
+        row: dict[str, Any] = {"task": task}
+        good = None
+        for name in (TARGET, REFERENCE):
+            interval, ratio, gaps = _range_cells(per.get(name), grids.get(name, []))
+            row[f"{name} usable lr"] = interval + (f" ({gaps} unusable inside)" if gaps else "")
+            row[f"{name} high/low"] = ratio
+            if name == TARGET and per.get(name) is not None:
+                good = per[name]["count"] > 0 and per[name]["ratio"] >= RANGE_TARGET and not gaps
+        row[f"{TARGET} >= {RANGE_TARGET:g}x"] = _ok(good)
+        rows.append(row)
+    return rows
+
+
+def target_sections(suite: dict[str, Any] | None, sens: dict[str, Any] | None) -> list[str]:
+    """Markdown sections of :func:`cost_rows` (from a ``suite.json``) and :func:`range_rows`
+    (from an ``lr_sensitivity.json``); a section without rows is left out."""
+    lines: list[str] = []
+    cost = cost_rows(suite) if suite is not None else []
+    if cost:
+        lines += [
+            "",
+            f"## Cost per iteration: {TARGET} against {REFERENCE}",
+            "",
+            f"Seconds per training iteration (mean over seeds, the runs of the per-task tables) "
+            f"and their ratio; target: at most {COST_TARGET:g}x {REFERENCE}'s on every task.",
+            "",
+            *_md_table(cost),
+        ]
+    ranges = range_rows(sens) if sens is not None else []
+    if sens is not None and ranges:
+        s = sens["settings"]
+        lines += [
+            "",
+            f"## Usable learning rates: {TARGET} and {REFERENCE}",
+            "",
+            f"From `{sens['command']}` ({s['budget_s']:g} s per "
+            "run, seed 0): the rates whose final training loss is within 2x of the grid's best "
+            "and whose run neither diverged nor stalled; `≥`: the range reaches an end of the "
+            f"grid. Target: {TARGET}'s range at least {RANGE_TARGET:g}x wide on every task.",
+            "",
+            *_md_table(ranges),
+        ]
+    return lines
+
+
+def target_summary(suite: dict[str, Any], sens: dict[str, Any] | None) -> list[str]:
+    """Short lines for the README: the spread of :data:`TARGET`'s s/iter ratios and of the
+    usable ranges, naming the tasks that miss a target."""
+    lines = []
+    cost = [r for r in cost_rows(suite) if math.isfinite(r[f"x {REFERENCE}"])]
+    if cost:
+        xs = [r[f"x {REFERENCE}"] for r in cost]
+        over = [f"{r['task']} {fmt(r[f'x {REFERENCE}'])}×" for r in cost
+                if r[f"x {REFERENCE}"] > COST_TARGET]  # fmt: skip
+        lines.append(
+            f"{TARGET}'s seconds per iteration: {fmt(min(xs))}× to {fmt(max(xs))}× "
+            f"{REFERENCE}'s over {len(cost)} tasks (target ≤ {COST_TARGET:g}×; "
+            + (f"above it on {', '.join(over)})." if over else "met on every task).")
+        )
+    ranges = range_rows(sens) if sens is not None else []
+    if sens is not None and ranges:
+        short = [r["task"] for r in ranges if r[f"{TARGET} >= {RANGE_TARGET:g}x"] != "yes"]
+        per_task = sens["sensitivity"].values()
+        spans = {
+            name: [u[name]["ratio"] for u in per_task if name in u and u[name]["count"]]
+            for name in (TARGET, REFERENCE)
+        }
+        parts = [f"{name} {fmt(min(v))}× to {fmt(max(v))}×" for name, v in spans.items() if v]
+        lines.append(
+            "Usable learning-rate range (high/low, final loss within 2× of the best, no "
+            f"failure): {'; '.join(parts)} (target for {TARGET} ≥ {RANGE_TARGET:g}×; "
+            + (f"missed on {', '.join(short)})." if short else "met on every task).")
+        )
+    return lines
 
 
 def task_info(task: Task, data: Data, rates: dict[str, tuple[float, str]]) -> dict[str, Any]:
@@ -94,9 +231,14 @@ def write_suite(doc: dict[str, Any], runs: dict[str, list[RunResult]], out: Path
 
 
 def suite_markdown(
-    doc: dict[str, Any], png: str = "suite.png", title: str = "# torchdyn-snopt bench suite"
+    doc: dict[str, Any],
+    png: str = "suite.png",
+    title: str = "# torchdyn-snopt bench suite",
+    sensitivity: dict[str, Any] | None = None,
 ) -> str:
-    """The markdown page of a ``suite.json`` document (also used by ``torchdyn-snopt report``)."""
+    """The markdown page of a ``suite.json`` document (also used by ``torchdyn-snopt report``,
+    which passes an ``lr_sensitivity.json`` as ``sensitivity`` when it has one): the tables,
+    then :func:`target_sections`."""
     s = doc["settings"]
     lines = [
         title,
@@ -129,6 +271,7 @@ def suite_markdown(
         *_md_table([{"task": t, "winner": w or "-"} for t, w in doc["overall"]["winners"].items()]),
         "",
         *_md_table(overall_rows(doc)),
+        *target_sections(doc, sensitivity),
     ]
     for tname, rows in doc["summary"].items():
         info = doc["tasks"][tname]
@@ -235,6 +378,7 @@ def sensitivity_markdown(doc: dict[str, Any], png: str = "lr_sensitivity.png") -
         "```",
         "",
         *_md_table(rows),
+        *target_sections(None, doc),
         "",
         f"![final training loss per learning rate]({png})",
         "",
