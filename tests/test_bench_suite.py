@@ -122,11 +122,13 @@ def test_rates_file_covers_every_task_and_ships_as_package_data():
         grid = suite.lr_grid(rates, name)  # the sweep's: half a decade apart
         assert len(grid) == 5 and grid == sorted(grid)
         fine = suite.lr_grid(rates, name, suite.SENSITIVITY_POINTS)  # --lr-sensitivity's
-        assert len(fine) == 10 and (fine[0], fine[-1]) == (grid[0], grid[-1])
+        assert len(fine) == 11 and (fine[0], fine[-1]) == (grid[0], grid[-1])
+        assert fine[5] == pytest.approx(grid[2])  # the centre rate is on both grids
     assert suite.lr_grid(rates, "adam") == [0.001, 0.00316, 0.01, 0.0316, 0.1]
     # snopt-default's grid (--lr-sensitivity only): two decades centred on SNOpt's default rate
     fine = suite.lr_grid(rates, "snopt-default", suite.SENSITIVITY_POINTS)
-    assert len(fine) == 10 and (fine[0], fine[-1]) == (0.002, 0.2)
+    assert len(fine) == 11 and (fine[0], fine[-1]) == (0.005, 0.5)
+    assert fine[5] == pytest.approx(optimizers.snopt_default_lr())  # SNOpt(model) is on it
     assert math.sqrt(fine[0] * fine[-1]) == pytest.approx(optimizers.snopt_default_lr())
     assert "snopt-default" not in suite.TUNED and "snopt-default" in suite.SENSITIVITY_OPTIMIZERS
     text = (Path(__file__).resolve().parents[1] / "pyproject.toml").read_text()

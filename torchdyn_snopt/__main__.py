@@ -597,8 +597,8 @@ def _add_bench_suite(groups: Any) -> None:
         help=f"final training loss over {suite.SENSITIVITY_POINTS} rates per optimizer "
         "spanning its grid's range, and the usable range per optimizer and task (within 2x "
         "of the best, neither diverged nor stalled); one PNG. snopt-default is included: "
-        "SNOpt(model, lr=lr) with every other argument at its default, over 0.002-0.2 "
-        "around SNOpt's default rate 0.02 (the rates file's 'snopt-default' grid)",
+        "SNOpt(model, lr=lr) with every other argument at its default, over 0.005-0.5 "
+        "around SNOpt's default rate 0.05 (the rates file's 'snopt-default' grid)",
     )
     p.add_argument(
         "--grid-budget-s",
@@ -607,7 +607,7 @@ def _add_bench_suite(groups: Any) -> None:
         help=f"training wall-clock per grid run; default {suite.DEFAULT_GRID_BUDGET_S:g} "
         f"({suite.QUICK_BUDGET_S:g} with --quick). Each run takes this plus about "
         f"{suite.GRID_RUN_OVERHEAD_S:g} s of evaluations and set-up (measured: 180 runs at 4 s "
-        "took 23 min on this 2-core machine); all 9 tasks are 90 runs per optimizer with "
+        "took 23 min on this 2-core machine); all 9 tasks are 99 runs per optimizer with "
         "--lr-sensitivity, 45 with --sweep",
     )
     p.add_argument(

@@ -125,7 +125,7 @@ class StepConfig:
     ``momentum``, ``graft`` (:class:`Graft`), Adam's ``betas`` and ``graft_eps`` of the graft.
     """
 
-    lr: float = 0.02
+    lr: float = 0.05
     momentum: float = 0.0
     graft: Graft | str = Graft.ADAM
     betas: tuple[float, float] = (0.9, 0.999)

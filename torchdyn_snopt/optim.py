@@ -522,8 +522,8 @@ class SNOpt(torch.optim.Optimizer):
     Args:
         model: module holding one or more snopt ``NeuralODE``s (see
             :class:`SNOptPreconditioner`); all its trainable parameters are optimized.
-        lr: learning rate ``η > 0`` (default 0.02). With the graft, as for Adam; lower it
-            (0.01, 0.005) if the loss spikes or the adaptive solver needs many more steps.
+        lr: learning rate ``η > 0`` (default 0.05). With the graft, as for Adam; lower it
+            (0.02, 0.01) if the loss spikes or the adaptive solver needs many more steps.
         momentum: heavy-ball momentum on ``P`` in ``[0, 1)`` (default 0: with the graft,
             Adam's moments already average; the paper's runs used 0.9 without it).
         graft: ``"adam"`` (default) or ``"none"`` (:class:`~torchdyn_snopt.config.Graft`).
@@ -545,7 +545,7 @@ class SNOpt(torch.optim.Optimizer):
     def __init__(
         self,
         model: nn.Module,
-        lr: float = 0.02,
+        lr: float = 0.05,
         *,
         momentum: float = 0.0,
         graft: Graft | str = Graft.ADAM,

@@ -50,8 +50,8 @@ SENSITIVITY_OPTIMIZERS: tuple[str, ...] = (*TUNED, "snopt-default")
 #: trained ODEs need twice the solver steps to evaluate.
 DEFAULT_BUDGET_S = 18.0
 DEFAULT_SEEDS = 3
-#: Training seconds per run of ``--sweep`` / ``--lr-sensitivity`` (one seed; 5 / 10 rates per
-#: optimizer and task: 45 / 90 runs per optimizer over the nine tasks).
+#: Training seconds per run of ``--sweep`` / ``--lr-sensitivity`` (one seed; 5 / 11 rates per
+#: optimizer and task: 45 / 99 runs per optimizer over the nine tasks).
 DEFAULT_GRID_BUDGET_S = 5.0
 #: Seconds per grid run besides its training budget (evaluations, set-up), measured: the
 #: committed ``--sweep --grid-budget-s 4`` (180 runs) took 1,389 s on a 2-core machine, 7.7 s a
@@ -125,7 +125,7 @@ def rate_of(rates: dict[str, Any], task: str, optimizer: str) -> tuple[float, st
 
 #: Rates of ``--lr-sensitivity``'s grid per optimizer (over the rates file's range); the
 #: ``--sweep`` that picks the suite's rates uses the file's own ``points`` (coarser, cheaper).
-SENSITIVITY_POINTS = 10
+SENSITIVITY_POINTS = 11
 
 
 def lr_grid(rates: dict[str, Any], optimizer: str, points: int | None = None) -> list[float]:
