@@ -1,0 +1,128 @@
+"""Per-iteration time of SNOpt through ``tds.CurvatureTap`` vs Adam, on plain torchcde code.
+
+The model is what a torchcde user writes: ``torchcde.cdeint(X, func, z0, t, adjoint=True)``
+on JapaneseVowels (12 values + time, Hermite cubic path, 9 classes), with ``func`` a
+``CDEFunc`` (hidden 32, inner width 64) wrapped in :class:`~torchdyn_snopt.CurvatureTap`, a
+linear initial map and a linear head; torchdiffeq's rk4 with one step per observation gap
+(as ``bench timeseries`` and tutorial 2 run the CDE), forward and adjoint.
+Variants, from the same weights and the same batch of 128, each step timed with the weights
+restored afterwards so every repetition integrates the same ODE:
+
+- ``adam``: ``torch.optim.Adam`` (the tap is idle without SNOpt: plain torchcde);
+- ``not armed``: ``tds.SNOpt(model)`` between refreshes (``update_freq`` huge);
+- ``armed``: ``tds.SNOpt(model, update_freq=1)``: the tap records the adjoint solve and the
+  eigenbases are refreshed at every step;
+- ``amortized``: ``(armed + (k − 1)·not armed) / k`` at SNOpt's default ``update_freq`` ``k``.
+
+Medians over ``--reps`` interleaved repetitions, one intra-op thread by default.
+
+    python -m torchdyn_snopt.bench.scripts.tap_overhead [--reps 10] [--json F]
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import statistics
+import time
+import warnings
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import torchdyn_snopt as tds
+from torchdyn_snopt.data.uea import load_uea
+from torchdyn_snopt.models.ncde import CDEFunc, NeuralCDE
+
+#: SNOpt's default refresh period, the ``k`` of the amortized cost.
+UPDATE_FREQ: int = inspect.signature(tds.SNOpt).parameters["update_freq"].default
+
+
+class TapCDE(nn.Module):
+    """A torchcde Neural CDE classifier whose ``func`` is wrapped in a CurvatureTap."""
+
+    def __init__(self, channels: int, classes: int, hidden: int, width: int) -> None:
+        super().__init__()
+        self.initial = nn.Linear(channels, hidden)
+        self.func = tds.CurvatureTap(CDEFunc(channels, hidden, width))
+        self.head = nn.Linear(hidden, classes)
+
+    def forward(self, coeffs: torch.Tensor) -> torch.Tensor:
+        import torchcde
+
+        X = torchcde.CubicSpline(coeffs)
+        z0 = self.initial(X.evaluate(X.interval[0]))
+        z = torchcde.cdeint(
+            X, self.func, z0, X.interval, adjoint=True, method="rk4", options={"step_size": 1.0}
+        )
+        return self.head(z[:, -1])
+
+
+def _make(variant: str, weights: dict) -> tuple[nn.Module, torch.optim.Optimizer]:
+    model = TapCDE(13, 9, 32, 64)
+    model.load_state_dict(weights)
+    if variant == "adam":
+        return model, torch.optim.Adam(model.parameters(), lr=1e-3)
+    freq = 1 if variant == "armed" else 10**9
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return model, tds.SNOpt(model, update_freq=freq)
+
+
+def _step(model: nn.Module, opt: torch.optim.Optimizer, weights: dict, xb, yb) -> float:
+    t0 = time.perf_counter()
+    opt.zero_grad()
+    F.cross_entropy(model(xb), yb).backward()
+    opt.step()
+    elapsed = time.perf_counter() - t0
+    model.load_state_dict(weights)
+    return elapsed
+
+
+def timing(reps: int, seed: int) -> dict[str, float]:
+    """Median seconds per iteration of each variant (see the module docstring)."""
+    x, y, _, _ = load_uea("JapaneseVowels")
+    coeffs = NeuralCDE(13, 9).coefficients(x)
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randint(0, len(coeffs), (128,), generator=g)
+    xb, yb = coeffs[idx], y[idx]
+    torch.manual_seed(seed)
+    weights = TapCDE(13, 9, 32, 64).state_dict()
+    setups = {v: _make(v, weights) for v in ("adam", "not_armed", "armed")}
+    for model, opt in setups.values():  # first step: SNOpt's first refresh, Adam's state
+        _step(model, opt, weights, xb, yb)
+    times: dict[str, list[float]] = {v: [] for v in setups}
+    for _ in range(reps):  # interleaved so drifts hit every variant alike
+        for v, (model, opt) in setups.items():
+            times[v].append(_step(model, opt, weights, xb, yb))
+    out = {v: statistics.median(ts) for v, ts in times.items()}
+    out["amortized"] = (out["armed"] + (UPDATE_FREQ - 1) * out["not_armed"]) / UPDATE_FREQ
+    return out
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
+    p.add_argument("--reps", type=int, default=10)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", default=None, help="also write the results to this file")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    t = timing(args.reps, args.seed)
+    print(
+        f"torch {torch.__version__}, threads {torch.get_num_threads()}, reps {args.reps}, "
+        f"rk4 step 1, batch 128, amortized at update_freq {UPDATE_FREQ}"
+    )
+    print(f"{'variant':34s} {'s/iter':>9s} {'x adam':>8s}")
+    for name in ("adam", "not_armed", "armed", "amortized"):
+        print(f"{name:34s} {t[name]:9.4f} {t[name] / t['adam']:8.2f}")
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump({"seconds_per_iter": t, "args": vars(args)}, fh, indent=2)
+    return t
+
+
+if __name__ == "__main__":
+    main()
