@@ -20,11 +20,17 @@ a new segment. ``A_n(t)``, ``B_n(t)`` are then read off the uniform grid on ``[t
 (``t_0`` = the forward solve's first time) by linear interpolation between these nodes exactly
 as in :mod:`torchdyn_snopt.curvature.sampler` (``q = a / sqrt(t_N - t_0)``, per-sample scale).
 An evaluation at a time at or after the start of the solve being recorded begins a new solve.
+
+The moments ``Σ z̃z̃ᵀ``, ``Σ ggᵀ`` are computed only for the evaluations kept as nodes: each
+evaluation holds its detached rows until the next ones classify it (as :func:`_step_ends`
+will), so a solve holds the raw rows of a few evaluations at a time (at most
+:data:`PENDING_LONE` + 3), however many steps it takes.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -43,16 +49,61 @@ from torchdyn_snopt.curvature.source import (
     RowMoments,
 )
 
+#: Lone evaluations (no run of equal times before them) whose raw rows are held before the
+#: solve is taken to be run-free (euler, midpoint: every evaluation a node) and their moments
+#: are computed at once.
+PENDING_LONE = 5
+
 
 @dataclass
 class _Eval:
     """One backward evaluation: its time and, per layer, ``Σ z̃z̃ᵀ`` (``zz``), ``Σ ggᵀ``
-    (``gg``, filled in by the VJP's tensor hooks) and the spatial locations seen."""
+    (``gg``, filled in by the VJP's tensor hooks) and the spatial locations seen.
+
+    Until it is classified (``state`` ``"raw"``), the evaluation holds its detached rows
+    instead: ``raw_z`` per record, ``raw_g`` per hook call, in arrival order. :meth:`keep`
+    turns them into the moments (the same ``RowMoments.add`` calls in the same order as when
+    computed at once), :meth:`drop` discards them. ``vjp``: a hook has run (its VJP reached
+    the layers).
+    """
 
     t: float
     zz: dict[LayerAdapter, RowMoments] = field(default_factory=dict)
     gg: dict[LayerAdapter, RowMoments] = field(default_factory=dict)
     locations: dict[LayerAdapter, int] = field(default_factory=dict)
+    raw_z: list[tuple[LayerAdapter, Tensor]] = field(default_factory=list)
+    raw_g: list[tuple[LayerAdapter, Tensor]] = field(default_factory=list)
+    state: str = "raw"  # "raw", "kept" (moments computed) or "dropped" (no node)
+    vjp: bool = False
+    #: Set once settled (see :meth:`TapSampler._settle`): whether a pair of adjacent equal
+    #: times lies at or before this evaluation, its position in its run of equal times (1 for
+    #: the first), and whether its run has been classified.
+    settled: bool = False
+    after_pair: bool = False
+    run_len: int = 1
+    decided: bool = False
+
+    def keep(self) -> None:
+        """Compute the moments from the held rows (no-op unless raw)."""
+        if self.state != "raw":
+            return
+        for adapter, z in self.raw_z:
+            self.zz.setdefault(adapter, RowMoments()).add(z)
+        for adapter, g in self.raw_g:
+            self.gg.setdefault(adapter, RowMoments()).add(g)
+        self.raw_z, self.raw_g, self.state = [], [], "kept"
+
+    def drop(self) -> None:
+        """Discard the held rows: this evaluation is no node (no-op unless raw)."""
+        if self.state == "raw":
+            self.raw_z, self.raw_g, self.state = [], [], "dropped"
+
+    def add_g(self, adapter: LayerAdapter, g: Tensor) -> None:
+        """A hook's gradient rows: summed if kept, held if raw."""
+        if self.state == "kept":
+            self.gg.setdefault(adapter, RowMoments()).add(g)
+        else:
+            self.raw_g.append((adapter, g))
 
 
 class TapSampler(IntegralSource):
@@ -68,7 +119,10 @@ class TapSampler(IntegralSource):
         self.request = CurvatureRequest([], Recorder([]))
         self.nfe = NFE()
         self.horizon: float | None = None
-        self._stack: list[_Eval] = []
+        self._stack: list[_Eval] = []  # the solve's evaluations, decreasing time
+        self._settled: list[_Eval] = []  # those of _stack before its top whose VJP ran
+        self._pending: list[_Eval] = []  # lone settled ones with no pair before them, raw
+        self._run_free = False  # too many pending: moments of lone ones computed at once
         self._t_start = math.inf
 
     def bind(self, request: CurvatureRequest) -> None:
@@ -82,9 +136,12 @@ class TapSampler(IntegralSource):
     def arm(self, armed: bool) -> None:
         self.request.armed = armed
         if not armed:
-            self._stack.clear()
+            self._reset()
             self._t_start = math.inf
             self.request.factors.clear()
+
+    def _reset(self) -> None:
+        self._stack, self._settled, self._pending, self._run_free = [], [], [], False
 
     def integrals(self) -> dict[LayerAdapter, Factors]:
         self._close()  # the solve in progress, if any
@@ -110,14 +167,16 @@ class TapSampler(IntegralSource):
         if self._stack and t >= self._stack[0].t:
             self._close()  # back at the start time: a new backward solve
         while self._stack and self._stack[-1].t < t:
-            self._stack.pop()  # a rejected step's (or the step probe's) evaluations
+            self._pop()  # a rejected step's (or the step probe's) evaluations
+        if self._stack:
+            self._settle(self._stack[-1])  # its VJP has run (or never will)
         ev = _Eval(t)
         self.request.batch_size = batch
         self.nfe.curvature += 1
         with torch.no_grad():
             for adapter, inputs, output in records:
                 z = adapter.input_rows(subsample(inputs, adapter.locations(output))).detach()
-                ev.zz.setdefault(adapter, RowMoments()).add(z)
+                ev.raw_z.append((adapter, z))
                 ev.locations[adapter] = ev.locations.get(adapter, 0) + adapter.locations(output)
                 output.register_hook(self._grad_hook(ev, adapter))
         self._stack.append(ev)
@@ -125,15 +184,81 @@ class TapSampler(IntegralSource):
     @staticmethod
     def _grad_hook(ev: _Eval, adapter: LayerAdapter) -> Any:
         def hook(g: Tensor) -> None:
-            with torch.no_grad():
-                ev.gg.setdefault(adapter, RowMoments()).add(adapter.output_rows(g).detach())
+            ev.vjp = True
+            if ev.state != "dropped":
+                with torch.no_grad():
+                    ev.add_g(adapter, adapter.output_rows(g).detach())
 
         return hook
 
+    def _pop(self) -> None:
+        """Discard the top evaluation (with whatever it holds)."""
+        ev = self._stack.pop()
+        if self._settled and self._settled[-1] is ev:
+            self._settled.pop()
+        if self._pending and self._pending[-1] is ev:
+            self._pending.pop()
+
+    def _settle(self, ev: _Eval) -> None:
+        """Classify the evaluation below a new top as :func:`_step_ends` will (once).
+
+        Its VJP has run by now (torchdiffeq's adjoint runs it before the next evaluation):
+        without one it is dropped. When a lower time follows a run of equal times, the run
+        keeps its last two (three or more) or its last one and drops the others; a lone one is
+        dropped if a pair of equal times lies before it (the solve has runs), else it stays raw
+        in ``_pending`` until the solve ends, up to :data:`PENDING_LONE` of them (then the
+        solve is taken as run-free and their moments are computed). A dropped one is never a
+        node: what lies before it stays, and a run that resumes after a rejected step only
+        adds later members. :meth:`_close` still applies :func:`_step_ends` to the whole
+        solve, so an evaluation kept here that ends up no node only cost its moments.
+        """
+        if ev.settled:
+            return  # the top's successors were popped: it was settled before
+        ev.settled = True
+        if not ev.vjp:
+            ev.drop()
+            return
+        s = self._settled
+        if not s:  # the solve's first node
+            ev.keep()
+            s.append(ev)
+            return
+        prev = s[-1]
+        ev.after_pair = prev.after_pair or prev.t == ev.t
+        if prev.t == ev.t and len(s) > 1:  # the run of prev (not the solve's first) goes on
+            ev.run_len = prev.run_len + 1
+            if ev.run_len >= 3:
+                s[-2].drop()  # not among the run's last two
+        elif len(s) > 1:  # prev's run ended
+            self._run_ended(prev, s[-2])
+        s.append(ev)
+
+    def _run_ended(self, last: _Eval, before: _Eval) -> None:
+        if last.decided:
+            return  # its successors were popped, a new lower one settled
+        last.decided = True
+        if last.run_len >= 2:
+            last.keep()
+            if last.run_len >= 3:
+                before.keep()
+            else:
+                before.drop()
+        elif last.after_pair:
+            last.drop()  # an inner stage of a solve with runs
+        elif self._run_free:
+            last.keep()
+        else:
+            self._pending.append(last)
+            if len(self._pending) > PENDING_LONE:  # no runs so far: a fixed-step solver
+                self._run_free = True
+                for e in self._pending:
+                    e.keep()
+                self._pending = []
+
     def _close(self) -> None:
         """Integrate the recorded solve onto the uniform grid and add it to the factors."""
-        nodes = _step_ends([e for e in self._stack if e.gg])  # evaluations whose VJP ran
-        self._stack = []
+        nodes = _step_ends([e for e in self._stack if e.vjp])  # evaluations whose VJP ran
+        self._reset()
         if len(nodes) < 2:
             return
         # torchdiffeq steps past t_0 and interpolates: the grid starts at the forward's t_0.
@@ -149,6 +274,15 @@ class TapSampler(IntegralSource):
             if node is None or node.weight <= 0.0:
                 continue
             w, e = node.weight, node.payload
+            if e.state == "dropped":  # its VJP ran only after a later evaluation
+                warnings.warn(
+                    f"CurvatureTap: the evaluation at t={e.t} had no VJP when the next one "
+                    "came and was dropped; it is left out of the factors",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+                continue
+            e.keep()  # held rows of a node not classified yet (the solve's end)
             for adapter, zz in e.zz.items():
                 gg = e.gg.get(adapter)
                 if gg is None or not gg.rows:
