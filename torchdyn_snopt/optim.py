@@ -33,7 +33,7 @@ from torchdyn_snopt.cde import CurvatureTap
 from torchdyn_snopt.config import Damping, Graft, PrecondConfig, StepConfig
 from torchdyn_snopt.curvature.base import LayerAdapter
 from torchdyn_snopt.curvature.capture import Recorder
-from torchdyn_snopt.curvature.eigenbasis import Refresh, refresh_eigh
+from torchdyn_snopt.curvature.eigenbasis import Refresh, pair_shape, refresh_eigh
 from torchdyn_snopt.curvature.eigenbasis import eigh_exact as _eigh  # noqa: F401 (old name)
 from torchdyn_snopt.curvature.outer import OuterFactors
 from torchdyn_snopt.curvature.registry import adapter_for
@@ -386,6 +386,9 @@ class SNOptPreconditioner:
                 [m for f in factors.values() for m in (f.A, f.B)],
                 lambda m, prior: refresh_eigh(m, prior, refresh),
                 priors=[p for a in factors for p in priors(old[a].eigen if a in old else None)],
+                shapes=[
+                    pair_shape(m.shape[0], refresh) for f in factors.values() for m in (f.A, f.B)
+                ],
             )
         fresh = {}
         for i, (a, f) in enumerate(factors.items()):
@@ -455,7 +458,8 @@ class SNOptPreconditioner:
 
         Checks the keys of :meth:`state_dict`'s output, that every layer exists here, and that
         its eigenbases ``UA`` (``d_in × d_in``), ``UB`` (``d_out × d_out``) and second moment
-        ``m`` (``d_out × d_in``) have this layer's shapes.
+        ``m`` (``d_out × d_in``) have this layer's shapes (a thin basis, ``d × k``, adds a tail
+        row or column to ``m``: see :mod:`torchdyn_snopt.layer_state`).
         """
         if not isinstance(state, dict):
             raise ValueError(f"state={type(state).__name__} is not a preconditioner state_dict")
@@ -474,14 +478,23 @@ class SNOptPreconditioner:
             )
         for name, e in state["layers"].items():
             d_out, d_in = by_name[name].param_matrix().shape
-            want = {"UA": (d_in, d_in), "UB": (d_out, d_out), "m": (d_out, d_in)}
-            for key, shape in want.items():
+            cols = {}
+            for key, d in (("UA", d_in), ("UB", d_out)):
                 got = tuple(e[key].shape) if key in e else None
-                if got != shape:
+                if got is None or len(got) != 2 or got[0] != d or not 1 <= got[1] <= d:
                     raise ValueError(
                         f"state_dict layer {name!r}: {key} has shape {got}, this model's layer "
-                        f"needs {shape}; was the state saved from a model with other widths?"
+                        f"needs ({d}, {d}) (or ({d}, k), k < {d}, from a thin refresh); was the "
+                        "state saved from a model with other widths?"
                     )
+                cols[key] = got[1] + (got[1] < d)  # a thin basis's tail coordinate
+            want = (cols["UB"], cols["UA"])
+            got = tuple(e["m"].shape) if "m" in e else None
+            if got != want:
+                raise ValueError(
+                    f"state_dict layer {name!r}: m has shape {got}, this layer's bases need "
+                    f"{want}; was the state saved from a model with other widths?"
+                )
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore :meth:`state_dict` output; layer names and shapes must match this model's

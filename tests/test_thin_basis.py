@@ -1,0 +1,221 @@
+"""Thin eigenbases (``refresh="power"`` on factors wider than ``POWER_RANK``) against dense truth.
+
+The preconditioner never forms the complement of a thin basis: it keeps one tail coordinate
+per thin side whose second moment is the mean of ``G'²`` over the complement's directions.
+The truth here completes every thin basis with an explicit orthonormal complement (a complete
+QR), runs the dense EKFAC formula of eq. 14 (``G' = U_Bᵀ G U_A``, ``P = U_B (G' / D) U_Aᵀ``)
+with the second moment averaged over the tail blocks, and compares.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+import torchdyn_snopt as tds
+from tests.helpers.data import classification_data
+from tests.helpers.models import OdeClassifier
+from tests.helpers.training import train_steps
+from torchdyn_snopt.config import Damping
+from torchdyn_snopt.curvature.eigenbasis import POWER_RANK
+from torchdyn_snopt.curvature.linear import LinearAdapter
+from torchdyn_snopt.layer_state import Eigenbasis, LayerState
+
+DT = torch.float64
+
+
+def _orthonormal(n: int, k: int, seed: int) -> Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.linalg.qr(torch.randn(n, k, generator=g, dtype=DT))[0]
+
+
+def _complete(V: Tensor) -> Tensor:
+    """``[V, C]`` with ``C`` an orthonormal basis of the complement (a complete QR)."""
+    n, k = V.shape
+    if k == n:
+        return V
+    Q = torch.linalg.qr(V, mode="complete")[0]
+    return torch.cat([V, Q[:, k:]], 1)
+
+
+def _blocks(n: int, k: int) -> list[slice]:
+    """Index ranges of the coordinates of a side: one per column, the tail as one range."""
+    return [slice(i, i + 1) for i in range(k)] + ([slice(k, n)] if k < n else [])
+
+
+def _expand(m: Tensor, nB: int, kB: int, nA: int, kA: int) -> Tensor:
+    """A compressed ``m`` written into every direction of the complete bases."""
+    full = torch.empty(nB, nA, dtype=m.dtype)
+    for i, rows in enumerate(_blocks(nB, kB)):
+        for j, cols in enumerate(_blocks(nA, kA)):
+            full[rows, cols] = m[i, j]
+    return full
+
+
+def _block_means(full: Tensor, nB: int, kB: int, nA: int, kA: int) -> Tensor:
+    rB, rA = len(_blocks(nB, kB)), len(_blocks(nA, kA))
+    out = torch.empty(rB, rA, dtype=full.dtype)
+    for i, rows in enumerate(_blocks(nB, kB)):
+        for j, cols in enumerate(_blocks(nA, kA)):
+            out[i, j] = full[rows, cols].mean()
+    return out
+
+
+def _layer(d_out: int, d_in: int, seed: int) -> tuple[nn.Linear, LinearAdapter]:
+    """A linear layer (``d_in − 1`` inputs plus the bias) with a random gradient."""
+    torch.manual_seed(seed)
+    lin = nn.Linear(d_in - 1, d_out).to(DT)
+    lin.weight.grad = torch.randn_like(lin.weight)
+    lin.bias.grad = torch.randn_like(lin.bias)
+    return lin, LinearAdapter(lin, "lin")
+
+
+CASES = [  # (d_out, d_in, k_B, k_A): thin A, thin B, both thin
+    (7, 13, 7, 4),
+    (12, 6, 5, 6),
+    (11, 9, 3, 4),
+]
+
+
+@pytest.mark.parametrize("d_out,d_in,kB,kA", CASES)
+@pytest.mark.parametrize("damping", [Damping.FIXED, Damping.RELATIVE])
+@pytest.mark.parametrize("weight_decay", [0.0, 0.03])
+def test_thin_step_equals_dense_ekfac_with_block_mean_tail(
+    d_out, d_in, kB, kA, damping, weight_decay
+):
+    lin, adapter = _layer(d_out, d_in, seed=d_out + d_in)
+    UA, UB = _orthonormal(d_in, kA, 1), _orthonormal(d_out, kB, 2)
+    rB, rA = kB + (kB < d_out), kA + (kA < d_in)
+    g = torch.Generator().manual_seed(3)
+    m0 = torch.rand(rB, rA, generator=g, dtype=DT) + 0.1
+    state = LayerState(adapter, Eigenbasis(UA, UB, m0.clone()))
+    assert state.eigen.thin
+    batch, alpha, eps = 16, 0.7, 0.2
+    step = state.propose(batch, alpha, eps, weight_decay, damping)
+
+    # dense truth with explicit complements
+    FA, FB = _complete(UA), _complete(UB)
+    G = adapter.grad_matrix()
+    G1 = FB.t() @ G @ FA
+    sq = _expand(_block_means(G1.square(), d_out, kB, d_in, kA), d_out, kB, d_in, kA)
+    m_full = alpha * _expand(m0, d_out, kB, d_in, kA) + (1 - alpha) * batch * sq
+    if weight_decay:
+        G1 = G1 + weight_decay * FB.t() @ adapter.param_matrix() @ FA
+    denom = LayerState.damped(m_full, eps, weight_decay, damping)  # the plain dense mean
+    P = FB @ (G1 / denom) @ FA.t()
+
+    torch.testing.assert_close(step.P, P, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(step.m, _block_means(m_full, d_out, kB, d_in, kA))
+    assert torch.equal(step.G, G)  # the raw gradient, without weight decay
+
+
+def test_tail_mean_does_not_depend_on_the_complement():
+    """Another complement basis (rotated) gives the same block means: the tail coordinate is
+    a property of the subspace, not of a basis of it."""
+    G = torch.randn(9, 10, generator=torch.Generator().manual_seed(0), dtype=DT)
+    UA = _orthonormal(10, 3, 4)
+    FA = _complete(UA)
+    R = _orthonormal(7, 7, 5)
+    FA2 = torch.cat([FA[:, :3], FA[:, 3:] @ R], 1)
+    a = _block_means((G @ FA).square(), 9, 9, 10, 3)
+    b = _block_means((G @ FA2).square(), 9, 9, 10, 3)
+    torch.testing.assert_close(a, b)
+
+
+def test_relative_damping_weights_the_tail_by_its_directions():
+    m = torch.tensor([[1.0, 2.0], [3.0, 4.0]], dtype=DT)
+    w = torch.tensor([[1.0, 5.0], [2.0, 10.0]], dtype=DT)
+    got = LayerState.damped(m, 0.5, 0.0, Damping.RELATIVE, w)
+    mean = (1 + 10 + 6 + 40) / 18
+    torch.testing.assert_close(got, m + 0.5 * mean)
+    assert torch.equal(LayerState.damped(m, 0.5, 0.0, Damping.RELATIVE), m + 0.5 * m.mean())
+
+
+# --------------------------------------------------------------------------- the optimizer
+
+WIDE = POWER_RANK + 32  # the ODE field's hidden width: both of its factors are thin
+
+
+def _data():
+    return classification_data(64, 0, DT)
+
+
+def _model(seed: int = 0) -> OdeClassifier:
+    torch.manual_seed(seed)
+    return OdeClassifier(hidden=WIDE).to(DT)
+
+
+def _kw(**over):
+    return {"lr": 0.05, "update_freq": 3, "full_precond": True, "refresh": "power", **over}
+
+
+def test_power_keeps_thin_bases_and_small_state():
+    x, y = _data()
+    model = _model()
+    opt = tds.SNOpt(model, **_kw())
+    train_steps(model, opt, 4, x, y)
+    layers = opt.state_dict()["preconditioner"]["layers"]
+    shapes = {n: {k: tuple(v.shape) for k, v in e.items()} for n, e in layers.items()}
+    thin = [n for n, s in shapes.items() if s["UA"][1] < s["UA"][0] or s["UB"][1] < s["UB"][0]]
+    assert len(thin) == 2, shapes
+    for name in thin:
+        s = shapes[name]
+        assert POWER_RANK in (s["UA"][1], s["UB"][1])
+        assert s["m"] == (
+            s["UB"][1] + (s["UB"][1] < s["UB"][0]),
+            s["UA"][1] + (s["UA"][1] < s["UA"][0]),
+        )
+
+
+def test_thin_resume_is_bit_identical():
+    """Refreshes at 0 (truncated eigh) and 3, save at 4, continue 5 (a warm refresh at 6
+    from the saved thin bases): a fresh optimizer loaded from the save continues the same."""
+    x, y = _data()
+    model = _model()
+    opt = tds.SNOpt(model, **_kw())
+    train_steps(model, opt, 4, x, y)
+    saved_model = copy.deepcopy(model.state_dict())
+    saved_opt = copy.deepcopy(opt.state_dict())
+    train_steps(model, opt, 5, x, y, start=4)
+    ref = [p.detach().clone() for p in model.parameters()]
+
+    resumed = _model(seed=123)
+    resumed.load_state_dict(saved_model)
+    opt2 = tds.SNOpt(resumed, **_kw())
+    opt2.load_state_dict(saved_opt)
+    train_steps(resumed, opt2, 5, x, y, start=4)
+    for p, r in zip(resumed.parameters(), ref):
+        assert torch.equal(p.detach(), r)
+
+
+def test_thin_state_with_wrong_tail_shape_is_refused():
+    x, y = _data()
+    model = _model()
+    opt = tds.SNOpt(model, **_kw())
+    train_steps(model, opt, 1, x, y)
+    state = copy.deepcopy(opt.state_dict())
+    layers = state["preconditioner"]["layers"]
+    e = next(e for e in layers.values() if e["UB"].shape[1] < e["UB"].shape[0])
+    e["m"] = e["m"][:-1]  # drop the tail row
+    with pytest.raises(ValueError, match="m has shape"):
+        tds.SNOpt(_model(), **_kw()).load_state_dict(state)
+
+
+def test_power_with_thin_bases_trains_like_exact():
+    """Hidden width 160 (thin factors, rank 128 of 160/161): the full-batch loss after 9
+    steps falls as far as with eigh's complete bases (measured 0.597 vs 0.596 from 1.606)."""
+    x, y = _data()
+    losses = {}
+    for refresh in ("exact", "power"):
+        model = _model()
+        opt = tds.SNOpt(model, **_kw(refresh=refresh, update_freq=2))
+        train_steps(model, opt, 9, x, y)
+        with torch.no_grad():
+            losses[refresh] = F.cross_entropy(model(x), y).item()
+    assert losses["power"] < 0.7, losses
+    assert abs(losses["power"] - losses["exact"]) < 0.05 * losses["exact"], losses
