@@ -349,6 +349,7 @@ def test_bench_refresh_cost_quick_writes_json_and_png(tmp_path, capsys):
             want = ((u - 1) * r[f"{between}_s"] + r[f"armed_{v}_s"]) / u
             assert r[f"amortized_{v}_s"] == pytest.approx(want)
             assert r[f"amortized_{v}_ratio"] == pytest.approx(want / r["adam_s"])
-        assert r["factor_bytes"] > 0 and r["eigenbasis_bytes"] > 0
+        for v in ("exact", "power"):
+            assert r[f"factor_bytes_{v}"] > 0 and r[f"eigenbasis_bytes_{v}"] > 0
     png = (tmp_path / "refresh_cost.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n"

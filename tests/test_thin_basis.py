@@ -22,7 +22,8 @@ from tests.helpers.data import classification_data
 from tests.helpers.models import OdeClassifier
 from tests.helpers.training import train_steps
 from torchdyn_snopt.config import Damping
-from torchdyn_snopt.curvature.eigenbasis import POWER_RANK
+from torchdyn_snopt.curvature.base import second_moment, sketch_moment, sketch_of
+from torchdyn_snopt.curvature.eigenbasis import POWER_RANK, from_sketch
 from torchdyn_snopt.curvature.linear import LinearAdapter
 from torchdyn_snopt.layer_state import Eigenbasis, LayerState
 
@@ -219,3 +220,133 @@ def test_power_with_thin_bases_trains_like_exact():
             losses[refresh] = F.cross_entropy(model(x), y).item()
     assert losses["power"] < 0.7, losses
     assert abs(losses["power"] - losses["exact"]) < 0.05 * losses["exact"], losses
+
+
+# --------------------------------------------------------------------------- sketched factors
+
+
+def _spd(eigenvalues: list[float], seed: int = 0) -> tuple[Tensor, Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    n = len(eigenvalues)
+    Q = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=DT))[0]
+    return Q @ torch.diag(torch.tensor(eigenvalues, dtype=DT)) @ Q.t(), Q
+
+
+def _sine(U: Tensor, V: Tensor) -> float:
+    return float(torch.linalg.matrix_norm(V - U @ (U.t() @ V), ord=2))
+
+
+def test_sketch_moment_is_the_moment_times_the_probe_and_its_diagonal():
+    rows = torch.randn(37, 11, generator=torch.Generator().manual_seed(0), dtype=DT)
+    probe = _orthonormal(11, 4, 1)
+    M = rows.t() @ rows / 37
+    want = torch.cat([M @ probe, M.diagonal()[:, None]], 1)
+    torch.testing.assert_close(sketch_moment(rows, probe), want)
+    torch.testing.assert_close(sketch_of(M, probe), want)
+    assert torch.equal(sketch_moment(rows, None), second_moment(rows))
+
+
+def test_from_sketch_is_the_nystrom_approximation():
+    """Dense truth: the eigenpairs of ``F Ω (Ωᵀ F Ω)⁻¹ Ωᵀ F`` (nonzero ones) and the tail
+    ``(tr F − Σ λ) / (n − k)``."""
+    F, _ = _spd([9.0, 7.0, 4.0, 3.0, 1.0, 0.5] + [0.1] * 14, seed=2)
+    probe = _orthonormal(20, 5, 3)
+    lam, U = from_sketch(sketch_of(F, probe), probe)
+    Y = F @ probe
+    nystrom = Y @ torch.linalg.solve(probe.t() @ Y, Y.t())
+    want_lam, want_U = torch.linalg.eigh(nystrom)
+    torch.testing.assert_close(lam[:5].sort().values, want_lam[-5:], rtol=1e-9, atol=1e-12)
+    assert _sine(U, want_U[:, -5:]) < 1e-8
+    torch.testing.assert_close(lam[5], (F.trace() - want_lam[-5:].sum()) / 15)
+    assert _orthonormality(U) < 1e-13
+
+
+def _orthonormality(U: Tensor) -> float:
+    return float((U.t() @ U - torch.eye(U.shape[1], dtype=U.dtype)).abs().max())
+
+
+def test_repeated_sketch_refreshes_converge_to_the_top_eigenbasis():
+    """On a fixed factor, each refresh from the sketch of the previous basis: the angle to
+    the exact top-6 subspace falls with the refresh count, and the values converge."""
+    eigenvalues = [10.0 * 0.6**i for i in range(6)] + [0.3 * 0.97**i for i in range(34)]
+    F, _ = _spd(eigenvalues, seed=7)
+    exact = torch.linalg.eigh(F)
+    U = _orthonormal(40, 6, 8)
+    angles = []
+    for _ in range(40):
+        lam, U = from_sketch(sketch_of(F, U), U)
+        angles.append(_sine(U, exact.eigenvectors[:, -6:]))
+    assert angles[0] > angles[2] > angles[5] > angles[15], angles[:16]
+    assert angles[-1] < 1e-10
+    torch.testing.assert_close(lam[:6].sort().values, exact.eigenvalues[-6:])
+    torch.testing.assert_close(lam[6], exact.eigenvalues[:-6].mean())
+
+
+def test_from_sketch_of_a_diagonal_factor_is_exact():
+    """Probe spanning the top coordinates (rotated within them): exact pairs and tail."""
+    d = torch.tensor([float((7 * i) % 20) for i in range(20)], dtype=DT)
+    top = torch.topk(d, 4).indices
+    probe = torch.eye(20, dtype=DT)[:, top] @ _orthonormal(4, 4, 3)
+    lam, U = from_sketch(sketch_of(torch.diag(d), probe), probe)
+    torch.testing.assert_close(torch.diag(d) @ U, U * lam[:4], rtol=0, atol=1e-12)
+    torch.testing.assert_close(lam[:4].sort().values, torch.tensor([16.0, 17, 18, 19], dtype=DT))
+    torch.testing.assert_close(lam[4], torch.tensor(7.5, dtype=DT))
+
+
+@pytest.mark.parametrize("kind", ["repeated", "zero", "rank-deficient"])
+def test_from_sketch_with_repeated_and_zero_eigenvalues_stays_finite(kind):
+    values = {
+        "repeated": [5.0] * 4 + [2.0] * 6 + [1.0] * 14,
+        "zero": [3.0, 2.0] + [0.0] * 22,  # F Ω has rank 2 < k = 5
+        "rank-deficient": [0.0] * 24,
+    }[kind]
+    F, _ = _spd(values, seed=11)
+    probe = _orthonormal(24, 5, 12)
+    lam, U = from_sketch(sketch_of(F, probe), probe)
+    assert U.shape == (24, 5) and lam.shape == (6,)
+    assert torch.isfinite(lam).all() and torch.isfinite(U).all() and (lam >= 0).all()
+    assert _orthonormality(U) < 1e-12
+    if kind == "zero":  # the two nonzero directions are found exactly (they are in span(FΩ))
+        torch.testing.assert_close(lam[:5].sort().values[-2:], torch.tensor([2.0, 3.0], dtype=DT))
+        torch.testing.assert_close(lam[5], torch.zeros((), dtype=DT), atol=1e-12, rtol=0)
+    if kind == "rank-deficient":
+        assert float(lam.abs().max()) == 0.0
+
+
+def test_refresh_from_sampled_sketch_equals_refresh_from_the_factor():
+    """Two identical runs, one whose ODE sources sample the complete factors: at the
+    second refresh the sketch is the complete factor's ``[F Ω, diag F]`` (to rounding) and
+    the refreshed thin eigenpairs reconstruct the complete factor (its rank, at most the
+    sampled rows, is below the 128 tracked directions, so the Nyström approximation is exact)."""
+    x, y = _data()
+    runs = []
+    for sketch in (True, False):
+        model = _model()
+        opt = tds.SNOpt(model, **_kw())
+        if not sketch:
+            opt.preconditioner._probes = dict  # type: ignore[method-assign]
+        train_steps(model, opt, 4, x, y)  # refreshes at 0 (complete) and 3
+        runs.append(opt.preconditioner)
+    sketched, complete = runs
+    thin = 0
+    for name, f in sketched.last_factors.items():
+        g = complete.last_factors[name]
+        for probe, S, M in ((f.probe_A, f.A, g.A), (f.probe_B, f.B, g.B)):
+            if probe is None:
+                torch.testing.assert_close(S, M)
+            else:
+                thin += 1
+                torch.testing.assert_close(S, sketch_of(M, probe), rtol=1e-9, atol=1e-12)
+    assert thin == 2
+    for a, state in sketched.layers.items():
+        g = complete.last_factors[a.name]
+        e = state.eigen
+        for lam, U, M in ((e.lamA, e.UA, g.A), (e.lamB, e.UB, g.B)):
+            if lam is not None and U.shape[1] < U.shape[0]:  # rank F < 128: Nyström is exact
+                assert torch.linalg.matrix_rank(M) < U.shape[1]
+                Q = torch.eye(U.shape[0], dtype=DT) - U @ U.t()
+                recon = U @ torch.diag(lam[:-1]) @ U.t() + lam[-1] * Q
+                torch.testing.assert_close(recon, M, rtol=0, atol=1e-10 * float(M.abs().max()))
+    assert not any(
+        f.probe_A is not None or f.probe_B is not None for f in complete.last_factors.values()
+    )

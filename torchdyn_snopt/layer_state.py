@@ -37,6 +37,7 @@ from torchdyn_snopt.curvature.eigenbasis import (
     Eigenpairs,
     Refresh,
     eigh_from_rows,
+    from_sketch,
     is_thin,
     refresh_eigh,
 )
@@ -85,13 +86,18 @@ def priors(eig: Eigenbasis | None) -> tuple[Eigenpairs | None, Eigenpairs | None
 def factor_pairs(
     f: Factors, refresh: Refresh = Refresh.EXACT, prior: Eigenbasis | None = None
 ) -> tuple[Eigenpairs, Eigenpairs]:
-    """(eigenvalues, eigenvectors) of ``Ā`` (from its rows when it has them) and of ``B̄``;
-    ``refresh`` and the layer's previous eigenbasis ``prior``: see :func:`refresh_eigh`."""
+    """(eigenvalues, eigenvectors) of ``Ā`` (from its sketch or its rows when it has them) and
+    of ``B̄`` (from its sketch when it has one); ``refresh`` and the layer's previous eigenbasis
+    ``prior``: see :func:`refresh_eigh`."""
     prior_a, prior_b = priors(prior)
-    if f.rows is not None:
+    if f.probe_A is not None:
+        pair_a = from_sketch(f.A, f.probe_A)
+    elif f.rows is not None:
         pair_a = eigh_from_rows(f.rows)
     else:
         pair_a = refresh_eigh(f.A, prior_a, refresh)
+    if f.probe_B is not None:
+        return pair_a, from_sketch(f.B, f.probe_B)
     return pair_a, refresh_eigh(f.B, prior_b, refresh)
 
 

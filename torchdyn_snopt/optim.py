@@ -33,7 +33,7 @@ from torchdyn_snopt.cde import CurvatureTap
 from torchdyn_snopt.config import Damping, Graft, PrecondConfig, StepConfig
 from torchdyn_snopt.curvature.base import LayerAdapter
 from torchdyn_snopt.curvature.capture import Recorder
-from torchdyn_snopt.curvature.eigenbasis import Refresh, pair_shape, refresh_eigh
+from torchdyn_snopt.curvature.eigenbasis import Refresh, is_thin, pair_shape, refresh_eigh
 from torchdyn_snopt.curvature.eigenbasis import eigh_exact as _eigh  # noqa: F401 (old name)
 from torchdyn_snopt.curvature.outer import OuterFactors
 from torchdyn_snopt.curvature.registry import adapter_for
@@ -42,6 +42,8 @@ from torchdyn_snopt.curvature.source import (
     CurvatureRequest,
     CurvatureSource,
     Factors,
+    IntegralSource,
+    Probes,
     collect,
 )
 from torchdyn_snopt.distributed import AUTO, RankSync, unwrap
@@ -327,8 +329,26 @@ class SNOptPreconditioner:
 
     def _arm(self, armed: bool) -> None:
         self._armed = armed
+        probes = self._probes() if armed else {}
         for source in self._sources:
+            if isinstance(source, IntegralSource):
+                source.request.probes = {
+                    a: probes[a] for a in source.request.adapters if a in probes
+                }
             source.arm(armed)
+
+    def _probes(self) -> dict[LayerAdapter, Probes]:
+        """The thin bases whose factors the ODE sources sketch until the next refresh
+        (``refresh="power"``, one process: the ranks' all-reduce averages complete factors)."""
+        if self.refresh is not Refresh.POWER or self.sync.world_size() > 1:
+            return {}
+        out = {}
+        for a, state in self.layers.items():
+            UA, UB = state.eigen.UA, state.eigen.UB
+            pair = (UA if is_thin(UA) else None, UB if is_thin(UB) else None)
+            if pair != (None, None):
+                out[a] = pair
+        return out
 
     def _batch_size(self, adapter: LayerAdapter) -> int:
         sizes = [b for s in self._sources if (b := s.batch_size(adapter)) is not None]

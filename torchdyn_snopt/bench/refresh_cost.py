@@ -13,9 +13,11 @@ refreshes, with the complete bases of ``refresh="exact"`` / the thin bases ``"po
 for factors wider than ``POWER_RANK``), ``armed_exact`` / ``armed_power`` (SNOpt refreshing at
 every step, ``update_freq=1``), and ``amortized_exact = ((u − 1)·not_armed + armed_exact) / u``,
 ``amortized_power = ((u − 1)·not_armed_power + armed_power) / u`` at SNOpt's default
-``update_freq`` ``u``. Each is also given as a ratio to Adam. Per row:
-the decomposition alone (``refresh_<refresh>_s``, on the factors of the last refresh) and the
-memory of the layer factors ``Ā``, ``B̄`` and of the eigenbases ``U_A``, ``U_B`` (bytes).
+``update_freq`` ``u``. Each is also given as a ratio to Adam. Per row
+and refresh: the decomposition alone (``refresh_<refresh>_s``, on the factors of the last
+refresh) and the memory of the layer factors ``Ā``, ``B̄`` (for ``"power"``: the sketches
+``[F Ω, diag F]`` of thin sides) and of the eigenbases ``U_A``, ``U_B`` (``factor_bytes_<refresh>``,
+``eigenbasis_bytes_<refresh>``, their sum ``memory_bytes_<refresh>``, bytes).
 Timings are wall-clock minima over ``repeats`` iterations after one untimed warm-up.
 """
 
@@ -37,7 +39,8 @@ from torchdyn.core import NeuralODE
 from torchdyn_snopt.bench.outputs import write_json
 from torchdyn_snopt.bench.records import format_table
 from torchdyn_snopt.bench.reporter import Reporter
-from torchdyn_snopt.curvature.eigenbasis import Refresh, refresh_eigh
+from torchdyn_snopt.curvature.eigenbasis import Refresh
+from torchdyn_snopt.layer_state import factor_pairs
 from torchdyn_snopt.optim import SNOpt, SNOptPreconditioner
 
 WIDTHS: tuple[int, ...] = (64, 128, 256, 512, 1024, 2048, 4096)
@@ -136,20 +139,18 @@ def _seconds_per_iter(
     return best
 
 
-def _decomposition_seconds(pre: SNOptPreconditioner, refresh: Refresh) -> float:
-    """One refresh's decompositions alone, on the last refresh's factors (warm-started from
-    the bases that refresh produced)."""
+def _decomposition_seconds(pre: SNOptPreconditioner) -> float:
+    """One refresh's decompositions alone, on the last refresh's factors (or sketches),
+    warm-started from the bases that refresh produced."""
     by_name = {a.name: a for a in pre.adapters}
     start = time.perf_counter()
     for name, f in pre.last_factors.items():
-        prior_a, prior_b = pre._eigen[by_name[name]].pairs()
-        refresh_eigh(f.A, prior_a, refresh)
-        refresh_eigh(f.B, prior_b, refresh)
+        factor_pairs(f, pre.refresh, pre._eigen[by_name[name]])
     return time.perf_counter() - start
 
 
 def _memory(pre: SNOptPreconditioner) -> tuple[int, int]:
-    """Bytes of the factors ``Ā``, ``B̄`` and of the eigenbases ``U_A``, ``U_B``."""
+    """Bytes of the factors ``Ā``, ``B̄`` (or their sketches) and of the eigenbases."""
     factors = sum(t.nbytes for f in pre.last_factors.values() for t in (f.A, f.B))
     bases = sum(t.nbytes for e in pre._eigen.values() for t in (e.UA, e.UB))
     return factors, bases
@@ -172,12 +173,16 @@ def measure(field: str, width: int, cfg: RefreshCostConfig) -> dict[str, Any]:
         node = build("snopt")
         opt = SNOpt(node, lr=cfg.lr, update_freq=update_freq, refresh=refresh)
         row[f"{name}_s"] = _seconds_per_iter(node, opt, x, y, cfg.repeats)
-        if name == "armed_power":
+        if name.startswith("armed_"):
+            refresh = name.removeprefix("armed_")
             pre = opt.preconditioner
-            row["refresh_exact_s"] = _decomposition_seconds(pre, Refresh.EXACT)
-            row["refresh_power_s"] = _decomposition_seconds(pre, Refresh.POWER)
-            row["factor_bytes"], row["eigenbasis_bytes"] = _memory(pre)
-            row["memory_bytes"] = row["factor_bytes"] + row["eigenbasis_bytes"]
+            row[f"refresh_{refresh}_s"] = _decomposition_seconds(pre)
+            factor_bytes, basis_bytes = _memory(pre)
+            row[f"factor_bytes_{refresh}"], row[f"eigenbasis_bytes_{refresh}"] = (
+                factor_bytes,
+                basis_bytes,
+            )
+            row[f"memory_bytes_{refresh}"] = factor_bytes + basis_bytes
     u = cfg.update_freq
     for refresh, between in (("exact", "not_armed"), ("power", "not_armed_power")):
         row[f"amortized_{refresh}_s"] = (
@@ -192,7 +197,7 @@ def _table(rows: list[dict[str, Any]]) -> str:
     cols = ["field", "width", "adam_s", "not_armed_ratio", "not_armed_power_ratio"]
     cols += ["armed_exact_ratio"]
     cols += ["armed_power_ratio", "amortized_exact_ratio", "amortized_power_ratio"]
-    cols += ["refresh_exact_s", "refresh_power_s", "memory_bytes"]
+    cols += ["refresh_exact_s", "refresh_power_s", "memory_bytes_exact", "memory_bytes_power"]
     return format_table([{c: r[c] for c in cols} for r in rows])
 
 

@@ -23,6 +23,14 @@ Shampoo eigenbases the same way):
   A first refresh (no usable prior) truncates ``eigh`` the same way, so a wide factor's
   eigenpairs have one shape under :attr:`Refresh.POWER` (:func:`pair_shape`).
 
+Sketched factors (:func:`from_sketch`): a thin side's next refresh needs only ``F Ω`` for the
+current basis ``Ω = V₀`` and ``tr F``, so the backward solve samples the sketch ``[F Ω, diag F]``
+(O(rows·n·rank) per node instead of O(rows·n²), :func:`~torchdyn_snopt.curvature.base.
+sketch_moment`) and the refresh is the Nyström approximation ``F Ω (Ωᵀ F Ω)⁺ Ωᵀ F`` (single
+pass, Tropp et al. 2017): its range is ``span(F Ω)``, the subspace one step of subspace
+iteration reaches, its eigenpairs come in O(n·rank²), and the tail is again
+``(tr F − Σ λ) / (n − rank)``.
+
 Every result keeps the factor's device and dtype; ``λ[i]`` belongs to ``U[:, i]`` (the order
 is not sorted). Without a usable previous basis (first refresh, other shape) the refresh is
 exact (truncated to the top ``rank`` pairs and the tail for a wide factor).
@@ -31,6 +39,7 @@ exact (truncated to the top ``rank`` pairs and the tail for a wide factor).
 from __future__ import annotations
 
 import enum
+import math
 
 import torch
 from torch import Tensor
@@ -162,3 +171,29 @@ def top_subspace(F: Tensor, lam0: Tensor, U0: Tensor, rank: int, steps: int) -> 
     mu, W = eigh_exact(V.t() @ (F @ V))  # Rayleigh-Ritz in span(V)
     tail = ((F.diagonal().sum() - mu.sum()) / (n - rank)).clamp(min=0)
     return torch.cat([mu, tail[None]]), V @ W
+
+
+def from_sketch(sketch: Tensor, probe: Tensor) -> Eigenpairs:
+    """Thin eigenpairs from a factor's sketch ``[F Ω, diag F]`` (``n × (k + 1)``) and its probe
+    ``Ω`` (``n × k``, orthonormal): the Nyström approximation's ``k`` eigenpairs and the tail's
+    mean ``(tr F − Σ λ) / (n − k)``, as :func:`top_subspace` lays them out.
+
+    Stabilised as in Tropp et al. 2017 (Alg. 3): ``Y_ν = F Ω + ν Ω`` with a shift ``ν`` at
+    rounding level (``ε·sqrt(n)·‖F Ω‖_F``, the Frobenius norm: no SVD), ``Ωᵀ Y_ν = Z diag(w) Zᵀ``, ``B = Y_ν Z diag(w)^{-1/2}`` (directions with
+    ``w`` at rounding level dropped), ``B = U Σ …`` (thin SVD), ``λ = max(Σ² − ν, 0)``.
+    """
+    n, k = probe.shape
+    Y, diag = sketch[:, :k], sketch[:, k]
+    nu = torch.finfo(Y.dtype).eps * math.sqrt(n) * torch.linalg.matrix_norm(Y)  # ‖Y‖_F ≥ ‖Y‖₂
+    Y = Y + nu * probe
+    core = probe.t() @ Y
+    w, Z = torch.linalg.eigh((core + core.t()) / 2)
+    keep = w > torch.finfo(Y.dtype).eps * w.abs().max().clamp_min(torch.finfo(Y.dtype).tiny) * k
+    B = (Y @ Z[:, keep]) / w[keep].sqrt()
+    U, sigma, _ = torch.linalg.svd(B, full_matrices=False)
+    lam = (sigma.square() - nu).clamp(min=0)
+    if U.shape[1] < k:  # rank-deficient: pad with any orthonormal directions of value 0
+        extra = _signed_qr(torch.cat([U, probe], 1))[:, U.shape[1] : k]
+        U, lam = torch.cat([U, extra], 1), torch.cat([lam, lam.new_zeros(k - lam.shape[0])])
+    tail = ((diag.sum() - lam.sum()) / (n - k)).clamp(min=0)
+    return torch.cat([lam, tail[None]]), U
