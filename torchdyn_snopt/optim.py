@@ -168,11 +168,16 @@ class SNOptPreconditioner:
         refresh: how a refresh gets the eigenbases (a
             :class:`~torchdyn_snopt.curvature.eigenbasis.Refresh` or its string):
             ``"exact"`` (default) = ``torch.linalg.eigh`` of every factor; ``"power"`` = a
-            warm start from the layer's previous eigenbasis (one subspace-iteration step;
-            the top 128 eigenpairs plus an isotropic tail for wider factors), exact at a
-            layer's first refresh. Factors with low-rank rows always use their exact QR path;
-            with several processes the warm start works the same way (every rank holds the
-            same previous bases), with or without ``distribute_eigh``.
+            warm start from the layer's previous eigenbasis (one subspace-iteration step),
+            exact at a layer's first refresh. Factors wider than 128 keep a *thin* basis under
+            ``"power"``: the top 128 eigenpairs plus one isotropic tail
+            (:mod:`~torchdyn_snopt.layer_state`: O(n·128) per step, no ``n × n`` basis), and
+            with one process their next refresh needs only a sketch ``[F Ω, diag F]`` sampled
+            in the backward solve (a Nyström refresh, O(rows·n·128) per node instead of
+            O(rows·n²)). Factors with low-rank rows always use their exact QR path; with
+            several processes the warm start works the same way (every rank holds the same
+            previous bases, complete factors are averaged), with or without
+            ``distribute_eigh``.
 
     ``model`` may be wrapped in ``DistributedDataParallel``; the layers are found (and named)
     inside the wrapper. Under DDP the factors are averaged over ranks at every refresh and a

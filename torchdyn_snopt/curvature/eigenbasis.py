@@ -24,12 +24,12 @@ Shampoo eigenbases the same way):
   eigenpairs have one shape under :attr:`Refresh.POWER` (:func:`pair_shape`).
 
 Sketched factors (:func:`from_sketch`): a thin side's next refresh needs only ``F Ω`` for the
-current basis ``Ω = V₀`` and ``tr F``, so the backward solve samples the sketch ``[F Ω, diag F]``
-(O(rows·n·rank) per node instead of O(rows·n²), :func:`~torchdyn_snopt.curvature.base.
-sketch_moment`) and the refresh is the Nyström approximation ``F Ω (Ωᵀ F Ω)⁺ Ωᵀ F`` (single
-pass, Tropp et al. 2017): its range is ``span(F Ω)``, the subspace one step of subspace
-iteration reaches, its eigenpairs come in O(n·rank²), and the tail is again
-``(tr F − Σ λ) / (n − rank)``.
+current basis ``Ω = V₀`` and ``tr F``, so the backward solve samples the sketch
+``[F Ω, diag F]`` (O(rows·n·rank) per node instead of O(rows·n²);
+:func:`~torchdyn_snopt.curvature.base.sketch_moment`) and the refresh is the Nyström
+approximation ``F Ω (Ωᵀ F Ω)⁺ Ωᵀ F`` (single pass, Tropp et al. 2017): its range is
+``span(F Ω)``, the subspace one step of subspace iteration reaches, its eigenpairs come in
+O(n·rank²), and the tail is again ``(tr F − Σ λ) / (n − rank)``.
 
 Every result keeps the factor's device and dtype; ``λ[i]`` belongs to ``U[:, i]`` (the order
 is not sorted). Without a usable previous basis (first refresh, other shape) the refresh is
@@ -179,8 +179,10 @@ def from_sketch(sketch: Tensor, probe: Tensor) -> Eigenpairs:
     mean ``(tr F − Σ λ) / (n − k)``, as :func:`top_subspace` lays them out.
 
     Stabilised as in Tropp et al. 2017 (Alg. 3): ``Y_ν = F Ω + ν Ω`` with a shift ``ν`` at
-    rounding level (``ε·sqrt(n)·‖F Ω‖_F``, the Frobenius norm: no SVD), ``Ωᵀ Y_ν = Z diag(w) Zᵀ``, ``B = Y_ν Z diag(w)^{-1/2}`` (directions with
-    ``w`` at rounding level dropped), ``B = U Σ …`` (thin SVD), ``λ = max(Σ² − ν, 0)``.
+    rounding level (``ε·sqrt(n)·‖F Ω‖_F``, the Frobenius norm: no SVD),
+    ``Ωᵀ Y_ν = Z diag(w) Zᵀ``, ``B = Y_ν Z diag(w)^{-1/2}`` (directions with ``w`` at rounding
+    level dropped, then padded back with zero-valued directions), ``B = U Σ …`` (thin SVD),
+    ``λ = max(Σ² − ν, 0)``.
     """
     n, k = probe.shape
     Y, diag = sketch[:, :k], sketch[:, k]
