@@ -1,10 +1,9 @@
 """Thin eigenbases (``refresh="power"`` on factors wider than ``POWER_RANK``) against dense truth.
 
-The preconditioner never forms the complement of a thin basis: it keeps one tail coordinate
-per thin side whose second moment is the mean of ``G'²`` over the complement's directions.
-The truth here completes every thin basis with an explicit orthonormal complement (a complete
-QR), runs the dense EKFAC formula of eq. 14 (``G' = U_Bᵀ G U_A``, ``P = U_B (G' / D) U_Aᵀ``)
-with the second moment averaged over the tail blocks, and compares.
+The preconditioner never forms the complement of a thin basis ``V``: it applies the complete
+Householder basis ``H = I − W T Wᵀ`` of ``V``'s QR as an operator. The truth here forms that
+``H`` explicitly with LAPACK's ``orgqr`` (``torch.linalg.householder_product``), runs the dense
+EKFAC formula of eq. 14 (``G' = U_Bᵀ G U_A``, ``P = U_B (G' / D) U_Aᵀ``) and compares.
 """
 
 from __future__ import annotations
@@ -25,7 +24,8 @@ from torchdyn_snopt.config import Damping
 from torchdyn_snopt.curvature.base import second_moment, sketch_moment, sketch_of
 from torchdyn_snopt.curvature.eigenbasis import POWER_RANK, from_sketch
 from torchdyn_snopt.curvature.linear import LinearAdapter
-from torchdyn_snopt.layer_state import Eigenbasis, LayerState
+from torchdyn_snopt.curvature.source import Factors
+from torchdyn_snopt.layer_state import Eigenbasis, Householder, LayerState
 
 DT = torch.float64
 
@@ -36,35 +36,19 @@ def _orthonormal(n: int, k: int, seed: int) -> Tensor:
 
 
 def _complete(V: Tensor) -> Tensor:
-    """``[V, C]`` with ``C`` an orthonormal basis of the complement (a complete QR)."""
+    """The explicit ``n × n`` Householder basis of ``V``'s QR (LAPACK's orgqr)."""
     n, k = V.shape
     if k == n:
         return V
-    Q = torch.linalg.qr(V, mode="complete")[0]
-    return torch.cat([V, Q[:, k:]], 1)
+    a, tau = torch.geqrf(V)
+    return _orgqr(a, tau)
 
 
-def _blocks(n: int, k: int) -> list[slice]:
-    """Index ranges of the coordinates of a side: one per column, the tail as one range."""
-    return [slice(i, i + 1) for i in range(k)] + ([slice(k, n)] if k < n else [])
-
-
-def _expand(m: Tensor, nB: int, kB: int, nA: int, kA: int) -> Tensor:
-    """A compressed ``m`` written into every direction of the complete bases."""
-    full = torch.empty(nB, nA, dtype=m.dtype)
-    for i, rows in enumerate(_blocks(nB, kB)):
-        for j, cols in enumerate(_blocks(nA, kA)):
-            full[rows, cols] = m[i, j]
-    return full
-
-
-def _block_means(full: Tensor, nB: int, kB: int, nA: int, kA: int) -> Tensor:
-    rB, rA = len(_blocks(nB, kB)), len(_blocks(nA, kA))
-    out = torch.empty(rB, rA, dtype=full.dtype)
-    for i, rows in enumerate(_blocks(nB, kB)):
-        for j, cols in enumerate(_blocks(nA, kA)):
-            out[i, j] = full[rows, cols].mean()
-    return out
+def _orgqr(a: Tensor, tau: Tensor) -> Tensor:
+    n, k = a.shape
+    full = torch.zeros(n, n, dtype=a.dtype)
+    full[:, :k] = a
+    return torch.linalg.householder_product(full, torch.cat([tau, tau.new_zeros(n - k)]))
 
 
 def _layer(d_out: int, d_in: int, seed: int) -> tuple[nn.Linear, LinearAdapter]:
@@ -83,58 +67,63 @@ CASES = [  # (d_out, d_in, k_B, k_A): thin A, thin B, both thin
 ]
 
 
+def test_householder_basis_is_orthonormal_and_starts_with_v():
+    V = _orthonormal(10, 3, 0)
+    H = _complete(V)
+    assert float((H.t() @ H - torch.eye(10, dtype=DT)).abs().max()) < 1e-14
+    torch.testing.assert_close((H[:, :3] * V).sum(0).abs(), torch.ones(3, dtype=DT))
+    X = torch.randn(10, 4, generator=torch.Generator().manual_seed(1), dtype=DT)
+    op = Householder(V)
+    torch.testing.assert_close(op.t_left(X), H.t() @ X)
+    torch.testing.assert_close(op.left(X), H @ X)
+    torch.testing.assert_close(op.right(X.t()), X.t() @ H)
+    torch.testing.assert_close(op.t_right(X.t()), X.t() @ H.t())
+
+
+def test_householder_with_identity_reflectors():
+    """Coordinate vectors make LAPACK's reflectors the identity (τ = 0): still orthonormal."""
+    V = torch.eye(9, dtype=DT)[:, [0, 1, 2]]
+    op = Householder(V)
+    H = op.left(torch.eye(9, dtype=DT))
+    assert float((H.t() @ H - torch.eye(9, dtype=DT)).abs().max()) < 1e-15
+    torch.testing.assert_close(H[:, :3].abs(), V)
+
+
 @pytest.mark.parametrize("d_out,d_in,kB,kA", CASES)
 @pytest.mark.parametrize("damping", [Damping.FIXED, Damping.RELATIVE])
 @pytest.mark.parametrize("weight_decay", [0.0, 0.03])
-def test_thin_step_equals_dense_ekfac_with_block_mean_tail(
+def test_thin_step_equals_dense_ekfac_in_the_householder_basis(
     d_out, d_in, kB, kA, damping, weight_decay
 ):
     lin, adapter = _layer(d_out, d_in, seed=d_out + d_in)
     UA, UB = _orthonormal(d_in, kA, 1), _orthonormal(d_out, kB, 2)
-    rB, rA = kB + (kB < d_out), kA + (kA < d_in)
     g = torch.Generator().manual_seed(3)
-    m0 = torch.rand(rB, rA, generator=g, dtype=DT) + 0.1
+    m0 = torch.rand(d_out, d_in, generator=g, dtype=DT) + 0.1
     state = LayerState(adapter, Eigenbasis(UA, UB, m0.clone()))
     assert state.eigen.thin
     batch, alpha, eps = 16, 0.7, 0.2
     step = state.propose(batch, alpha, eps, weight_decay, damping)
 
-    # dense truth with explicit complements
-    FA, FB = _complete(UA), _complete(UB)
+    FA, FB = _complete(UA), _complete(UB)  # dense truth
     G = adapter.grad_matrix()
     G1 = FB.t() @ G @ FA
-    sq = _expand(_block_means(G1.square(), d_out, kB, d_in, kA), d_out, kB, d_in, kA)
-    m_full = alpha * _expand(m0, d_out, kB, d_in, kA) + (1 - alpha) * batch * sq
+    m = alpha * m0 + (1 - alpha) * batch * G1.square()
     if weight_decay:
         G1 = G1 + weight_decay * FB.t() @ adapter.param_matrix() @ FA
-    denom = LayerState.damped(m_full, eps, weight_decay, damping)  # the plain dense mean
-    P = FB @ (G1 / denom) @ FA.t()
+    P = FB @ (G1 / LayerState.damped(m, eps, weight_decay, damping)) @ FA.t()
 
     torch.testing.assert_close(step.P, P, rtol=1e-10, atol=1e-12)
-    torch.testing.assert_close(step.m, _block_means(m_full, d_out, kB, d_in, kA))
+    torch.testing.assert_close(step.m, m)
     assert torch.equal(step.G, G)  # the raw gradient, without weight decay
 
 
-def test_tail_mean_does_not_depend_on_the_complement():
-    """Another complement basis (rotated) gives the same block means: the tail coordinate is
-    a property of the subspace, not of a basis of it."""
-    G = torch.randn(9, 10, generator=torch.Generator().manual_seed(0), dtype=DT)
-    UA = _orthonormal(10, 3, 4)
-    FA = _complete(UA)
-    R = _orthonormal(7, 7, 5)
-    FA2 = torch.cat([FA[:, :3], FA[:, 3:] @ R], 1)
-    a = _block_means((G @ FA).square(), 9, 9, 10, 3)
-    b = _block_means((G @ FA2).square(), 9, 9, 10, 3)
-    torch.testing.assert_close(a, b)
-
-
-def test_relative_damping_weights_the_tail_by_its_directions():
-    m = torch.tensor([[1.0, 2.0], [3.0, 4.0]], dtype=DT)
-    w = torch.tensor([[1.0, 5.0], [2.0, 10.0]], dtype=DT)
-    got = LayerState.damped(m, 0.5, 0.0, Damping.RELATIVE, w)
-    mean = (1 + 10 + 6 + 40) / 18
-    torch.testing.assert_close(got, m + 0.5 * mean)
-    assert torch.equal(LayerState.damped(m, 0.5, 0.0, Damping.RELATIVE), m + 0.5 * m.mean())
+def test_fresh_second_moment_gives_the_tail_value_to_every_complement_direction():
+    lam_a, UA = torch.tensor([3.0, 2.0, 0.5], dtype=DT), _orthonormal(6, 2, 0)
+    lam_b, UB = torch.tensor([1.0, 4.0, 5.0, 7.0], dtype=DT), _orthonormal(4, 4, 1)
+    f = Factors(torch.eye(6, dtype=DT), torch.eye(4, dtype=DT), locations=3)
+    e = Eigenbasis.from_pairs(f, (lam_a, UA), (lam_b, UB))
+    want_a = torch.tensor([3.0, 2.0, 0.5, 0.5, 0.5, 0.5], dtype=DT)
+    torch.testing.assert_close(e.m, 3 * torch.outer(lam_b, want_a))
 
 
 # --------------------------------------------------------------------------- the optimizer
@@ -167,10 +156,7 @@ def test_power_keeps_thin_bases_and_small_state():
     for name in thin:
         s = shapes[name]
         assert POWER_RANK in (s["UA"][1], s["UB"][1])
-        assert s["m"] == (
-            s["UB"][1] + (s["UB"][1] < s["UB"][0]),
-            s["UA"][1] + (s["UA"][1] < s["UA"][0]),
-        )
+        assert s["m"] == (s["UB"][0], s["UA"][0])
 
 
 def test_thin_resume_is_bit_identical():
@@ -194,7 +180,7 @@ def test_thin_resume_is_bit_identical():
         assert torch.equal(p.detach(), r)
 
 
-def test_thin_state_with_wrong_tail_shape_is_refused():
+def test_thin_state_with_a_wrong_m_shape_is_refused():
     x, y = _data()
     model = _model()
     opt = tds.SNOpt(model, **_kw())
@@ -202,7 +188,7 @@ def test_thin_state_with_wrong_tail_shape_is_refused():
     state = copy.deepcopy(opt.state_dict())
     layers = state["preconditioner"]["layers"]
     e = next(e for e in layers.values() if e["UB"].shape[1] < e["UB"].shape[0])
-    e["m"] = e["m"][:-1]  # drop the tail row
+    e["m"] = e["m"][:-1]  # one row short
     with pytest.raises(ValueError, match="m has shape"):
         tds.SNOpt(_model(), **_kw()).load_state_dict(state)
 

@@ -11,25 +11,19 @@ with the damping ``λ = eps·mean(m)`` (:attr:`Damping.RELATIVE`, the default) o
 (:attr:`Damping.FIXED`, the paper's Tikhonov damping). :class:`LayerState` owns these.
 
 Thin bases (:attr:`~torchdyn_snopt.curvature.eigenbasis.Refresh.POWER` on factors wider than
-``POWER_RANK``): a side's basis ``V`` is ``n × k`` with ``k < n`` and its complement, never
-formed, is one isotropic *tail* coordinate. ``G`` splits into the blocks ``P_B G P_A``,
-``P_B G Q_A``, ``Q_B G P_A``, ``Q_B G Q_A`` (``P = V Vᵀ``, ``Q = I − P``) and ``m`` has one
-extra row (thin ``U_B``) and/or column (thin ``U_A``): the mean of ``G'²`` over the tail's
-directions, e.g. ``m[i, k_A] ← α m[i, k_A] + (1 − α)·batch·‖(V_Bᵀ G Q_A)[i]‖² / (n_A − k_A)``.
-That mean does not depend on which orthonormal basis of the complement is used, so this is
-EKFAC in any complete basis ``[V, C]`` whose second moment is shared across the complement's
-directions (which are exchangeable: the refresh gives them one eigenvalue). ``P`` is the sum
-of the blocks, each divided by its denominator; O(n·k) per thin side, and relative damping
-takes the mean of ``m`` over all ``d_out·d_in`` directions (the tail entries weighted by
-their multiplicity), as with a complete basis. The price: the tail's directions are no longer
-normalised one by one. Measured on the ``bench refresh-cost`` regression (``32 → 1024 → 32``,
-SNOpt's defaults, 60 steps, 5 seeds), the final loss relative to ``refresh="exact"`` was
-0.95-0.97x on 2 seeds and 1.5-2.7x on 3 (a complete basis with a per-direction tail: 0.6-0.9x).
+``POWER_RANK``): a side's eigenpairs are ``V`` (``n × k``, ``k < n``) and ``k + 1`` values, the
+last one shared by the complement (the tail). The complete basis is the Householder matrix
+``H = I − W T Wᵀ`` of ``V``'s QR (compact WY; ``H[:, :k] = ±V``, its other ``n − k`` columns an
+orthonormal complement), never formed: ``Hᵀ X`` and ``H X`` cost O(n·k) per column of ``X``
+(:class:`Householder`). EKFAC runs unchanged in that complete basis: ``m`` is ``d_out × d_in``,
+one entry per direction, starting from the tail's value on the complement's directions, so
+every direction of the tail is normalised by its own running second moment, as it was when
+the complement was stored densely.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import Tensor
@@ -61,6 +55,13 @@ class Eigenbasis:
     m: Tensor
     lamA: Tensor | None = None
     lamB: Tensor | None = None
+    _sides: tuple[Side, Side] | None = field(default=None, repr=False, compare=False)
+
+    def sides(self) -> tuple[Side, Side]:
+        """The complete bases of ``A`` and ``B`` as operators (built once per basis)."""
+        if self._sides is None:
+            self._sides = (side(self.UA), side(self.UB))
+        return self._sides
 
     def pairs(self) -> tuple[Eigenpairs | None, Eigenpairs | None]:
         """``(λ_A, U_A)`` and ``(λ_B, U_B)``, each None when its eigenvalues are unknown."""
@@ -78,7 +79,8 @@ class Eigenbasis:
     def from_pairs(cls, f: Factors, pair_a: Eigenpairs, pair_b: Eigenpairs) -> Eigenbasis:
         """The basis of fresh eigenpairs of ``Ā``, ``B̄``, with ``m = L·λ_B λ_Aᵀ``."""
         (lam_a, UA), (lam_b, UB) = pair_a, pair_b
-        return cls(UA, UB, torch.outer(lam_b, lam_a) * f.locations, lam_a, lam_b)
+        m = torch.outer(complete_values(lam_b, UB), complete_values(lam_a, UA)) * f.locations
+        return cls(UA, UB, m, lam_a, lam_b)
 
 
 def priors(eig: Eigenbasis | None) -> tuple[Eigenpairs | None, Eigenpairs | None]:
@@ -145,22 +147,16 @@ class LayerState:
         return replace(self, eigen=eigen)
 
     @staticmethod
-    def damped(
-        m: Tensor, eps: float, weight_decay: float, damping: Damping, weights: Tensor | None = None
-    ) -> Tensor:
+    def damped(m: Tensor, eps: float, weight_decay: float, damping: Damping) -> Tensor:
         """The denominator of eq. 14 in the eigenbasis: ``m + eps + γ`` (:attr:`Damping.FIXED`,
         Tikhonov, §3.2) or ``m + eps·mean(m) + γ`` (:attr:`Damping.RELATIVE`: ``eps`` is a
         fraction of the layer's mean second moment, whatever the scale of its gradients).
 
         A layer with ``m = 0`` (no gradient yet, e.g. zero-initialised gates) has ``G' = 0``
         (``m ≥ (1 − α)·batch·G'²``); its relative denominator is floored at the dtype's
-        smallest normal number so that its step is ``0``, not ``0/0``.
-
-        ``weights``: how many directions each entry of ``m`` stands for (thin bases: a tail
-        entry stands for the complement's), so the relative damping's mean is over them all."""
+        smallest normal number so that its step is ``0``, not ``0/0``."""
         if damping is Damping.RELATIVE:
-            mean = m.mean() if weights is None else (m * weights).sum() / weights.sum()
-            return (m + (eps * mean + weight_decay)).clamp_min(torch.finfo(m.dtype).tiny)
+            return (m + (eps * m.mean() + weight_decay)).clamp_min(torch.finfo(m.dtype).tiny)
         return m + eps + weight_decay
 
     def propose(
@@ -197,14 +193,16 @@ class LayerState:
         weight_decay: float,
         damping: Damping,
     ) -> Step:
-        """:meth:`propose` with a thin side (module docstring): blocks instead of ``U_Bᵀ G U_A``."""
+        """:meth:`propose` with a thin side: the same formula, each basis applied as an
+        operator (:class:`Householder` for a thin side)."""
         eig = self.eigen
-        S = tail_blocks(G, eig.UA, eig.UB).squares()
-        m = eig.m * alpha + (1.0 - alpha) * batch * S
-        direction = G + weight_decay * self.adapter.param_matrix() if weight_decay else G
-        weights = torch.outer(multiplicities(eig.UB), multiplicities(eig.UA)).to(m.dtype)
-        denom = self.damped(m, eps, weight_decay, damping, weights)
-        return Step(tail_blocks(direction, eig.UA, eig.UB).solve(denom), m, G)
+        A, B = eig.sides()
+        G1 = B.t_left(A.right(G))
+        m = eig.m * alpha + (1.0 - alpha) * batch * G1.square()
+        if weight_decay:
+            G1 = G1 + weight_decay * B.t_left(A.right(self.adapter.param_matrix()))
+        denom = self.damped(m, eps, weight_decay, damping)
+        return Step(B.left(A.t_right(G1 / denom)), m, G)
 
     def commit(self, step: Step) -> None:
         """Write the (possibly rescaled) ``step.P`` into ``.grad`` and keep ``step.m``."""
@@ -212,67 +210,65 @@ class LayerState:
         self.eigen.m = step.m
 
 
-def multiplicities(U: Tensor) -> Tensor:
-    """Directions per eigen-coordinate of a side: 1 per column, and ``n − k`` for a thin
-    basis's tail."""
+def complete_values(lam: Tensor, U: Tensor) -> Tensor:
+    """One eigenvalue per direction of the complete basis: a thin side's ``k`` values, then
+    its tail value once per complement direction."""
     n, k = U.shape
-    ones = torch.ones(k, dtype=U.dtype, device=U.device)
-    return torch.cat([ones, ones.new_full((1,), n - k)]) if k < n else ones
+    return lam if k == n else torch.cat([lam[:k], lam[k:].expand(n - k)])
 
 
-@dataclass
-class TailBlocks:
-    """A layer matrix ``G`` in a basis with thin sides (module docstring).
+class Side:
+    """One side's complete eigenbasis ``U`` as an operator on layer matrices:
+    :meth:`t_left` = ``Uᵀ X``, :meth:`left` = ``U X``, :meth:`right` = ``X U``,
+    :meth:`t_right` = ``X Uᵀ``."""
 
-    ``core = U_Bᵀ G U_A``; ``row_tail = U_Bᵀ G Q_A`` (thin ``U_A``), ``col_tail = Q_B G U_A``
-    (thin ``U_B``), ``tail = Q_B G Q_A`` (both thin), each None when its side is complete.
-    """
+    def __init__(self, U: Tensor) -> None:
+        self.U = U
 
-    UA: Tensor
-    UB: Tensor
-    core: Tensor
-    row_tail: Tensor | None
-    col_tail: Tensor | None
-    tail: Tensor | None
+    def t_left(self, X: Tensor) -> Tensor:
+        return self.U.t() @ X
 
-    def squares(self) -> Tensor:
-        """``G'²`` with each tail coordinate the mean over its directions: ``(k_B [+1]) ×
-        (k_A [+1])``."""
-        (nA, kA), (nB, kB) = self.UA.shape, self.UB.shape
-        S = self.core.square()
-        if self.row_tail is not None:
-            S = torch.cat([S, self.row_tail.square().sum(1, keepdim=True) / (nA - kA)], 1)
-        if self.col_tail is not None:
-            row = self.col_tail.square().sum(0, keepdim=True) / (nB - kB)
-            if self.tail is not None:
-                corner = self.tail.square().sum() / ((nB - kB) * (nA - kA))
-                row = torch.cat([row, corner.reshape(1, 1)], 1)
-            S = torch.cat([S, row], 0)
-        return S
+    def left(self, X: Tensor) -> Tensor:
+        return self.U @ X
 
-    def solve(self, denom: Tensor) -> Tensor:
-        """Each block divided by its entries of ``denom`` (shape of :meth:`squares`), summed
-        back into a ``d_out × d_in`` matrix."""
-        kA, kB = self.UA.shape[1], self.UB.shape[1]
-        P = (self.UB @ (self.core / denom[:kB, :kA])) @ self.UA.t()
-        if self.row_tail is not None:
-            P = P + self.UB @ (self.row_tail / denom[:kB, kA:])
-        if self.col_tail is not None:
-            P = P + (self.col_tail / denom[kB:, :kA]) @ self.UA.t()
-        if self.tail is not None:
-            P = P + self.tail / denom[kB, kA]
-        return P
+    def right(self, X: Tensor) -> Tensor:
+        return X @ self.U
+
+    def t_right(self, X: Tensor) -> Tensor:
+        return X @ self.U.t()
 
 
-def tail_blocks(G: Tensor, UA: Tensor, UB: Tensor) -> TailBlocks:
-    """The blocks of ``G`` (``d_out × d_in``) for bases ``U_A`` (``d_in × k_A``) and ``U_B``
-    (``d_out × k_B``), either or both thin; O(d_out·d_in·(k_A + k_B))."""
-    X = UB.t() @ G  # k_B × d_in
-    core = X @ UA
-    row_tail = X - core @ UA.t() if is_thin(UA) else None
-    col_tail = tail = None
-    if is_thin(UB):
-        col_tail = G @ UA - UB @ core
-        if is_thin(UA):
-            tail = (G - UB @ X) - col_tail @ UA.t()
-    return TailBlocks(UA, UB, core, row_tail, col_tail, tail)
+class Householder(Side):
+    """The complete basis ``H = I − W T Wᵀ`` of a thin ``V`` (``n × k``, orthonormal columns):
+    the compact WY form of ``V``'s Householder QR (``T`` by LAPACK's ``larft`` recurrence), so
+    ``H[:, :k] = V·diag(±1)`` and ``H[:, k:]`` is an orthonormal complement; O(n·k) per column."""
+
+    def __init__(self, V: Tensor) -> None:
+        super().__init__(V)
+        k = V.shape[1]
+        a, tau = torch.geqrf(V)
+        W = a.tril(-1)
+        W.diagonal().fill_(1.0)
+        G = W.t() @ W
+        T = torch.zeros(k, k, dtype=V.dtype, device=V.device)
+        for i in range(k):
+            T[:i, i] = -tau[i] * (T[:i, :i] @ G[:i, i])
+            T[i, i] = tau[i]
+        self.W, self.T = W, T
+
+    def t_left(self, X: Tensor) -> Tensor:  # Hᵀ X = X − W Tᵀ Wᵀ X
+        return X - self.W @ (self.T.t() @ (self.W.t() @ X))
+
+    def left(self, X: Tensor) -> Tensor:
+        return X - self.W @ (self.T @ (self.W.t() @ X))
+
+    def right(self, X: Tensor) -> Tensor:  # X H = X − X W T Wᵀ
+        return X - ((X @ self.W) @ self.T) @ self.W.t()
+
+    def t_right(self, X: Tensor) -> Tensor:
+        return X - ((X @ self.W) @ self.T.t()) @ self.W.t()
+
+
+def side(U: Tensor) -> Side:
+    """The operator of a complete (``n × n``) or thin (``n × k``) basis."""
+    return Householder(U) if is_thin(U) else Side(U)

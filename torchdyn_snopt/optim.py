@@ -170,8 +170,9 @@ class SNOptPreconditioner:
             ``"exact"`` (default) = ``torch.linalg.eigh`` of every factor; ``"power"`` = a
             warm start from the layer's previous eigenbasis (one subspace-iteration step),
             exact at a layer's first refresh. Factors wider than 128 keep a *thin* basis under
-            ``"power"``: the top 128 eigenpairs plus one isotropic tail
-            (:mod:`~torchdyn_snopt.layer_state`: O(n·128) per step, no ``n × n`` basis), and
+            ``"power"``: the top 128 eigenpairs plus a tail value for the complement, applied
+            as a Householder operator (:mod:`~torchdyn_snopt.layer_state`: O(n·128) per step,
+            no ``n × n`` basis), and
             with one process their next refresh needs only a sketch ``[F Ω, diag F]`` sampled
             in the backward solve (a Nyström refresh, O(rows·n·128) per node instead of
             O(rows·n²)). Factors with low-rank rows always use their exact QR path; with
@@ -483,8 +484,8 @@ class SNOptPreconditioner:
 
         Checks the keys of :meth:`state_dict`'s output, that every layer exists here, and that
         its eigenbases ``UA`` (``d_in × d_in``), ``UB`` (``d_out × d_out``) and second moment
-        ``m`` (``d_out × d_in``) have this layer's shapes (a thin basis, ``d × k``, adds a tail
-        row or column to ``m``: see :mod:`torchdyn_snopt.layer_state`).
+        ``m`` (``d_out × d_in``) have this layer's shapes (a basis may be thin, ``d × k``: see
+        :mod:`torchdyn_snopt.layer_state`).
         """
         if not isinstance(state, dict):
             raise ValueError(f"state={type(state).__name__} is not a preconditioner state_dict")
@@ -503,7 +504,6 @@ class SNOptPreconditioner:
             )
         for name, e in state["layers"].items():
             d_out, d_in = by_name[name].param_matrix().shape
-            cols = {}
             for key, d in (("UA", d_in), ("UB", d_out)):
                 got = tuple(e[key].shape) if key in e else None
                 if got is None or len(got) != 2 or got[0] != d or not 1 <= got[1] <= d:
@@ -512,13 +512,11 @@ class SNOptPreconditioner:
                         f"needs ({d}, {d}) (or ({d}, k), k < {d}, from a thin refresh); was the "
                         "state saved from a model with other widths?"
                     )
-                cols[key] = got[1] + (got[1] < d)  # a thin basis's tail coordinate
-            want = (cols["UB"], cols["UA"])
             got = tuple(e["m"].shape) if "m" in e else None
-            if got != want:
+            if got != (d_out, d_in):
                 raise ValueError(
-                    f"state_dict layer {name!r}: m has shape {got}, this layer's bases need "
-                    f"{want}; was the state saved from a model with other widths?"
+                    f"state_dict layer {name!r}: m has shape {got}, this model's layer needs "
+                    f"{(d_out, d_in)}; was the state saved from a model with other widths?"
                 )
 
     def load_state_dict(self, state: dict[str, Any]) -> None:

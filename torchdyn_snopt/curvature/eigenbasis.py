@@ -19,7 +19,9 @@ Shampoo eigenbases the same way):
   isotropic *tail*: the complement of ``V`` shares the mean eigenvalue
   ``(tr F − Σ μ) / (n − rank)``. The result is *thin* (:func:`is_thin`): ``U = V`` is
   ``n × rank`` and ``λ`` has ``rank + 1`` entries, the last one the tail's. No complement
-  basis is ever formed; :mod:`torchdyn_snopt.layer_state` preconditions in O(n·rank) per side.
+  basis is ever formed: :mod:`torchdyn_snopt.layer_state` applies the complete basis as the
+  Householder operator of ``V`` in O(n·rank) per side, and EKFAC's running second moment then
+  adapts every direction of the tail from the gradients themselves.
   A first refresh (no usable prior) truncates ``eigh`` the same way, so a wide factor's
   eigenpairs have one shape under :attr:`Refresh.POWER` (:func:`pair_shape`).
 
@@ -49,7 +51,7 @@ Eigenpairs = tuple[Tensor, Tensor]
 
 #: Subspace-iteration steps per :attr:`Refresh.POWER` refresh (SOAP uses one).
 POWER_STEPS = 1
-#: Leading eigenpairs :attr:`Refresh.POWER` tracks; wider factors get an isotropic tail.
+#: Leading eigenpairs :attr:`Refresh.POWER` tracks; wider factors get a tail value for the rest.
 POWER_RANK = 128
 
 
