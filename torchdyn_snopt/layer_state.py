@@ -112,12 +112,18 @@ def eigen_from_factors(f: Factors) -> Eigenbasis:
 
 
 def project(G: Tensor, eig: Eigenbasis) -> Tensor:
-    """``U_Bᵀ G U_A``: a layer matrix in the Kronecker eigenbasis."""
+    """``U_Bᵀ G U_A``: a layer matrix in the Kronecker eigenbasis (complete bases of thin ones)."""
+    if eig.thin:
+        A, B = eig.sides()
+        return B.t_left(A.right(G))
     return eig.UB.t() @ G @ eig.UA
 
 
 def solve_in_eigenbasis(G1: Tensor, eig: Eigenbasis, denom: Tensor) -> Tensor:
     """``U_B (G' / denom) U_Aᵀ``: eq. 14's ``B̄⁻¹ G Ā⁻ᵀ`` with the damped eigenvalues ``denom``."""
+    if eig.thin:
+        A, B = eig.sides()
+        return B.left(A.t_right(G1 / denom))
     return eig.UB @ (G1 / denom) @ eig.UA.t()
 
 
@@ -175,34 +181,12 @@ class LayerState:
         (Remark, §3.2).
         """
         eig, G = self.eigen, self.adapter.grad_matrix()
-        if eig.thin:
-            return self._propose_thin(G, batch, alpha, eps, weight_decay, damping)
         G1 = project(G, eig)
         m = eig.m * alpha + (1.0 - alpha) * batch * G1.square()
         if weight_decay:
             G1 = G1 + weight_decay * project(self.adapter.param_matrix(), eig)
         denom = self.damped(m, eps, weight_decay, damping)
         return Step(solve_in_eigenbasis(G1, eig, denom), m, G)
-
-    def _propose_thin(
-        self,
-        G: Tensor,
-        batch: int,
-        alpha: float,
-        eps: float,
-        weight_decay: float,
-        damping: Damping,
-    ) -> Step:
-        """:meth:`propose` with a thin side: the same formula, each basis applied as an
-        operator (:class:`Householder` for a thin side)."""
-        eig = self.eigen
-        A, B = eig.sides()
-        G1 = B.t_left(A.right(G))
-        m = eig.m * alpha + (1.0 - alpha) * batch * G1.square()
-        if weight_decay:
-            G1 = G1 + weight_decay * B.t_left(A.right(self.adapter.param_matrix()))
-        denom = self.damped(m, eps, weight_decay, damping)
-        return Step(B.left(A.t_right(G1 / denom)), m, G)
 
     def commit(self, step: Step) -> None:
         """Write the (possibly rescaled) ``step.P`` into ``.grad`` and keep ``step.m``."""
