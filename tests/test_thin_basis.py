@@ -159,23 +159,26 @@ def test_power_keeps_thin_bases_and_small_state():
         assert s["m"] == (s["UB"][0], s["UA"][0])
 
 
-def test_thin_resume_is_bit_identical():
-    """Refreshes at 0 (truncated eigh) and 3, save at 4, continue 5 (a warm refresh at 6
-    from the saved thin bases): a fresh optimizer loaded from the save continues the same."""
+@pytest.mark.parametrize("saved", [3, 4])
+def test_thin_resume_is_bit_identical(saved):
+    """Refreshes at 0 (truncated eigh), 3 and 6 (from sketches of the saved thin bases):
+    saved after 3 steps (armed: the sources sketch with the loaded bases) or 4, continued
+    to 9; a fresh optimizer loaded from the save continues the same."""
     x, y = _data()
     model = _model()
     opt = tds.SNOpt(model, **_kw())
-    train_steps(model, opt, 4, x, y)
+    train_steps(model, opt, saved, x, y)
+    assert opt.preconditioner.armed is (saved == 3)
     saved_model = copy.deepcopy(model.state_dict())
     saved_opt = copy.deepcopy(opt.state_dict())
-    train_steps(model, opt, 5, x, y, start=4)
+    train_steps(model, opt, 9 - saved, x, y, start=saved)
     ref = [p.detach().clone() for p in model.parameters()]
 
     resumed = _model(seed=123)
     resumed.load_state_dict(saved_model)
     opt2 = tds.SNOpt(resumed, **_kw())
     opt2.load_state_dict(saved_opt)
-    train_steps(resumed, opt2, 5, x, y, start=4)
+    train_steps(resumed, opt2, 9 - saved, x, y, start=saved)
     for p, r in zip(resumed.parameters(), ref):
         assert torch.equal(p.detach(), r)
 
