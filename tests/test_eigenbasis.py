@@ -23,8 +23,9 @@ from tests.helpers.models import OdeClassifier
 from tests.helpers.training import train_steps
 from torchdyn_snopt.curvature.eigenbasis import (
     Refresh,
-    complement,
     eigh_exact,
+    is_thin,
+    pair_shape,
     parse_refresh,
     refresh_eigh,
 )
@@ -128,7 +129,7 @@ def test_repeated_and_zero_eigenvalues_stay_finite_and_orthonormal(steps):
 
 def test_top_subspace_converges_and_tail_is_its_mean():
     """40 wide, rank 6: the 6 leading directions converge to eigh's (angle falls with the
-    step count), the other 34 columns are orthonormal to them with the tail's mean value."""
+    step count); the result is thin (40 × 6 orthonormal, 7 values, the last the tail's mean)."""
     eigenvalues = [10.0 * 0.5**i for i in range(6)] + [0.01 * (1 + i / 34) for i in range(34)]
     M, _ = _spd(eigenvalues, seed=7)
     exact_U = torch.linalg.eigh(M).eigenvectors[:, -6:]
@@ -136,32 +137,89 @@ def test_top_subspace_converges_and_tail_is_its_mean():
     angles = []
     for steps in (1, 2, 3, 30):
         lam, U = _power(M, prior, steps, rank=6)
-        angles.append(_subspace_sine(U[:, -6:], exact_U))
+        assert U.shape == (40, 6) and lam.shape == (7,) and is_thin(U)
+        angles.append(_subspace_sine(U, exact_U))
         assert _orthonormality(U) < 1e-13
     assert angles[0] > angles[1] > angles[2] > angles[3], angles
     assert angles[-1] < 1e-10
     tail = torch.tensor(eigenvalues[6:], dtype=DT).mean()
-    torch.testing.assert_close(lam[:34], tail.expand(34), rtol=1e-8, atol=0)
-    torch.testing.assert_close(lam[-6:].sort().values, torch.linalg.eigvalsh(M)[-6:])
+    torch.testing.assert_close(lam[6], tail, rtol=1e-8, atol=0)
+    torch.testing.assert_close(lam[:6].sort().values, torch.linalg.eigvalsh(M)[-6:])
+    torch.testing.assert_close(M @ U, U * lam[:6], rtol=0, atol=1e-10)  # Ritz pairs: exact
+
+
+def test_top_subspace_warm_starts_from_a_thin_prior():
+    """A thin prior (the previous power refresh's) is used as is: one step from the exact
+    top subspace of a slightly drifted factor beats the stale subspace."""
+    eigenvalues = [10.0 * 0.6**i for i in range(8)] + [0.01] * 32
+    M, _ = _spd(eigenvalues, seed=4)
+    g = torch.Generator().manual_seed(6)
+    E = torch.randn(40, 40, generator=g, dtype=DT)
+    drifted = M + 1e-2 * (E + E.t())
+    prior = _power(M, None, 1, rank=8)  # first refresh: truncated eigh
+    assert prior[1].shape == (40, 8)
+    want = torch.linalg.eigh(drifted).eigenvectors[:, -8:]
+    lam, U = _power(drifted, prior, 1, rank=8)
+    assert U.shape == (40, 8)
+    assert _subspace_sine(U, want) < 0.5 * _subspace_sine(prior[1], want)
+
+
+def test_first_wide_refresh_truncates_eigh():
+    """No prior, 30 wide, rank 5: eigh's top 5 pairs and the mean of the other 25 values."""
+    eigenvalues = [float(30 - i) for i in range(30)]
+    M, _ = _spd(eigenvalues, seed=8)
+    lam, U = _power(M, None, 1, rank=5)
+    exact = torch.linalg.eigh(M)
+    torch.testing.assert_close(lam[:5].sort().values, exact.eigenvalues[-5:])
+    torch.testing.assert_close(lam[5], torch.tensor(eigenvalues[5:], dtype=DT).mean())
+    assert _subspace_sine(U, exact.eigenvectors[:, -5:]) < 1e-10
+    assert pair_shape(30, Refresh.POWER, rank=5) == (6, 5)
+    assert pair_shape(30, Refresh.EXACT, rank=5) == (30, 30)
+    assert pair_shape(5, Refresh.POWER, rank=5) == (5, 5)
+
+
+def test_diagonal_wide_factor_is_exact_in_one_step():
+    """A diagonal 20-wide factor (values a permutation of 0..19), rank 4, from a prior whose
+    leading columns span the top 4 coordinates (exactly, or rotated within them): the top 4
+    eigenpairs and the tail's mean (7.5) come out exact in one step."""
+    d = torch.tensor([float((7 * i) % 20) for i in range(20)], dtype=DT)
+    M = torch.diag(d)
+    top = torch.topk(d, 4).indices
+    R = torch.linalg.qr(torch.randn(4, 4, generator=torch.Generator().manual_seed(3), dtype=DT))[0]
+    rotated = torch.eye(20, dtype=DT)
+    rotated[:, top] = rotated[:, top] @ R
+    for U0 in (torch.eye(20, dtype=DT), rotated):
+        lam, U = _power(M, (d, U0), 1, rank=4)
+        torch.testing.assert_close(M @ U, U * lam[:4], rtol=0, atol=1e-13)
+        want = torch.tensor([16.0, 17.0, 18.0, 19.0], dtype=DT)
+        torch.testing.assert_close(lam[:4].sort().values, want, rtol=0, atol=1e-13)
+        torch.testing.assert_close(lam[4], torch.tensor(7.5, dtype=DT), rtol=1e-15, atol=0)
+        assert _orthonormality(U) < 1e-15
 
 
 def test_top_subspace_of_a_low_rank_factor_reconstructs_it():
     """Rank 4 (with a repeated eigenvalue) below the tracked rank 6, 30 wide: the tail's
-    value is 0 and ``U diag(λ) Uᵀ`` is the factor; the tail basis is exactly orthogonal."""
+    value is 0 and ``V diag(μ) Vᵀ + tail·(I − V Vᵀ)`` is the factor."""
     M, _ = _spd([4.0, 4.0, 1.0, 0.5] + [0.0] * 26, seed=2)
     lam, U = _power(M, _random_basis(30), 1, rank=6)
     assert torch.isfinite(U).all() and _orthonormality(U) < 1e-13
-    torch.testing.assert_close(lam[:24], torch.zeros(24, dtype=DT), rtol=0, atol=1e-14)
-    torch.testing.assert_close(U @ torch.diag(lam) @ U.t(), M, rtol=0, atol=1e-12)
+    torch.testing.assert_close(lam[6], torch.zeros((), dtype=DT), rtol=0, atol=1e-14)
+    Q = torch.eye(30, dtype=DT) - U @ U.t()
+    torch.testing.assert_close(U @ torch.diag(lam[:6]) @ U.t() + lam[6] * Q, M, rtol=0, atol=1e-12)
 
 
-def test_complement_with_identity_reflectors():
-    """Coordinate vectors make LAPACK's reflectors the identity (τ = 0): the complement is
-    still orthonormal and orthogonal to them."""
-    V = torch.eye(9, dtype=DT)[:, [0, 1, 2]]
-    C = complement(V)
-    assert C.shape == (9, 6)
-    assert _orthonormality(torch.cat([C, V], 1)) < 1e-15
+@pytest.mark.parametrize("steps", [1, 40])
+def test_wide_repeated_and_zero_eigenvalues_stay_finite(steps):
+    """Rank 4 tracked in a 24-wide factor whose values repeat across the cut (3 x 5, then
+    2 x 6, then zeros): finite, orthonormal, non-negative; the tracked subspace is an
+    invariant subspace after enough steps."""
+    M, _ = _spd([5.0] * 3 + [2.0] * 6 + [0.0] * 15, seed=9)
+    lam, U = _power(M, _random_basis(24), steps, rank=4)
+    assert torch.isfinite(lam).all() and torch.isfinite(U).all() and (lam >= 0).all()
+    assert _orthonormality(U) < 1e-13
+    torch.testing.assert_close(lam.sum() - lam[4] + 20 * lam[4], M.trace())  # trace kept
+    if steps == 40:
+        torch.testing.assert_close(M @ U, U * lam[:4], rtol=0, atol=1e-9)
 
 
 def test_first_refresh_and_exact_mode_use_eigh():
@@ -282,15 +340,16 @@ def test_bench_refresh_cost_quick_writes_json_and_png(tmp_path, capsys):
     data = json.loads((tmp_path / "refresh_cost.json").read_text())
     rows = data["rows"]
     assert [(r["field"], r["width"]) for r in rows] == [("mlp", 8), ("mlp", 16), ("conv", 2)]
-    variants = ("adam", "not_armed", "armed_exact", "armed_power")
+    variants = ("adam", "not_armed", "not_armed_power", "armed_exact", "armed_power")
     for r in rows:
         for v in variants:
             assert r[f"{v}_s"] > 0
         u = data["config"]["update_freq"]
-        for v in ("exact", "power"):
-            want = ((u - 1) * r["not_armed_s"] + r[f"armed_{v}_s"]) / u
+        for v, between in (("exact", "not_armed"), ("power", "not_armed_power")):
+            want = ((u - 1) * r[f"{between}_s"] + r[f"armed_{v}_s"]) / u
             assert r[f"amortized_{v}_s"] == pytest.approx(want)
             assert r[f"amortized_{v}_ratio"] == pytest.approx(want / r["adam_s"])
-        assert r["factor_bytes"] > 0 and r["eigenbasis_bytes"] > 0
+        for v in ("exact", "power"):
+            assert r[f"factor_bytes_{v}"] > 0 and r[f"eigenbasis_bytes_{v}"] > 0
     png = (tmp_path / "refresh_cost.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n"

@@ -191,11 +191,14 @@ class RankSync:
         matrices: list[Tensor],
         fn: Callable[..., tuple[Tensor, Tensor]],
         priors: Sequence[Any] | None = None,
+        shapes: Sequence[tuple[int, int]] | None = None,
     ) -> list[tuple[Tensor, Tensor]]:
         """``fn(m)`` (eigenvalues, eigenvectors) for every matrix, split across ranks when
         ``distribute_eigh`` is set and the job has more than one process. With ``priors``
         (one per matrix, e.g. its previous eigenbasis, identical on every rank) the call is
-        ``fn(m, prior)``."""
+        ``fn(m, prior)``. ``shapes``: ``(len(eigenvalues), columns of the eigenvectors)`` of
+        each result (default ``(n, n)``; a thin refresh returns fewer, see
+        :func:`~torchdyn_snopt.curvature.eigenbasis.pair_shape`)."""
         world = self.world_size()
         if priors is not None and len(priors) != len(matrices):
             raise ValueError(f"priors has {len(priors)} entries for {len(matrices)} matrices")
@@ -207,24 +210,22 @@ class RankSync:
             return [call() for call in calls]
         rank = dist.get_rank(self._group())
         sizes = [m.shape[0] for m in matrices]
+        kept = list(shapes) if shapes is not None else [(n, n) for n in sizes]
         owners = assign([n**3 for n in sizes], world)  # same matrices, same owners everywhere
-        buf = torch.zeros(
-            sum(n + n * n for n in sizes), dtype=_common_dtype(matrices), device=matrices[0].device
-        )
+        lengths = [e + n * c for n, (e, c) in zip(sizes, kept)]
+        buf = torch.zeros(sum(lengths), dtype=_common_dtype(matrices), device=matrices[0].device)
         o = 0
-        for call, n, owner in zip(calls, sizes, owners):
+        for call, (e, _), length, owner in zip(calls, kept, lengths, owners):
             if owner == rank:
                 evals, evecs = call()
-                buf[o : o + n] = evals
-                buf[o + n : o + n + n * n] = evecs.reshape(-1)
-            o += n + n * n
+                buf[o : o + e] = evals
+                buf[o + e : o + length] = evecs.reshape(-1)
+            o += length
         self.all_reduce(buf)
         out, o = [], 0
-        for m, n in zip(matrices, sizes):
-            out.append(
-                (buf[o : o + n].to(m.dtype), buf[o + n : o + n + n * n].view(n, n).to(m.dtype))
-            )
-            o += n + n * n
+        for m, n, (e, c), length in zip(matrices, sizes, kept, lengths):
+            out.append((buf[o : o + e].to(m.dtype), buf[o + e : o + length].view(n, c).to(m.dtype)))
+            o += length
         return out
 
 

@@ -33,7 +33,7 @@ from torchdyn_snopt.cde import CurvatureTap
 from torchdyn_snopt.config import Damping, Graft, PrecondConfig, StepConfig
 from torchdyn_snopt.curvature.base import LayerAdapter
 from torchdyn_snopt.curvature.capture import Recorder
-from torchdyn_snopt.curvature.eigenbasis import Refresh, refresh_eigh
+from torchdyn_snopt.curvature.eigenbasis import Refresh, is_thin, pair_shape, refresh_eigh
 from torchdyn_snopt.curvature.eigenbasis import eigh_exact as _eigh  # noqa: F401 (old name)
 from torchdyn_snopt.curvature.outer import OuterFactors
 from torchdyn_snopt.curvature.registry import adapter_for
@@ -42,6 +42,8 @@ from torchdyn_snopt.curvature.source import (
     CurvatureRequest,
     CurvatureSource,
     Factors,
+    IntegralSource,
+    Probes,
     collect,
 )
 from torchdyn_snopt.distributed import AUTO, RankSync, unwrap
@@ -166,11 +168,17 @@ class SNOptPreconditioner:
         refresh: how a refresh gets the eigenbases (a
             :class:`~torchdyn_snopt.curvature.eigenbasis.Refresh` or its string):
             ``"exact"`` (default) = ``torch.linalg.eigh`` of every factor; ``"power"`` = a
-            warm start from the layer's previous eigenbasis (one subspace-iteration step;
-            the top 128 eigenpairs plus an isotropic tail for wider factors), exact at a
-            layer's first refresh. Factors with low-rank rows always use their exact QR path;
-            with several processes the warm start works the same way (every rank holds the
-            same previous bases), with or without ``distribute_eigh``.
+            warm start from the layer's previous eigenbasis (one subspace-iteration step),
+            exact at a layer's first refresh. Factors wider than 128 keep a *thin* basis under
+            ``"power"``: the top 128 eigenpairs plus a tail value for the complement, applied
+            as a Householder operator (:mod:`~torchdyn_snopt.layer_state`: O(n·128) per step,
+            no ``n × n`` basis), and
+            with one process their next refresh needs only a sketch ``[F Ω, diag F]`` sampled
+            in the backward solve (a Nyström refresh, O(rows·n·128) per node instead of
+            O(rows·n²)). Factors with low-rank rows always use their exact QR path; with
+            several processes the warm start works the same way (every rank holds the same
+            previous bases, complete factors are averaged), with or without
+            ``distribute_eigh``.
 
     ``model`` may be wrapped in ``DistributedDataParallel``; the layers are found (and named)
     inside the wrapper. Under DDP the factors are averaged over ranks at every refresh and a
@@ -327,8 +335,26 @@ class SNOptPreconditioner:
 
     def _arm(self, armed: bool) -> None:
         self._armed = armed
+        probes = self._probes() if armed else {}
         for source in self._sources:
+            if isinstance(source, IntegralSource):
+                source.request.probes = {
+                    a: probes[a] for a in source.request.adapters if a in probes
+                }
             source.arm(armed)
+
+    def _probes(self) -> dict[LayerAdapter, Probes]:
+        """The thin bases whose factors the ODE sources sketch until the next refresh
+        (``refresh="power"``, one process: the ranks' all-reduce averages complete factors)."""
+        if self.refresh is not Refresh.POWER or self.sync.world_size() > 1:
+            return {}
+        out = {}
+        for a, state in self.layers.items():
+            UA, UB = state.eigen.UA, state.eigen.UB
+            pair = (UA if is_thin(UA) else None, UB if is_thin(UB) else None)
+            if pair != (None, None):
+                out[a] = pair
+        return out
 
     def _batch_size(self, adapter: LayerAdapter) -> int:
         sizes = [b for s in self._sources if (b := s.batch_size(adapter)) is not None]
@@ -386,6 +412,9 @@ class SNOptPreconditioner:
                 [m for f in factors.values() for m in (f.A, f.B)],
                 lambda m, prior: refresh_eigh(m, prior, refresh),
                 priors=[p for a in factors for p in priors(old[a].eigen if a in old else None)],
+                shapes=[
+                    pair_shape(m.shape[0], refresh) for f in factors.values() for m in (f.A, f.B)
+                ],
             )
         fresh = {}
         for i, (a, f) in enumerate(factors.items()):
@@ -455,7 +484,8 @@ class SNOptPreconditioner:
 
         Checks the keys of :meth:`state_dict`'s output, that every layer exists here, and that
         its eigenbases ``UA`` (``d_in × d_in``), ``UB`` (``d_out × d_out``) and second moment
-        ``m`` (``d_out × d_in``) have this layer's shapes.
+        ``m`` (``d_out × d_in``) have this layer's shapes (a basis may be thin, ``d × k``: see
+        :mod:`torchdyn_snopt.layer_state`).
         """
         if not isinstance(state, dict):
             raise ValueError(f"state={type(state).__name__} is not a preconditioner state_dict")
@@ -474,14 +504,20 @@ class SNOptPreconditioner:
             )
         for name, e in state["layers"].items():
             d_out, d_in = by_name[name].param_matrix().shape
-            want = {"UA": (d_in, d_in), "UB": (d_out, d_out), "m": (d_out, d_in)}
-            for key, shape in want.items():
+            for key, d in (("UA", d_in), ("UB", d_out)):
                 got = tuple(e[key].shape) if key in e else None
-                if got != shape:
+                if got is None or len(got) != 2 or got[0] != d or not 1 <= got[1] <= d:
                     raise ValueError(
                         f"state_dict layer {name!r}: {key} has shape {got}, this model's layer "
-                        f"needs {shape}; was the state saved from a model with other widths?"
+                        f"needs ({d}, {d}) (or ({d}, k), k < {d}, from a thin refresh); was the "
+                        "state saved from a model with other widths?"
                     )
+            got = tuple(e["m"].shape) if "m" in e else None
+            if got != (d_out, d_in):
+                raise ValueError(
+                    f"state_dict layer {name!r}: m has shape {got}, this model's layer needs "
+                    f"{(d_out, d_in)}; was the state saved from a model with other widths?"
+                )
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore :meth:`state_dict` output; layer names and shapes must match this model's

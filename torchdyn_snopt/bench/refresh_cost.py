@@ -8,12 +8,16 @@ backward, ``t`` from 0 to 1, squared error to a fixed random target), one intra-
   padding 1), batch 16, for each channel count ``c``.
 
 Variants, all from the same initial weights and batch: ``adam`` (torchdyn's
-``sensitivity="adjoint"`` and Adam), ``not_armed`` (SNOpt between refreshes),
-``armed_exact`` / ``armed_power`` (SNOpt refreshing at every step, ``update_freq=1``, with
-``refresh="exact"`` / ``"power"``), and ``amortized_<refresh> = ((u − 1)·not_armed + armed) / u``
-at SNOpt's default ``update_freq`` ``u``. Each is also given as a ratio to Adam. Per row:
-the decomposition alone (``refresh_<refresh>_s``, on the factors of the last refresh) and the
-memory of the layer factors ``Ā``, ``B̄`` and of the eigenbases ``U_A``, ``U_B`` (bytes).
+``sensitivity="adjoint"`` and Adam), ``not_armed`` / ``not_armed_power`` (SNOpt between
+refreshes, with the complete bases of ``refresh="exact"`` / the thin bases ``"power"`` keeps
+for factors wider than ``POWER_RANK``), ``armed_exact`` / ``armed_power`` (SNOpt refreshing at
+every step, ``update_freq=1``), and ``amortized_exact = ((u − 1)·not_armed + armed_exact) / u``,
+``amortized_power = ((u − 1)·not_armed_power + armed_power) / u`` at SNOpt's default
+``update_freq`` ``u``. Each is also given as a ratio to Adam. Per row
+and refresh: the decomposition alone (``refresh_<refresh>_s``, on the factors of the last
+refresh) and the memory of the layer factors ``Ā``, ``B̄`` (for ``"power"``: the sketches
+``[F Ω, diag F]`` of thin sides) and of the eigenbases ``U_A``, ``U_B`` (``factor_bytes_<refresh>``,
+``eigenbasis_bytes_<refresh>``, their sum ``memory_bytes_<refresh>``, bytes).
 Timings are wall-clock minima over ``repeats`` iterations after one untimed warm-up.
 """
 
@@ -35,7 +39,8 @@ from torchdyn.core import NeuralODE
 from torchdyn_snopt.bench.outputs import write_json
 from torchdyn_snopt.bench.records import format_table
 from torchdyn_snopt.bench.reporter import Reporter
-from torchdyn_snopt.curvature.eigenbasis import Refresh, refresh_eigh
+from torchdyn_snopt.curvature.eigenbasis import Refresh
+from torchdyn_snopt.layer_state import factor_pairs
 from torchdyn_snopt.optim import SNOpt, SNOptPreconditioner
 
 WIDTHS: tuple[int, ...] = (64, 128, 256, 512, 1024, 2048, 4096)
@@ -44,7 +49,7 @@ QUICK_WIDTHS: tuple[int, ...] = (64, 256)
 QUICK_CHANNELS: tuple[int, ...] = (16,)
 #: SNOpt's default refresh period, the ``u`` of the amortized cost.
 DEFAULT_UPDATE_FREQ: int = inspect.signature(SNOptPreconditioner).parameters["update_freq"].default
-VARIANTS: tuple[str, ...] = ("adam", "not_armed", "armed_exact", "armed_power")
+VARIANTS: tuple[str, ...] = ("adam", "not_armed", "not_armed_power", "armed_exact", "armed_power")
 
 
 @dataclass
@@ -134,20 +139,18 @@ def _seconds_per_iter(
     return best
 
 
-def _decomposition_seconds(pre: SNOptPreconditioner, refresh: Refresh) -> float:
-    """One refresh's decompositions alone, on the last refresh's factors (warm-started from
-    the bases that refresh produced)."""
+def _decomposition_seconds(pre: SNOptPreconditioner) -> float:
+    """One refresh's decompositions alone, on the last refresh's factors (or sketches),
+    warm-started from the bases that refresh produced."""
     by_name = {a.name: a for a in pre.adapters}
     start = time.perf_counter()
     for name, f in pre.last_factors.items():
-        prior_a, prior_b = pre._eigen[by_name[name]].pairs()
-        refresh_eigh(f.A, prior_a, refresh)
-        refresh_eigh(f.B, prior_b, refresh)
+        factor_pairs(f, pre.refresh, pre._eigen[by_name[name]])
     return time.perf_counter() - start
 
 
 def _memory(pre: SNOptPreconditioner) -> tuple[int, int]:
-    """Bytes of the factors ``Ā``, ``B̄`` and of the eigenbases ``U_A``, ``U_B``."""
+    """Bytes of the factors ``Ā``, ``B̄`` (or their sketches) and of the eigenbases."""
     factors = sum(t.nbytes for f in pre.last_factors.values() for t in (f.A, f.B))
     bases = sum(t.nbytes for e in pre._eigen.values() for t in (e.UA, e.UB))
     return factors, bases
@@ -163,22 +166,27 @@ def measure(field: str, width: int, cfg: RefreshCostConfig) -> dict[str, Any]:
     )
     for name, update_freq, refresh in (
         ("not_armed", 10**9, Refresh.EXACT),
+        ("not_armed_power", 10**9, Refresh.POWER),
         ("armed_exact", 1, Refresh.EXACT),
         ("armed_power", 1, Refresh.POWER),
     ):
         node = build("snopt")
         opt = SNOpt(node, lr=cfg.lr, update_freq=update_freq, refresh=refresh)
         row[f"{name}_s"] = _seconds_per_iter(node, opt, x, y, cfg.repeats)
-        if name == "armed_power":
+        if name.startswith("armed_"):
+            refresh = name.removeprefix("armed_")
             pre = opt.preconditioner
-            row["refresh_exact_s"] = _decomposition_seconds(pre, Refresh.EXACT)
-            row["refresh_power_s"] = _decomposition_seconds(pre, Refresh.POWER)
-            row["factor_bytes"], row["eigenbasis_bytes"] = _memory(pre)
-            row["memory_bytes"] = row["factor_bytes"] + row["eigenbasis_bytes"]
+            row[f"refresh_{refresh}_s"] = _decomposition_seconds(pre)
+            factor_bytes, basis_bytes = _memory(pre)
+            row[f"factor_bytes_{refresh}"], row[f"eigenbasis_bytes_{refresh}"] = (
+                factor_bytes,
+                basis_bytes,
+            )
+            row[f"memory_bytes_{refresh}"] = factor_bytes + basis_bytes
     u = cfg.update_freq
-    for refresh in ("exact", "power"):
+    for refresh, between in (("exact", "not_armed"), ("power", "not_armed_power")):
         row[f"amortized_{refresh}_s"] = (
-            (u - 1) * row["not_armed_s"] + row[f"armed_{refresh}_s"]
+            (u - 1) * row[f"{between}_s"] + row[f"armed_{refresh}_s"]
         ) / u
     for v in (*VARIANTS[1:], "amortized_exact", "amortized_power"):
         row[f"{v}_ratio"] = row[f"{v}_s"] / row["adam_s"]
@@ -186,9 +194,10 @@ def measure(field: str, width: int, cfg: RefreshCostConfig) -> dict[str, Any]:
 
 
 def _table(rows: list[dict[str, Any]]) -> str:
-    cols = ["field", "width", "adam_s", "not_armed_ratio", "armed_exact_ratio"]
+    cols = ["field", "width", "adam_s", "not_armed_ratio", "not_armed_power_ratio"]
+    cols += ["armed_exact_ratio"]
     cols += ["armed_power_ratio", "amortized_exact_ratio", "amortized_power_ratio"]
-    cols += ["refresh_exact_s", "refresh_power_s", "memory_bytes"]
+    cols += ["refresh_exact_s", "refresh_power_s", "memory_bytes_exact", "memory_bytes_power"]
     return format_table([{c: r[c] for c in cols} for r in rows])
 
 

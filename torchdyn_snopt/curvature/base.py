@@ -83,6 +83,22 @@ def second_moment(rows: Tensor) -> Tensor:
     return rows.t() @ rows / max(rows.shape[0], 1)
 
 
+def sketch_moment(rows: Tensor, probe: Tensor | None) -> Tensor:
+    """:func:`second_moment` of the rows, or (``probe`` ``Ω``, ``d × k``) its sketch
+    ``[E[r rᵀ] Ω, diag E[r rᵀ]]`` (``d × (k + 1)``) in O(n·d·k) instead of O(n·d²); linear in
+    the moment, so sketches add and scale like the factors they stand for."""
+    if probe is None:
+        return second_moment(rows)
+    rows = rows.detach()
+    n = max(rows.shape[0], 1)
+    return torch.cat([rows.t() @ (rows @ probe), rows.square().sum(0)[:, None]], 1) / n
+
+
+def sketch_of(matrix: Tensor, probe: Tensor) -> Tensor:
+    """The sketch ``[F Ω, diag F]`` of a complete factor ``F`` (see :func:`sketch_moment`)."""
+    return torch.cat([matrix @ probe, matrix.diagonal()[:, None]], 1)
+
+
 def append_ones(rows: Tensor) -> Tensor:
     """Append the constant-1 column that feeds a bias."""
     return torch.cat([rows, rows.new_ones(rows.shape[0], 1)], dim=1)

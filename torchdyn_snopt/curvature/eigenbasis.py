@@ -15,19 +15,33 @@ Shampoo eigenbases the same way):
 - ``n > rank``: the top-``rank`` subspace only (cost O(n² rank), the factors of wide layers
   are numerically low-rank: a 32 → 2048 → 32 MLP field's two 2048-wide factors keep 97.6 % and
   99.3 % of their trace in their top 128 eigenvalues): ``V ← qr(F V₀)`` from ``U₀``'s
-  ``rank`` leading columns, Rayleigh-Ritz on ``Vᵀ F V``, and the rest of the basis any
-  orthonormal complement of ``V`` (compact-WY Householder, one ``n × rank × n`` GEMM) sharing
-  the tail's mean eigenvalue ``(tr F − Σ μ) / (n − rank)``. EKFAC's running second moment
-  then adapts every direction of that tail from the gradients themselves.
+  ``rank`` leading columns, Rayleigh-Ritz on ``Vᵀ F V``, and the rest of the spectrum one
+  isotropic *tail*: the complement of ``V`` shares the mean eigenvalue
+  ``(tr F − Σ μ) / (n − rank)``. The result is *thin* (:func:`is_thin`): ``U = V`` is
+  ``n × rank`` and ``λ`` has ``rank + 1`` entries, the last one the tail's. No complement
+  basis is ever formed: :mod:`torchdyn_snopt.layer_state` applies the complete basis as the
+  Householder operator of ``V`` in O(n·rank) per side, and EKFAC's running second moment then
+  adapts every direction of the tail from the gradients themselves.
+  A first refresh (no usable prior) truncates ``eigh`` the same way, so a wide factor's
+  eigenpairs have one shape under :attr:`Refresh.POWER` (:func:`pair_shape`).
+
+Sketched factors (:func:`from_sketch`): a thin side's next refresh needs only ``F Ω`` for the
+current basis ``Ω = V₀`` and ``tr F``, so the backward solve samples the sketch
+``[F Ω, diag F]`` (O(rows·n·rank) per node instead of O(rows·n²);
+:func:`~torchdyn_snopt.curvature.base.sketch_moment`) and the refresh is the Nyström
+approximation ``F Ω (Ωᵀ F Ω)⁺ Ωᵀ F`` (single pass, Tropp et al. 2017): its range is
+``span(F Ω)``, the subspace one step of subspace iteration reaches, its eigenpairs come in
+O(n·rank²), and the tail is again ``(tr F − Σ λ) / (n − rank)``.
 
 Every result keeps the factor's device and dtype; ``λ[i]`` belongs to ``U[:, i]`` (the order
 is not sorted). Without a usable previous basis (first refresh, other shape) the refresh is
-exact.
+exact (truncated to the top ``rank`` pairs and the tail for a wide factor).
 """
 
 from __future__ import annotations
 
 import enum
+import math
 
 import torch
 from torch import Tensor
@@ -37,7 +51,7 @@ Eigenpairs = tuple[Tensor, Tensor]
 
 #: Subspace-iteration steps per :attr:`Refresh.POWER` refresh (SOAP uses one).
 POWER_STEPS = 1
-#: Leading eigenpairs :attr:`Refresh.POWER` tracks; wider factors get an isotropic tail.
+#: Leading eigenpairs :attr:`Refresh.POWER` tracks; wider factors get a tail value for the rest.
 POWER_RANK = 128
 
 
@@ -95,14 +109,39 @@ def refresh_eigh(
     steps: int = POWER_STEPS,
     rank: int = POWER_RANK,
 ) -> Eigenpairs:
-    """Eigenpairs of ``matrix`` (``n × n``): exact, or warm-started from ``prior`` (see module)."""
-    if refresh is Refresh.EXACT or prior is None or prior[1].shape != matrix.shape:
+    """Eigenpairs of ``matrix`` (``n × n``): exact, or warm-started from ``prior`` (see module);
+    thin (top ``rank`` pairs and the tail) under :attr:`Refresh.POWER` when ``n > rank``."""
+    n = matrix.shape[0]
+    if refresh is Refresh.EXACT:
         return eigh_exact(matrix)
+    if n <= rank:
+        if prior is None or prior[1].shape != matrix.shape:
+            return eigh_exact(matrix)
+        U0 = prior[1].to(device=matrix.device, dtype=matrix.dtype)
+        return power_step((matrix + matrix.t()) / 2, U0, steps)
+    if prior is None or prior[1].shape[0] != n or prior[1].shape[1] < rank:
+        return truncate(*eigh_exact(matrix), rank)
     lam0, U0 = (t.to(device=matrix.device, dtype=matrix.dtype) for t in prior)
-    sym = (matrix + matrix.t()) / 2
-    if matrix.shape[0] <= rank:
-        return power_step(sym, U0, steps)
-    return top_subspace(sym, lam0, U0, rank, steps)
+    return top_subspace((matrix + matrix.t()) / 2, lam0, U0, rank, steps)
+
+
+def is_thin(U: Tensor) -> bool:
+    """Whether a basis ``U`` (``n × k``) is thin (``k < n``): its eigenvalues then have
+    ``k + 1`` entries, the last one shared by the ``n − k`` directions orthogonal to ``U``."""
+    return U.shape[1] < U.shape[0]
+
+
+def pair_shape(n: int, refresh: Refresh, rank: int = POWER_RANK) -> tuple[int, int]:
+    """``(len(λ), columns of U)`` of an ``n × n`` factor's refreshed eigenpairs."""
+    return (rank + 1, rank) if refresh is Refresh.POWER and n > rank else (n, n)
+
+
+def truncate(lam: Tensor, U: Tensor, rank: int) -> Eigenpairs:
+    """Thin eigenpairs from complete ones: the ``rank`` largest pairs and the tail's mean."""
+    top = torch.topk(lam, rank).indices
+    mu = lam[top]
+    tail = ((lam.sum() - mu.sum()) / (lam.shape[0] - rank)).clamp(min=0)
+    return torch.cat([mu, tail[None]]), U[:, top]
 
 
 def _signed_qr(Y: Tensor) -> Tensor:
@@ -124,36 +163,41 @@ def power_step(F: Tensor, U0: Tensor, steps: int = POWER_STEPS) -> Eigenpairs:
 
 
 def top_subspace(F: Tensor, lam0: Tensor, U0: Tensor, rank: int, steps: int) -> Eigenpairs:
-    """Top-``rank`` Ritz pairs of ``F`` by subspace iteration from ``U0``'s leading columns
-    (by ``lam0``), completed to an orthonormal ``n × n`` basis whose other ``n − rank``
-    columns share the tail's mean eigenvalue ``(tr F − Σ Ritz values) / (n − rank)``."""
+    """Thin eigenpairs of ``F``: the top-``rank`` Ritz pairs by subspace iteration from ``U0``'s
+    leading columns (by ``lam0``; ``U0`` thin or complete) and, last, the tail's mean
+    eigenvalue ``(tr F − Σ Ritz values) / (n − rank)``."""
     n = F.shape[0]
-    V = U0[:, torch.topk(lam0, rank).indices]
+    V = U0[:, torch.topk(lam0[: U0.shape[1]], rank).indices]
     for _ in range(steps):
         V = _signed_qr(F @ V)
     mu, W = eigh_exact(V.t() @ (F @ V))  # Rayleigh-Ritz in span(V)
-    V = V @ W
     tail = ((F.diagonal().sum() - mu.sum()) / (n - rank)).clamp(min=0)
-    return torch.cat([tail.expand(n - rank), mu]), torch.cat([complement(V), V], 1)
+    return torch.cat([mu, tail[None]]), V @ W
 
 
-def complement(V: Tensor) -> Tensor:
-    """An orthonormal basis (``n × (n − k)``) of the complement of ``V``'s columns (``n × k``,
-    orthonormal): the last ``n − k`` columns of the Householder ``Q = I − W T Wᵀ`` of ``V``
-    (compact WY form; ``T`` by LAPACK's ``larft`` recurrence), O(n² k)."""
-    n, k = V.shape
-    a, tau = torch.geqrf(V)
-    W = a.tril(-1)
-    W.diagonal().fill_(1.0)
-    G = W.t() @ W
-    if bool((tau != 0).all()):  # T⁻¹ = striu(WᵀW) + diag(1/τ) (Joffrain et al. 2006)
-        TWt = torch.linalg.solve_triangular(G.triu(1) + torch.diag(1 / tau), W[k:].t(), upper=True)
-    else:  # a reflector is the identity (τ = 0): LAPACK's larft recurrence
-        T = torch.zeros(k, k, dtype=V.dtype, device=V.device)
-        for i in range(k):
-            T[:i, i] = -tau[i] * (T[:i, :i] @ G[:i, i])
-            T[i, i] = tau[i]
-        TWt = T @ W[k:].t()
-    C = -W @ TWt
-    C[k:] += torch.eye(n - k, dtype=V.dtype, device=V.device)
-    return C
+def from_sketch(sketch: Tensor, probe: Tensor) -> Eigenpairs:
+    """Thin eigenpairs from a factor's sketch ``[F Ω, diag F]`` (``n × (k + 1)``) and its probe
+    ``Ω`` (``n × k``, orthonormal): the Nyström approximation's ``k`` eigenpairs and the tail's
+    mean ``(tr F − Σ λ) / (n − k)``, as :func:`top_subspace` lays them out.
+
+    Stabilised as in Tropp et al. 2017 (Alg. 3): ``Y_ν = F Ω + ν Ω`` with a shift ``ν`` at
+    rounding level (``ε·sqrt(n)·‖F Ω‖_F``, the Frobenius norm: no SVD),
+    ``Ωᵀ Y_ν = Z diag(w) Zᵀ``, ``B = Y_ν Z diag(w)^{-1/2}`` (directions with ``w`` at rounding
+    level dropped, then padded back with zero-valued directions), ``B = U Σ …`` (thin SVD),
+    ``λ = max(Σ² − ν, 0)``.
+    """
+    n, k = probe.shape
+    Y, diag = sketch[:, :k], sketch[:, k]
+    nu = torch.finfo(Y.dtype).eps * math.sqrt(n) * torch.linalg.matrix_norm(Y)  # ‖Y‖_F ≥ ‖Y‖₂
+    Y = Y + nu * probe
+    core = probe.t() @ Y
+    w, Z = torch.linalg.eigh((core + core.t()) / 2)
+    keep = w > torch.finfo(Y.dtype).eps * w.abs().max().clamp_min(torch.finfo(Y.dtype).tiny) * k
+    B = (Y @ Z[:, keep]) / w[keep].sqrt()
+    U, sigma, _ = torch.linalg.svd(B, full_matrices=False)
+    lam = (sigma.square() - nu).clamp(min=0)
+    if U.shape[1] < k:  # rank-deficient: pad with any orthonormal directions of value 0
+        extra = _signed_qr(torch.cat([U, probe], 1))[:, U.shape[1] : k]
+        U, lam = torch.cat([U, extra], 1), torch.cat([lam, lam.new_zeros(k - lam.shape[0])])
+    tail = ((diag.sum() - lam.sum()) / (n - k)).clamp(min=0)
+    return torch.cat([lam, tail[None]]), U

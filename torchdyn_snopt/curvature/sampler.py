@@ -28,6 +28,11 @@ Who does what: the preconditioner owns a :class:`CurvatureSampler` per snopt ODE
 
 Rows: ``B`` uses the whole batch; ``A`` at most :data:`A_ROWS` rows (see there).
 
+Sketches: for a layer in ``request.probes`` (``refresh="power"``, a side whose basis is thin)
+the node adds ``[M Ω, diag M]`` for that side's moment ``M`` instead of ``M`` itself
+(:func:`~torchdyn_snopt.curvature.base.sketch_moment`): O(rows·n·k) instead of O(rows·n²), the
+same means over rows and weights, so ``Ā`` and its sketch follow one scale convention.
+
 Scale convention (IMPLEMENTATION-NOTES): ``A_n(t) = E[z̃ z̃ᵀ]`` and ``B_n(t) = E[g gᵀ]`` are
 means over the batch (and spatial locations for convolutions), and ``g`` is multiplied by the
 batch size so it is the per-sample, not the batch-mean, gradient. With ``t1 - t0 = 1`` the
@@ -45,7 +50,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from torchdyn_snopt.cnf import without_trace
-from torchdyn_snopt.curvature.base import LayerAdapter, second_moment
+from torchdyn_snopt.curvature.base import LayerAdapter, sketch_moment
 from torchdyn_snopt.curvature.source import (
     CurvatureRequest,
     Factors,
@@ -141,9 +146,9 @@ class SolveSampling:
         """Evaluate a node whose weight is final (only if positive) and add its factors."""
         if node is None or node.weight <= 0.0:
             return
-        w, add = node.weight, self.request.factors.add
+        w, add, probes = node.weight, self.request.factors.add, self.request.probes
         for adapter, (A, B, locations) in self._evaluate(node).items():
-            add(adapter, w * A, w * B, locations, self.batch)
+            add(adapter, w * A, w * B, locations, self.batch, probes.get(adapter, (None, None)))
 
     def _evaluate(self, node: Node[_State]) -> dict[LayerAdapter, tuple[Tensor, Tensor, int]]:
         """One evaluation of F at the node: ``A_n(t_k)``, ``B_n(t_k)`` per adapter (eq. 13)."""
@@ -172,7 +177,8 @@ class SolveSampling:
             result = {}
             for adapter, (zs, gs, loc) in rows.items():
                 z, g = torch.cat(zs), torch.cat(gs)
-                result[adapter] = (second_moment(z), second_moment(g), loc)
+                probe_a, probe_b = self.request.probes.get(adapter, (None, None))
+                result[adapter] = (sketch_moment(z, probe_a), sketch_moment(g, probe_b), loc)
         return result
 
 

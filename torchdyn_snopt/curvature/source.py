@@ -24,9 +24,10 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
+import torch
 from torch import Tensor
 
-from torchdyn_snopt.curvature.base import LayerAdapter
+from torchdyn_snopt.curvature.base import LayerAdapter, sketch_of
 from torchdyn_snopt.curvature.capture import Recorder
 
 
@@ -39,6 +40,11 @@ class Factors:
     ``rows``: optional ``(r, d_in)`` matrix ``R`` with ``Ā = RᵀR`` and ``r < d_in`` (a layer
     outside the ODEs seen by fewer input rows than its width, e.g. a head on a batch of 128):
     the eigenbasis then comes from a QR of ``Rᵀ`` instead of an eigh of ``Ā``.
+
+    ``probe_A``, ``probe_B``: when set (``n × k``, a thin basis ``Ω`` of the last
+    ``refresh="power"`` refresh), ``A`` (or ``B``) is not the factor ``F`` but its sketch
+    ``[F Ω, diag F]`` (``n × (k + 1)``; :func:`~torchdyn_snopt.curvature.base.sketch_moment`),
+    all the next power refresh needs (:func:`~torchdyn_snopt.curvature.eigenbasis.from_sketch`).
     """
 
     A: Tensor
@@ -46,6 +52,31 @@ class Factors:
     locations: int = 1
     batch_size: int = 1
     rows: Tensor | None = None
+    probe_A: Tensor | None = None
+    probe_B: Tensor | None = None
+
+    def plus(self, other: Factors) -> Factors:
+        """``self + other`` (``other``'s ``locations``, ``batch_size``): a complete factor
+        added to a sketched one is sketched first with the same probe."""
+        A = _plus(self.A, self.probe_A, other.A, other.probe_A)
+        B = _plus(self.B, self.probe_B, other.B, other.probe_B)
+        probe_A = self.probe_A if self.probe_A is not None else other.probe_A
+        probe_B = self.probe_B if self.probe_B is not None else other.probe_B
+        return Factors(A, B, other.locations, other.batch_size, None, probe_A, probe_B)
+
+
+#: The probes ``(Ω_A, Ω_B)`` of a layer whose factors are sketched (None: complete factor).
+Probes = tuple[Tensor | None, Tensor | None]
+
+
+def _plus(x: Tensor, px: Tensor | None, y: Tensor, py: Tensor | None) -> Tensor:
+    if px is None and py is not None:
+        x = sketch_of(x, py)
+    elif px is not None and py is None:
+        y = sketch_of(y, px)
+    elif px is not None and py is not None and px is not py and not torch.equal(px, py):
+        raise ValueError("sketches of one factor with different probes cannot be added")
+    return x + y
 
 
 @dataclass
@@ -77,15 +108,26 @@ class FactorSum:
     def __init__(self) -> None:
         self._factors: dict[LayerAdapter, Factors] = {}
 
-    def add(self, adapter: LayerAdapter, A: Tensor, B: Tensor, locations: int, batch: int) -> None:
-        """Add ``A``, ``B`` (already weighted; fresh tensors, the first ones are kept as is)."""
+    def add(
+        self,
+        adapter: LayerAdapter,
+        A: Tensor,
+        B: Tensor,
+        locations: int,
+        batch: int,
+        probes: Probes = (None, None),
+    ) -> None:
+        """Add ``A``, ``B`` (already weighted; fresh tensors, the first ones are kept as is);
+        ``probes``: see :attr:`Factors.probe_A` (the same for every call of one layer)."""
         acc = self._factors.get(adapter)
         if acc is None:
-            self._factors[adapter] = Factors(A, B, locations, batch)
-        else:
+            self._factors[adapter] = Factors(A, B, locations, batch, None, *probes)
+        elif acc.probe_A is probes[0] and acc.probe_B is probes[1]:
             acc.A += A
             acc.B += B
             acc.locations, acc.batch_size = locations, batch
+        else:
+            self._factors[adapter] = acc.plus(Factors(A, B, locations, batch, None, *probes))
 
     def take(self) -> dict[LayerAdapter, Factors]:
         """The sums so far; the accumulator is empty afterwards."""
@@ -115,12 +157,16 @@ class CurvatureRequest:
     grid of eq. 13) and ``armed`` (whether the next backward passes sample). Written by the
     source (the sensitivity's backward solve or a tap): ``factors`` (the integrals so far) and
     ``batch_size`` (samples of the latest training forward pass).
+
+    ``probes`` (configuration, by layer): sample the sketch of a factor instead of the factor
+    (:attr:`Factors.probe_A`); a source may ignore it and hand back complete factors.
     """
 
     adapters: list[LayerAdapter]
     recorder: Recorder
     grid_size: int = 100
     armed: bool = False
+    probes: dict[LayerAdapter, Probes] = field(default_factory=dict)
     batch_size: int = 1
     factors: FactorSum = field(default_factory=FactorSum)
 
@@ -190,9 +236,13 @@ def collect(sources: Sequence[CurvatureSource], passes: int) -> dict[LayerAdapte
             for adapter, f in s.integrals().items():
                 acc = total.get(adapter)
                 if acc is None:
-                    total[adapter] = Factors(f.A, f.B, f.locations, f.batch_size)
+                    total[adapter] = Factors(
+                        f.A, f.B, f.locations, f.batch_size, None, f.probe_A, f.probe_B
+                    )
                 else:
-                    acc.A, acc.B = acc.A + f.A, acc.B + f.B
+                    summed = acc.plus(f)
+                    summed.locations, summed.batch_size = acc.locations, acc.batch_size
+                    total[adapter] = summed
     if passes > 1:
         for f in total.values():
             f.A, f.B = f.A / passes, f.B / passes
