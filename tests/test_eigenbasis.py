@@ -338,7 +338,8 @@ def test_bench_refresh_cost_quick_writes_json_and_png(tmp_path, capsys):
     assert main([*argv, "--repeats", "1", "--out", str(tmp_path)]) == 0
     assert "ratio" in capsys.readouterr().out
     data = json.loads((tmp_path / "refresh_cost.json").read_text())
-    rows = data["rows"]
+    rows = data["summary"]
+    assert data["environment"]["command"]
     assert [(r["field"], r["width"]) for r in rows] == [("mlp", 8), ("mlp", 16), ("conv", 2)]
     variants = ("adam", "not_armed", "not_armed_power", "armed_exact", "armed_power")
     for r in rows:

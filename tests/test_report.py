@@ -207,3 +207,41 @@ def test_report_adds_the_target_lines_and_tables(tmp_path):
         assert "| flowmap | 0.002 – 0.2 | ≥100× | 0.01 – 0.1 | ≥10× | yes |" in md
         assert "| spiral | 0.002 – 0.02 | ≥10× | none | - | NO |" in md
         assert "--lr-sensitivity --grid-budget-s 4" in md
+
+
+def _cost_row(field: str, width: int, armed: dict[str, float], amortized: dict[str, float]) -> dict:
+    row = {"field": field, "width": width, "adam_s": 0.1, "not_armed_ratio": 0.9}
+    row["not_armed_power_ratio"] = 0.9
+    for refresh in ("exact", "power"):
+        row[f"armed_{refresh}_ratio"] = armed[refresh]
+        row[f"amortized_{refresh}_ratio"] = amortized[refresh]
+        row[f"refresh_{refresh}_s"] = 0.01
+        row[f"memory_bytes_{refresh}"] = 1000
+    return row
+
+
+def test_refresh_cost_page_checks_each_target_against_the_rows(tmp_path):
+    rows = [
+        _cost_row("mlp", 1024, {"exact": 3.0, "power": 1.2}, {"exact": 1.05, "power": 1.15}),
+        _cost_row("mlp", 2048, {"exact": 11.0, "power": 1.48}, {"exact": 2.0, "power": 1.09}),
+        _cost_row("conv", 256, {"exact": 1.6, "power": 1.12}, {"exact": 1.02, "power": 1.01}),
+    ]
+    cfg = {"threads": 1, "tol": 0.001, "repeats": 3, "update_freq": 10, "mlp_field": "32 -> w"}
+    run = tmp_path / "refresh_cost.json"
+    run.write_text(json.dumps({"environment": ENV, "config": cfg, "summary": rows}))
+    assert main(["report", str(run), "--out", str(tmp_path / "pages")]) == 0
+    page = (tmp_path / "pages" / "refresh_cost.md").read_text()
+    lines = page.splitlines()
+
+    def target(name: str) -> str:
+        return next(v for v in lines if v.startswith(f"| {name} |"))
+
+    # the bound is met by power (1.48 <= 1.5) and missed by exact (11 > 1.5)
+    assert "| 11x NO | 1.48x |" in target("armed mlp at 2048")
+    assert "| 1.6x NO | 1.12x |" in target("armed conv at 256")
+    # every-width target: the worst width is named (exact at 2048, power at 1024)
+    assert "| 2x (at 2048) NO | 1.15x (at 1024) NO |" in target("amortized mlp at every size")
+    assert "| 1.02x (at 256) | 1.01x (at 256) |" in target("amortized conv at every size")
+    assert not any("at 4096" in v for v in lines)  # not measured: no row
+    assert "| mlp | 2048 | 0.1 | 0.9 | 0.9 | 11 | 1.48 |" in page
+    assert "update_freq 10" in page and "Test CPU" in page

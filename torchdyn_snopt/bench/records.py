@@ -160,3 +160,14 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     lines.append("  ".join("-" * w for w in widths))
     lines += ["  ".join(v.rjust(w) for v, w in zip(r, widths)) for r in cells]
     return "\n".join(lines)
+
+
+def md_table(rows: list[dict[str, Any]]) -> list[str]:
+    """Markdown table lines of ``rows`` (columns: every key in first-seen order; a row without
+    a column gets an empty cell)."""
+    if not rows:
+        return []
+    cols = list(dict.fromkeys(c for row in rows for c in row))
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(fmt(row.get(c, "")) for c in cols) + " |" for row in rows]
+    return lines

@@ -37,7 +37,8 @@ from torch import Tensor
 from torchdyn.core import NeuralODE
 
 from torchdyn_snopt.bench.outputs import write_json
-from torchdyn_snopt.bench.records import format_table
+from torchdyn_snopt.bench.provenance import environment
+from torchdyn_snopt.bench.records import format_table, md_table
 from torchdyn_snopt.bench.reporter import Reporter
 from torchdyn_snopt.curvature.eigenbasis import Refresh
 from torchdyn_snopt.layer_state import factor_pairs
@@ -193,12 +194,93 @@ def measure(field: str, width: int, cfg: RefreshCostConfig) -> dict[str, Any]:
     return row
 
 
+#: The columns of the printed table and of the report's page.
+TABLE_COLUMNS: tuple[str, ...] = (
+    "field",
+    "width",
+    "adam_s",
+    "not_armed_ratio",
+    "not_armed_power_ratio",
+    "armed_exact_ratio",
+    "armed_power_ratio",
+    "amortized_exact_ratio",
+    "amortized_power_ratio",
+    "refresh_exact_s",
+    "refresh_power_s",
+    "memory_bytes_exact",
+    "memory_bytes_power",
+)
+
+
+def table_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``rows`` cut to :data:`TABLE_COLUMNS`."""
+    return [{c: r[c] for c in TABLE_COLUMNS} for r in rows]
+
+
 def _table(rows: list[dict[str, Any]]) -> str:
-    cols = ["field", "width", "adam_s", "not_armed_ratio", "not_armed_power_ratio"]
-    cols += ["armed_exact_ratio"]
-    cols += ["armed_power_ratio", "amortized_exact_ratio", "amortized_power_ratio"]
-    cols += ["refresh_exact_s", "refresh_power_s", "memory_bytes_exact", "memory_bytes_power"]
-    return format_table([{c: r[c] for c in cols} for r in rows])
+    return format_table(table_rows(rows))
+
+
+#: The issue's targets: (field, width, column, bound); ``width`` None = every width measured.
+TARGETS: tuple[tuple[str, int | None, str, float], ...] = (
+    ("mlp", 2048, "armed", 1.5),
+    ("mlp", 4096, "armed", 2.0),
+    ("conv", 256, "armed", 1.5),
+    ("mlp", None, "amortized", 1.1),
+    ("conv", None, "amortized", 1.1),
+)
+
+
+def target_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per target of :data:`TARGETS` that the run measured: the bound and the ratio to
+    Adam of each refresh (the worst over widths for an every-width target)."""
+    out = []
+    for field, width, kind, bound in TARGETS:
+        mine = [r for r in rows if r["field"] == field and (width is None or r["width"] == width)]
+        if not mine:
+            continue
+        row: dict[str, Any] = {
+            "target": f"{kind} {field} " + (f"at {width}" if width else "at every size"),
+            "bound": f"<= {bound:g}x Adam",
+        }
+        for refresh in ("exact", "power"):
+            worst = max(mine, key=lambda r: r[f"{kind}_{refresh}_ratio"])
+            ratio = worst[f"{kind}_{refresh}_ratio"]
+            where = "" if width else f" (at {worst['width']})"
+            row[refresh] = f"{ratio:.3g}x{where}" + ("" if ratio <= bound else " NO")
+        out.append(row)
+    return out
+
+
+def markdown(doc: dict[str, Any], png: str | None, title: str = "# refresh_cost") -> str:
+    """The report's page of a ``refresh_cost.json``: targets, the table, the plot, footer."""
+    from torchdyn_snopt.bench.provenance import footer
+
+    rows, cfg = doc["summary"], doc.get("config", {})
+    lines = [
+        title,
+        "",
+        f"Seconds per training iteration, {cfg.get('threads', '?')} thread(s), dopri5 at "
+        f"{cfg.get('tol', '?')}, minimum of {cfg.get('repeats', '?')} timed iteration(s); "
+        f"MLP field {cfg.get('mlp_field', '?')} (batch {cfg.get('mlp_batch', '?')}), conv field "
+        f"{cfg.get('conv_field', '?')} (batch {cfg.get('conv_batch', '?')}). Ratios are to "
+        "Adam with torchdyn's adjoint; armed = a refresh at every step, amortized = at the "
+        f'default update_freq {cfg.get("update_freq", "?")}. `exact`: `refresh="exact"`, '
+        '`power`: `refresh="power"`. Runs one at a time on an otherwise idle machine.',
+        "",
+        "## Targets",
+        "",
+        *md_table(target_rows(rows)),
+        "",
+        "## Cost per width",
+        "",
+        *md_table(table_rows(rows)),
+        "",
+    ]
+    if png:
+        lines += [f"![refresh cost]({png})", ""]
+    lines += [footer(doc.get("environment")), ""]
+    return "\n".join(lines)
 
 
 def plot(rows: list[dict[str, Any]], path: Path) -> None:
@@ -275,7 +357,8 @@ def bench_refresh_cost(
         path = Path(out)
         config = {**asdict(cfg), "mlp_field": f"{cfg.mlp_dim} -> w -> {cfg.mlp_dim}"}
         config["conv_field"] = f"c x {cfg.conv_size} x {cfg.conv_size}, conv3x3, tanh, conv3x3"
-        files = [write_json(path / "refresh_cost.json", {"config": config, "rows": rows})]
+        doc = {"environment": environment(), "config": config, "summary": rows}
+        files = [write_json(path / "refresh_cost.json", doc)]
         files.append(path / "refresh_cost.png")
         plot(rows, files[1])
         log.wrote(files)

@@ -9,7 +9,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from torchdyn_snopt.bench.records import RunResult, fmt, format_table
+from torchdyn_snopt.bench.records import RunResult, fmt, format_table, md_table
 from torchdyn_snopt.bench.suite_tasks import TASKS, Data, Task
 
 #: The training loss of each kind of task (plot titles).
@@ -103,7 +103,7 @@ def target_sections(suite: dict[str, Any] | None, sens: dict[str, Any] | None) -
             f"Seconds per training iteration (mean over seeds, the runs of the per-task tables) "
             f"and their ratio; target: at most {COST_TARGET:g}x {REFERENCE}'s on every task.",
             "",
-            *_md_table(cost),
+            *md_table(cost),
         ]
     ranges = range_rows(sens) if sens is not None else []
     if sens is not None and ranges:
@@ -117,7 +117,7 @@ def target_sections(suite: dict[str, Any] | None, sens: dict[str, Any] | None) -
             "and whose run neither diverged nor stalled; `≥`: the range reaches an end of the "
             f"grid. Target: {TARGET}'s range at least {RANGE_TARGET:g}x wide on every task.",
             "",
-            *_md_table(ranges),
+            *md_table(ranges),
         ]
     return lines
 
@@ -197,15 +197,6 @@ def _fmt_load(load: list[float] | None) -> str:
     return "unknown" if not load else " / ".join(f"{v:.2f}" for v in load)
 
 
-def _md_table(rows: list[dict[str, Any]]) -> list[str]:
-    if not rows:
-        return []
-    cols = list(rows[0])
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    lines += ["| " + " | ".join(fmt(row.get(c)) for c in cols) + " |" for row in rows]
-    return lines
-
-
 def overall_text(o: dict[str, Any]) -> str:
     """The overall table as plain text: per task the winner, per optimizer median and wins."""
     per_task = format_table([{"task": t, "winner": w or "-"} for t, w in o["winners"].items()])
@@ -268,14 +259,14 @@ def suite_markdown(
         "",
         "## Overall",
         "",
-        *_md_table([{"task": t, "winner": w or "-"} for t, w in doc["overall"]["winners"].items()]),
+        *md_table([{"task": t, "winner": w or "-"} for t, w in doc["overall"]["winners"].items()]),
         "",
-        *_md_table(overall_rows(doc)),
+        *md_table(overall_rows(doc)),
         *target_sections(doc, sensitivity),
     ]
     for tname, rows in doc["summary"].items():
         info = doc["tasks"][tname]
-        lines += ["", f"## {tname}", "", info["description"], "", *_md_table(rows)]
+        lines += ["", f"## {tname}", "", info["description"], "", *md_table(rows)]
     lines += ["", f"![training loss against wall-clock]({png})", ""]
     return "\n".join(lines)
 
@@ -377,7 +368,7 @@ def sensitivity_markdown(doc: dict[str, Any], png: str = "lr_sensitivity.png") -
         sensitivity_text(doc["sensitivity"]),
         "```",
         "",
-        *_md_table(rows),
+        *md_table(rows),
         *target_sections(None, doc),
         "",
         f"![final training loss per learning rate]({png})",
