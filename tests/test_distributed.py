@@ -20,6 +20,7 @@ import torchdyn_snopt as tds
 from tests.helpers.data import classification_data
 from tests.helpers.distributed import free_port, init_gloo, spawn
 from tests.helpers.models import OdeClassifier
+from torchdyn_snopt.curvature.eigenbasis import EXACT_UP_TO
 from torchdyn_snopt.distributed import RankSync, assign
 
 WORLD = 2
@@ -32,8 +33,8 @@ OPTS = {"lr": 0.05, "update_freq": 3, "momentum": 0.5, "weight_decay": 1e-3}
 NAN_STEPS = (1, 4)  # rank 1 sees a NaN gradient at a plain step (1) and at a refresh (4)
 
 
-#: A field width above ``POWER_RANK``: under ``refresh="power"`` its factors have thin bases.
-WIDE = 160
+#: A field width above ``EXACT_UP_TO``: under ``refresh="power"`` its factors have thin bases.
+WIDE = EXACT_UP_TO + 32
 
 
 def _model(hidden: int = 8) -> OdeClassifier:
@@ -91,7 +92,7 @@ def _worker(rank: int, port: int, out: str) -> None:
             model = _model(WIDE)
             ddp = DistributedDataParallel(model)
             opt = tds.SNOpt(ddp, distribute_eigh=distribute, refresh="power", **OPTS)
-            x, y = classification_data(64)  # every step: full-rank 160-wide factors
+            x, y = classification_data(64)  # every step: full-rank wide factors
             for _ in range(STEPS):
                 opt.zero_grad()
                 F.cross_entropy(ddp(x[rank::WORLD]), y[rank::WORLD]).backward()
@@ -192,8 +193,8 @@ def test_two_ranks_equal_one_process_on_concatenated_batch(ranks, distribute):
 @pytest.mark.slow
 @pytest.mark.parametrize("distribute", [False, True], ids=["power-everywhere", "power-split"])
 def test_power_refresh_on_two_ranks_equals_one_process(ranks, distribute):
-    """Warm-started refreshes (steps 3 and 6) from bases every rank holds: ranks stay
-    bit-identical and match one process on the concatenated batch."""
+    """Refreshes at steps 3 and 6 under ``"power"``: ranks stay bit-identical, match one
+    process on the concatenated batch and, every factor being narrow, the ``eigh`` run."""
     states = _load(ranks, f"power{int(distribute)}")
     _assert_same_ranks(states)
     ref = _reference(refresh="power")
@@ -201,11 +202,10 @@ def test_power_refresh_on_two_ranks_equals_one_process(ranks, distribute):
         assert _rel(p, q) <= REL
     for name, e in ref["precond"]["layers"].items():
         assert _rel(states[0]["precond"]["layers"][name]["m"], e["m"]) <= REL
-    exact = _load(ranks, f"eigh{int(distribute)}")[0]  # the warm start did change the bases
-    assert any(
-        not torch.allclose(exact["precond"]["layers"][n]["UB"].abs(), e["UB"].abs())
-        for n, e in states[0]["precond"]["layers"].items()
-    )
+    exact = _load(ranks, f"eigh{int(distribute)}")[0]  # narrow factors: power is eigh
+    for name, e in states[0]["precond"]["layers"].items():
+        for k in ("UA", "UB", "m"):
+            assert torch.equal(exact["precond"]["layers"][name][k], e[k]), (name, k)
 
 
 def _thin_reference() -> dict:

@@ -1,9 +1,9 @@
 """Warm-started eigenbasis refresh (``refresh="power"``) against ``torch.linalg.eigh``.
 
-Correctness by iteration count, no timing: the whole-basis step (factors up to
-``POWER_RANK`` wide) and the top-``rank`` subspace step (wider factors) converge to the
-exact eigenpairs, are exact where they should be, stay finite and orthonormal with repeated
-and zero eigenvalues, and keep SNOpt's checkpoint resume exact.
+Correctness by iteration count, no timing: factors up to ``EXACT_UP_TO`` wide get ``eigh``
+itself; the top-``rank`` subspace step (wider factors) converges to the exact eigenpairs, is
+exact where it should be, stays finite and orthonormal with repeated and zero eigenvalues;
+SNOpt's checkpoint resume stays exact.
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ import json
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 import torchdyn_snopt as tds
@@ -22,9 +21,12 @@ from tests.helpers.data import classification_data
 from tests.helpers.models import OdeClassifier
 from tests.helpers.training import train_steps
 from torchdyn_snopt.curvature.eigenbasis import (
+    EXACT_UP_TO,
+    POWER_RANK,
     Refresh,
     eigh_exact,
     is_thin,
+    is_wide,
     pair_shape,
     parse_refresh,
     refresh_eigh,
@@ -62,66 +64,41 @@ def _subspace_sine(U: Tensor, V: Tensor) -> float:
     return float(torch.linalg.matrix_norm(V - U @ (U.t() @ V), ord=2))
 
 
-def _power(M: Tensor, prior, steps: int, rank: int = 128):
-    return refresh_eigh(M, prior, Refresh.POWER, steps=steps, rank=rank)
+def _power(M: Tensor, prior, steps: int, rank: int):
+    """The thin refresh at small sizes: ``exact_up_to=0`` so that any ``n > rank`` is wide."""
+    return refresh_eigh(M, prior, Refresh.POWER, steps=steps, rank=rank, exact_up_to=0)
 
 
-# --------------------------------------------------------------------------- whole basis
+# --------------------------------------------------------------------------- narrow factors
 
 
-def test_whole_basis_converges_to_eigh_with_iterations():
-    """Distinct eigenvalues with ratio <= 0.8 between neighbours: the residual and the
-    angle to each exact eigenvector fall with the step count, down to rounding."""
-    eigenvalues = [0.8**i for i in range(12)]
-    M, _ = _spd(eigenvalues)
-    exact_lam, exact_U = torch.linalg.eigh(M)
-    prior = _random_basis(12)
-    residuals = [_residual(M, *_power(M, prior, s)) for s in (1, 3, 10, 40, 200)]
-    assert all(b < a for a, b in zip(residuals, residuals[1:])), residuals
-    assert residuals[-1] < 1e-10
-    lam, U = _power(M, prior, 200)
-    order = torch.argsort(lam)
-    torch.testing.assert_close(lam[order], exact_lam, rtol=0, atol=1e-12)
-    cosines = (U[:, order] * exact_U).sum(0).abs()  # same vectors up to sign
-    torch.testing.assert_close(cosines, torch.ones(12, dtype=DT), rtol=0, atol=1e-10)
-    assert _orthonormality(U) < 1e-13
+@pytest.mark.parametrize("n", [3, 128, EXACT_UP_TO])
+def test_power_decomposes_factors_up_to_exact_up_to_with_eigh(n):
+    """Up to ``EXACT_UP_TO`` wide, ``"power"`` is ``eigh`` itself whatever the prior (bit for
+    bit: complete basis, values clamped at 0), and the pair shape says so."""
+    g = torch.Generator().manual_seed(n)
+    X = torch.randn(n, n + 3, generator=g, dtype=DT)
+    M = X @ X.t() / n
+    want = eigh_exact(M)
+    for prior in (None, _random_basis(n), eigh_exact(M + 0.1 * torch.eye(n, dtype=DT))):
+        lam, U = refresh_eigh(M, prior, Refresh.POWER)
+        torch.testing.assert_close(lam, want[0], rtol=0, atol=0)
+        torch.testing.assert_close(U, want[1], rtol=0, atol=0)
+    assert pair_shape(n, Refresh.POWER) == (n, n)
+    assert not is_wide(n, Refresh.POWER)
 
 
-def test_warm_start_from_previous_basis_is_close_after_one_step():
-    """A small drift of the factor: one step from the old basis beats the old basis."""
-    M, _ = _spd([0.7**i for i in range(16)])
-    g = torch.Generator().manual_seed(5)
-    E = torch.randn(16, 16, generator=g, dtype=DT)
-    drifted = M + 1e-3 * (E + E.t())
-    prior = eigh_exact(M)
-    stale = _residual(drifted, *prior)
-    fresh = _residual(drifted, *_power(drifted, prior, 1))
-    assert fresh < 0.5 * stale
-
-
-def test_diagonal_factor_is_exact_in_one_step():
-    """From the identity or any permutation of it, a diagonal factor's eigenpairs come out
-    exact in one step (its Rayleigh quotients are its diagonal)."""
-    d = torch.tensor([3.0, 0.5, 2.0, 0.0, 1.0, 7.0], dtype=DT)
-    M = torch.diag(d)
-    for U0 in (torch.eye(6, dtype=DT), torch.eye(6, dtype=DT)[:, [4, 2, 0, 5, 1, 3]]):
-        lam, U = _power(M, (torch.ones(6, dtype=DT), U0), 1)
-        torch.testing.assert_close(M @ U, U * lam, rtol=0, atol=0)
-        torch.testing.assert_close(torch.sort(lam).values, torch.sort(d).values, rtol=0, atol=0)
-        assert _orthonormality(U) == 0.0
-
-
-@pytest.mark.parametrize("steps", [1, 60])
-def test_repeated_and_zero_eigenvalues_stay_finite_and_orthonormal(steps):
-    """Eigenvalues 5 (x3), 2 (x2), 0 (x3): no NaN, orthonormal ``U``, non-negative values;
-    after enough steps ``U diag(λ) Uᵀ`` reconstructs the factor to 1e-10 (relative)."""
-    M, _ = _spd([5.0, 5.0, 5.0, 2.0, 2.0, 0.0, 0.0, 0.0], seed=3)
-    lam, U = _power(M, _random_basis(8), steps)
-    assert torch.isfinite(lam).all() and torch.isfinite(U).all()
-    assert (lam >= 0).all()
-    assert _orthonormality(U) < 1e-13
-    recon = float((U @ torch.diag(lam) @ U.t() - M).norm() / M.norm())
-    assert recon < (1e-10 if steps == 60 else 1.0)
+def test_thin_from_just_above_exact_up_to():
+    """One column wider than ``EXACT_UP_TO``: thin, ``POWER_RANK`` pairs and the tail."""
+    n = EXACT_UP_TO + 1
+    M, _ = _spd([1.0 + i for i in range(n)], seed=11)
+    lam, U = refresh_eigh(M, None, Refresh.POWER)
+    assert U.shape == (n, POWER_RANK) and lam.shape == (POWER_RANK + 1,)
+    assert pair_shape(n, Refresh.POWER) == (POWER_RANK + 1, POWER_RANK)
+    assert pair_shape(n, Refresh.EXACT) == (n, n) and is_wide(n, Refresh.POWER)
+    top = torch.arange(n - POWER_RANK + 1.0, n + 1.0, dtype=DT)
+    torch.testing.assert_close(lam[:POWER_RANK].sort().values, top)
+    torch.testing.assert_close(lam[-1], torch.tensor((n - POWER_RANK + 1) / 2, dtype=DT))
 
 
 # --------------------------------------------------------------------------- top subspace
@@ -173,9 +150,9 @@ def test_first_wide_refresh_truncates_eigh():
     torch.testing.assert_close(lam[:5].sort().values, exact.eigenvalues[-5:])
     torch.testing.assert_close(lam[5], torch.tensor(eigenvalues[5:], dtype=DT).mean())
     assert _subspace_sine(U, exact.eigenvectors[:, -5:]) < 1e-10
-    assert pair_shape(30, Refresh.POWER, rank=5) == (6, 5)
-    assert pair_shape(30, Refresh.EXACT, rank=5) == (30, 30)
-    assert pair_shape(5, Refresh.POWER, rank=5) == (5, 5)
+    assert pair_shape(30, Refresh.POWER, rank=5, exact_up_to=0) == (6, 5)
+    assert pair_shape(30, Refresh.EXACT, rank=5, exact_up_to=0) == (30, 30)
+    assert pair_shape(5, Refresh.POWER, rank=5, exact_up_to=0) == (5, 5)
 
 
 def test_diagonal_wide_factor_is_exact_in_one_step():
@@ -255,8 +232,8 @@ def _model(seed: int = 0) -> OdeClassifier:
 
 @pytest.mark.parametrize("refresh", ["power", Refresh.POWER])
 def test_power_refresh_resume_is_bit_identical(refresh):
-    """Train 4 steps (refreshes at 0 and 3; the one at 6 is warm-started from the saved
-    bases), save, continue 5; a fresh optimizer loaded from the save continues the same."""
+    """Train 4 steps (refreshes at 0 and 3, then 6), save, continue 5; a fresh optimizer
+    loaded from the save continues the same (thin bases: ``tests/test_thin_basis.py``)."""
     x, y = _data()
     model = _model()
     kw = {"lr": 0.05, "update_freq": 3, "full_precond": True, "refresh": refresh}
@@ -278,19 +255,17 @@ def test_power_refresh_resume_is_bit_identical(refresh):
         assert torch.equal(p.detach(), r)
 
 
-def test_power_refresh_trains_like_exact_on_small_factors():
-    """Refreshes at steps 0 (exact), 2 and 4 (one warm step each): the full-batch loss
-    falls as far as with eigh's bases (measured 0.698 vs 0.704 from 1.300)."""
+def test_power_refresh_trains_exactly_like_exact_on_narrow_factors():
+    """Every factor of the small classifier is at most ``EXACT_UP_TO`` wide: ``"power"``
+    takes the same steps as ``"exact"``, bit for bit."""
     x, y = _data()
-    losses = {}
+    params = {}
     for refresh in ("exact", "power"):
         model = _model()
         opt = tds.SNOpt(model, lr=0.05, update_freq=2, full_precond=True, refresh=refresh)
         train_steps(model, opt, 6, x, y)
-        with torch.no_grad():
-            losses[refresh] = F.cross_entropy(model(x), y).item()
-    assert losses["power"] < 0.6 * 1.3
-    assert abs(losses["power"] - losses["exact"]) < 0.05 * losses["exact"]
+        params[refresh] = [p.detach().clone() for p in model.parameters()]
+    assert all(torch.equal(a, b) for a, b in zip(params["exact"], params["power"]))
 
 
 def test_old_checkpoint_without_eigenvalues_still_loads():

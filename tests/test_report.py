@@ -70,6 +70,7 @@ def _suite(tmp_path):
 
 def test_report_writes_pages_and_the_readme_block_from_the_json(tmp_path):
     run = _suite(tmp_path)
+    (tmp_path / "image_digits_density.png").write_bytes(b"\x89PNG\r\n\x1a\n")
     bench = tmp_path / "image_digits.json"
     bench.write_text(
         json.dumps({"environment": ENV, "summary": [{"optimizer": "adam", "final_acc": 0.98765}]})
@@ -90,6 +91,7 @@ def test_report_writes_pages_and_the_readme_block_from_the_json(tmp_path):
     assert (out / "suite_run.png").is_file()
     digits = (out / "image_digits.md").read_text()
     assert "0.9877" in digits and "2026-01-01" in digits
+    assert "(image_digits_density.png)" in digits and (out / "image_digits_density.png").is_file()
     assert "[suite_run](suite_run.md)" in (out / "index.md").read_text()
 
 
@@ -245,3 +247,23 @@ def test_refresh_cost_page_checks_each_target_against_the_rows(tmp_path):
     assert not any("at 4096" in v for v in lines)  # not measured: no row
     assert "| mlp | 2048 | 0.1 | 0.9 | 0.9 | 11 | 1.48 |" in page
     assert "update_freq 10" in page and "Test CPU" in page
+
+
+def test_committed_pages_and_readme_block_are_what_report_writes(tmp_path):
+    """The README's results block and every page under docs/results are the report command's
+    output on the committed run files (``torchdyn-snopt report docs/results/*/ ...``): a number
+    edited by hand, or a page left behind after its JSON changed, fails here."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    results = root / "docs" / "results"
+    runs = sorted(p for p in results.iterdir() if p.is_dir())
+    readme = tmp_path / "README.md"
+    readme.write_text((root / "README.md").read_text())
+    out = tmp_path / "pages"
+    assert main(["report", *map(str, runs), "--out", str(out), "--readme", str(readme)]) == 0
+    assert readme.read_text() == (root / "README.md").read_text()
+    pages = sorted(p.name for p in out.glob("*.md"))
+    assert pages == sorted(p.name for p in results.glob("*.md"))
+    for name in pages:
+        assert (out / name).read_text() == (results / name).read_text(), name

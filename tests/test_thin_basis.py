@@ -1,4 +1,4 @@
-"""Thin eigenbases (``refresh="power"`` on factors wider than ``POWER_RANK``) against dense truth.
+"""Thin eigenbases (``refresh="power"`` on factors wider than ``EXACT_UP_TO``) against dense truth.
 
 The preconditioner never forms the complement of a thin basis ``V``: it applies the complete
 Householder basis ``H = I − W T Wᵀ`` of ``V``'s QR as an operator. The truth here forms that
@@ -22,7 +22,7 @@ from tests.helpers.models import OdeClassifier
 from tests.helpers.training import train_steps
 from torchdyn_snopt.config import Damping
 from torchdyn_snopt.curvature.base import second_moment, sketch_moment, sketch_of
-from torchdyn_snopt.curvature.eigenbasis import POWER_RANK, from_sketch
+from torchdyn_snopt.curvature.eigenbasis import EXACT_UP_TO, POWER_RANK, from_sketch
 from torchdyn_snopt.curvature.linear import LinearAdapter
 from torchdyn_snopt.curvature.source import Factors
 from torchdyn_snopt.layer_state import Eigenbasis, Householder, LayerState
@@ -128,7 +128,7 @@ def test_fresh_second_moment_gives_the_tail_value_to_every_complement_direction(
 
 # --------------------------------------------------------------------------- the optimizer
 
-WIDE = POWER_RANK + 32  # the ODE field's hidden width: both of its factors are thin
+WIDE = EXACT_UP_TO + 32  # the ODE field's hidden width: both of its factors are thin
 
 
 def _data():

@@ -11,7 +11,7 @@ with the damping ``λ = eps·mean(m)`` (:attr:`Damping.RELATIVE`, the default) o
 (:attr:`Damping.FIXED`, the paper's Tikhonov damping). :class:`LayerState` owns these.
 
 Thin bases (:attr:`~torchdyn_snopt.curvature.eigenbasis.Refresh.POWER` on factors wider than
-``POWER_RANK``): a side's eigenpairs are ``V`` (``n × k``, ``k < n``) and ``k + 1`` values, the
+``EXACT_UP_TO``): a side's eigenpairs are ``V`` (``n × k``, ``k < n``) and ``k + 1`` values, the
 last one shared by the complement (the tail). The complete basis is the Householder matrix
 ``H = I − W T Wᵀ`` of ``V``'s QR (compact WY; ``H[:, :k] = ±V``, its other ``n − k`` columns an
 orthonormal complement), never formed: ``Hᵀ X`` and ``H X`` cost O(n·k) per column of ``X``

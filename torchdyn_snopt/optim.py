@@ -167,10 +167,11 @@ class SNOptPreconditioner:
             factors and the results are exchanged (default False: every rank decomposes all).
         refresh: how a refresh gets the eigenbases (a
             :class:`~torchdyn_snopt.curvature.eigenbasis.Refresh` or its string):
-            ``"exact"`` (default) = ``torch.linalg.eigh`` of every factor; ``"power"`` = a
-            warm start from the layer's previous eigenbasis (one subspace-iteration step),
-            exact at a layer's first refresh. Factors wider than 128 keep a *thin* basis under
-            ``"power"``: the top 128 eigenpairs plus a tail value for the complement, applied
+            ``"exact"`` (default) = ``torch.linalg.eigh`` of every factor; ``"power"`` = the
+            same ``eigh`` for factors up to 256 wide (cheap there, and exact bases train
+            best), while wider factors keep a *thin* basis warm-started from the layer's
+            previous one (one subspace-iteration step; truncated ``eigh`` at a layer's first
+            refresh): the top 128 eigenpairs plus a tail value for the complement, applied
             as a Householder operator (:mod:`~torchdyn_snopt.layer_state`: O(n·128) per step,
             no ``n × n`` basis), and
             with one process their next refresh needs only a sketch ``[F Ω, diag F]`` sampled

@@ -10,7 +10,7 @@ backward, ``t`` from 0 to 1, squared error to a fixed random target), one intra-
 Variants, all from the same initial weights and batch: ``adam`` (torchdyn's
 ``sensitivity="adjoint"`` and Adam), ``not_armed`` / ``not_armed_power`` (SNOpt between
 refreshes, with the complete bases of ``refresh="exact"`` / the thin bases ``"power"`` keeps
-for factors wider than ``POWER_RANK``), ``armed_exact`` / ``armed_power`` (SNOpt refreshing at
+for factors wider than ``EXACT_UP_TO``), ``armed_exact`` / ``armed_power`` (SNOpt refreshing at
 every step, ``update_freq=1``), and ``amortized_exact = ((u − 1)·not_armed + armed_exact) / u``,
 ``amortized_power = ((u − 1)·not_armed_power + armed_power) / u`` at SNOpt's default
 ``update_freq`` ``u``. Each is also given as a ratio to Adam. Per row

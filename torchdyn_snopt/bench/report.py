@@ -7,7 +7,8 @@ Every published number comes from a committed run file through this command, nev
 - a ``refresh_cost.json`` (``bench refresh-cost``) becomes ``<name>.md`` with the issue's
   targets and the cost per width (:func:`~torchdyn_snopt.bench.refresh_cost.markdown`);
 - any other bench JSON (``bench image``/``timeseries``/``cnf``: ``{"summary": rows, ...}``)
-  becomes ``<name>.md`` with its summary table and PNG;
+  becomes ``<name>.md`` with its summary table, its PNG and the run's other
+  ``<name>_*.png`` (the CNF's density plot);
 - with ``--readme``, the block between :data:`BEGIN` and :data:`END` in the README is replaced
   by the suite's results table (final training loss per optimizer, time to tuned Adam's final
   loss), a line on SNOpt-at-defaults' s/iter against Adam's, a line on its usable range of
@@ -46,11 +47,14 @@ def _json_files(run_dir: Path) -> list[Path]:
     return found
 
 
-def bench_markdown(doc: dict[str, Any], name: str, png: str | None) -> str:
-    """Page of an image/timeseries/cnf bench JSON: its summary table and provenance."""
+def bench_markdown(
+    doc: dict[str, Any], name: str, png: str | None, extra_pngs: list[str] | None = None
+) -> str:
+    """Page of an image/timeseries/cnf bench JSON: its summary table, its PNG and the run's
+    other PNGs (e.g. ``cnf_circles_density.png``), and provenance."""
     lines = [f"# {name}", "", *md_table(doc["summary"]), ""]
-    if png:
-        lines += [f"![{name}]({png})", ""]
+    for image in ([png] if png else []) + (extra_pngs or []):
+        lines += [f"![{Path(image).stem}]({image})", ""]
     lines += [footer(doc.get("environment")), ""]
     return "\n".join(lines)
 
@@ -143,7 +147,11 @@ def report(run_dirs: list[Path], out: Path, readme: Path | None = None) -> list[
 
             text = refresh_cost.markdown(doc, png, title=f"# {name}")
         else:
-            text = bench_markdown(doc, name, png)
+            extra = sorted(f.parent.glob(f"{f.stem}_*.png"))
+            for src in extra:
+                shutil.copyfile(src, out / src.name)
+                written.append(out / src.name)
+            text = bench_markdown(doc, name, png, [src.name for src in extra])
         page = out / f"{name}.md"
         page.write_text(text)
         written.append(page)
