@@ -267,3 +267,16 @@ def test_committed_pages_and_readme_block_are_what_report_writes(tmp_path):
     assert pages == sorted(p.name for p in results.glob("*.md"))
     for name in pages:
         assert (out / name).read_text() == (results / name).read_text(), name
+
+
+def test_footer_names_the_program_without_its_folder():
+    from torchdyn_snopt.bench.provenance import footer, short_command
+
+    assert short_command("/w/.venv/bin/torchdyn-snopt bench cnf --seeds 3") == (
+        "torchdyn-snopt bench cnf --seeds 3"
+    )
+    assert short_command("python -m torchdyn_snopt.bench.scripts.x") == (
+        "python -m torchdyn_snopt.bench.scripts.x"
+    )
+    line = footer({**ENV, "command": "/usr/local/bin/torchdyn-snopt bench image"})
+    assert line.startswith("_`torchdyn-snopt bench image` on 2026-01-01")

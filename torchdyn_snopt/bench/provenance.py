@@ -38,7 +38,7 @@ def environment(command: str = "") -> dict[str, Any]:
     except ImportError:
         popt = None
     return {
-        "command": command or " ".join(sys.argv),
+        "command": command or short_command(" ".join(sys.argv)),
         "date": _dt.datetime.now().isoformat(timespec="seconds"),
         "machine": {
             "platform": platform.platform(),
@@ -66,14 +66,22 @@ def _dist_version(name: str) -> str | None:
         return None
 
 
+def short_command(command: str) -> str:
+    """``command`` with its program named without its folder (``/x/.venv/bin/torchdyn-snopt
+    bench ...`` → ``torchdyn-snopt bench ...``): the line a reader types."""
+    program, _, rest = command.partition(" ")
+    return f"{os.path.basename(program)} {rest}".strip()
+
+
 def footer(env: dict[str, Any] | None) -> str:
     """One markdown line: command, date, machine and versions of a run (or that it is unknown)."""
     if not env:
         return "_Run record without command, date or machine (written before they were kept)._"
     m, v = env.get("machine", {}), env.get("versions", {})
     versions = ", ".join(f"{k} {val}" for k, val in v.items() if val)
+    command = short_command(env.get("command", "?"))
     return (
-        f"_`{env.get('command', '?')}` on {env.get('date', '?')}; {m.get('cpu', '?')}, "
+        f"_`{command}` on {env.get('date', '?')}; {m.get('cpu', '?')}, "
         f"{m.get('cpu_count', '?')} CPUs, {m.get('torch_threads', '?')} torch threads; "
         f"{versions}._"
     )

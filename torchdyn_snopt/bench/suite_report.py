@@ -9,6 +9,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from torchdyn_snopt.bench.provenance import short_command
 from torchdyn_snopt.bench.records import RunResult, fmt, format_table, md_table
 from torchdyn_snopt.bench.suite_tasks import TASKS, Data, Task
 
@@ -112,7 +113,7 @@ def target_sections(suite: dict[str, Any] | None, sens: dict[str, Any] | None) -
             "",
             f"## Usable learning rates: {TARGET} and {REFERENCE}",
             "",
-            f"From `{sens['command']}` ({s['budget_s']:g} s per "
+            f"From `{short_command(sens['command'])}` ({s['budget_s']:g} s per "
             "run, seed 0): the rates whose final training loss is within 2x of the grid's best "
             "and whose run neither diverged nor stalled; `≥`: the range reaches an end of the "
             f"grid. Target: {TARGET}'s range at least {RANGE_TARGET:g}x wide on every task.",
@@ -234,7 +235,8 @@ def suite_markdown(
     lines = [
         title,
         "",
-        f"`{doc['command']}` on {doc['date']}, {doc['elapsed_s'] / 60:.1f} min in all",
+        f"`{short_command(doc['command'])}` on {doc['date']}, "
+        f"{doc['elapsed_s'] / 60:.1f} min in all",
         "",
         f"- machine: {doc['machine']['cpu']}, {doc['machine']['cpu_count']} CPUs, "
         f"{doc['machine']['torch_threads']} torch threads; {doc['machine']['platform']}; "
@@ -361,7 +363,7 @@ def sensitivity_markdown(doc: dict[str, Any], png: str = "lr_sensitivity.png") -
     lines = [
         f"# torchdyn-snopt bench suite --{s['mode']}",
         "",
-        f"`{doc['command']}` on {doc['date']}; {s['budget_s']:g} s per run, seed 0; "
+        f"`{short_command(doc['command'])}` on {doc['date']}; {s['budget_s']:g} s per run, seed 0; "
         f"{doc['machine']['cpu']}",
         "",
         "```",
