@@ -232,9 +232,11 @@ def test_sample_inverts_the_flow_and_log_prob_is_a_normalised_density():
 
 
 def test_snopt_nll_falls_below_adam_on_circles():
-    """Fixed seed, same init and minibatches, 40 iterations on circles (t1 = 10): SNOpt
-    (lr 1e-2) reaches a lower test NLL than Adam at its best lr of {3e-3, 1e-2, 3e-2} (3e-3;
-    measured 1.88 vs 1.99 nats when this test was written)."""
+    """Fixed seed, same init and minibatches, 40 iterations on circles (t1 = 10): SNOpt at its
+    defaults reaches a lower test NLL than Adam at its best lr of {3e-3, 1e-2, 3e-2} (3e-3;
+    measured 1.67 vs 1.99 nats on an Intel Xeon; seeds 1 and 2: 1.69 vs 2.10, 1.70 vs 2.12).
+    The paper's rule at lr 1e-2 is not checked here: its 40-iteration NLL moved from 1.88 to
+    1.94 between two CPUs and reached 3.8 on seed 1 (its fixed damping; see the defaults)."""
     from torchdyn_snopt.data import load_toy
 
     x, x_test = load_toy("circles", n_train=2048, n_test=512)
@@ -246,8 +248,7 @@ def test_snopt_nll_falls_below_adam_on_circles():
             if name == "adam":
                 opt = torch.optim.Adam(model.parameters(), lr=3e-3)
             else:
-                # the paper's rule (fixed damping, no graft), as measured in the docstring
-                opt = tds.SNOpt.paper(model, lr=1e-2, update_freq=10)
+                opt = tds.SNOpt(model)
             g = torch.Generator().manual_seed(1)
             for _ in range(40):
                 idx = torch.randint(0, len(x), (128,), generator=g)
@@ -257,4 +258,4 @@ def test_snopt_nll_falls_below_adam_on_circles():
             with torch.no_grad(), torch.random.fork_rng():
                 torch.manual_seed(0)
                 nll[name] = model.nll(x_test).item()
-    assert nll["snopt"] < nll["adam"] - 0.05, nll
+    assert nll["snopt"] < nll["adam"] - 0.15, nll

@@ -4,26 +4,33 @@ Each configuration trains a tiny model for a few SNOpt steps on a fixed seed (``
 2 or 3, so several curvature refreshes happen) and records, per step, the raw gradients after
 ``backward()``, the gradients after the (pre)conditioner's step and the parameters after the
 optimizer's step, plus the final preconditioner ``state_dict``. The test asserts
-``torch.equal`` against ``tests/data/trajectory_golden.pt``: a refactor that claims identical
-behaviour must leave every number unchanged.
+``torch.equal`` against ``tests/data/trajectory_golden_<vendor>.pt``: a refactor that claims
+identical behaviour must leave every number unchanged.
 
 Every configuration runs the paper's rule (:meth:`SNOpt.paper`: fixed damping, no graft,
 heavy-ball momentum), pinned since before the defaults moved to relative damping and the
 Adam graft, which ``tests/test_defaults.py`` checks by hand.
 
-The golden file is machine dependent in principle (BLAS, LAPACK, thread count: the runs use one
-thread); it was generated on this project's CI machine. The test never writes it. To regenerate
-deliberately (only when a change of numbers is intended and reviewed)::
+The numbers are machine dependent (BLAS and LAPACK take other code paths on other CPUs: the
+same commit differs by one ulp in the first gradient between an AMD EPYC and an Intel Xeon, and
+the difference grows over the steps), so there is one golden file per CPU vendor (``vendor_id``
+of ``/proc/cpuinfo``): ``AuthenticAMD`` was generated on the AMD EPYC machine this project's CI
+used first, ``GenuineIntel`` on an Intel Xeon (AVX-512) from commit 459b1fd, before the change
+that added it, so both pin the same code; ``multi_time`` (``refresh="power"`` on narrow
+factors) was then rewritten deliberately in the Intel file and retired from the AMD one
+(:data:`RETIRED`). The runs use one thread. The test
+never writes a golden file; on a CPU vendor without one it is skipped and says so. To write the
+current machine's deliberately (only when a change of numbers is intended and reviewed, or from
+an unchanged commit for a new vendor)::
 
     python -m tests.test_trajectory_pinned --regenerate
-
-A missing golden file fails the test.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import platform
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -40,7 +47,29 @@ import torchdyn_snopt as tds
 from torchdyn_snopt.models.ncde import CDEFunc
 from torchdyn_snopt.models.odernn import ODERNN
 
-GOLDEN = Path(__file__).parent / "data" / "trajectory_golden.pt"
+
+def cpu_vendor() -> str:
+    """``vendor_id`` of ``/proc/cpuinfo`` (e.g. ``GenuineIntel``), else ``platform.machine()``."""
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("vendor_id"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.machine() or "unknown"
+
+
+GOLDEN = Path(__file__).parent / "data" / f"trajectory_golden_{cpu_vendor()}.pt"
+_POWER_NARROW = (
+    "its numbers changed deliberately when refresh='power' moved to eigh on factors up to "
+    "EXACT_UP_TO wide; this vendor's golden predates that and no such machine was at hand"
+)
+#: Per vendor, the runs whose numbers changed deliberately after its golden was written (and
+#: were removed from it); the other runs of that golden still pin the code.
+RETIRED: dict[str, dict[str, str]] = {
+    "AuthenticAMD": {f"multi_time/{d}": _POWER_NARROW for d in ("float64", "float32")},
+}
 DTYPES = {"float64": torch.float64, "float32": torch.float32}
 STEPS = 7
 
@@ -313,7 +342,10 @@ def _assert_equal(got: Any, want: Any, where: str) -> None:
 @pytest.fixture(scope="module")
 def golden() -> dict[str, Run]:
     if not GOLDEN.exists():
-        pytest.fail(f"{GOLDEN} is missing; see this module's docstring to regenerate it")
+        pytest.skip(
+            f"no golden trajectory for this CPU vendor ({cpu_vendor()!r}): {GOLDEN.name} is "
+            "missing; see this module's docstring to write one from an unchanged commit"
+        )
     return torch.load(GOLDEN, weights_only=False)
 
 
@@ -321,6 +353,8 @@ def golden() -> dict[str, Run]:
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_trajectory_is_bit_identical(golden: dict[str, Run], name: str, dtype_name: str) -> None:
     key = f"{name}/{dtype_name}"
+    if key in RETIRED.get(cpu_vendor(), ()):
+        pytest.skip(f"{key}: {RETIRED[cpu_vendor()][key]}")
     assert key in golden, f"{key} not in {GOLDEN}; regenerate deliberately (module docstring)"
     _assert_equal(run_config(name, dtype_name), golden[key], key)
 
