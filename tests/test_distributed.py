@@ -35,6 +35,8 @@ NAN_STEPS = (1, 4)  # rank 1 sees a NaN gradient at a plain step (1) and at a re
 
 #: A field width above ``EXACT_UP_TO``: under ``refresh="power"`` its factors have thin bases.
 WIDE = EXACT_UP_TO + 32
+#: Samples per step of the thin runs: enough rows for the wide factors to have full rank.
+THIN_SAMPLES = 1024
 
 
 def _model(hidden: int = 8) -> OdeClassifier:
@@ -92,7 +94,7 @@ def _worker(rank: int, port: int, out: str) -> None:
             model = _model(WIDE)
             ddp = DistributedDataParallel(model)
             opt = tds.SNOpt(ddp, distribute_eigh=distribute, refresh="power", **OPTS)
-            x, y = classification_data(64)  # every step: full-rank wide factors
+            x, y = classification_data(THIN_SAMPLES)  # every step: full-rank wide factors
             for _ in range(STEPS):
                 opt.zero_grad()
                 F.cross_entropy(ddp(x[rank::WORLD]), y[rank::WORLD]).backward()
@@ -216,7 +218,7 @@ def _thin_reference() -> dict:
         warnings.simplefilter("ignore")
         opt = tds.SNOpt(model, refresh="power", **OPTS)
     opt.preconditioner._probes = dict  # type: ignore[method-assign]
-    x, y = classification_data(64)
+    x, y = classification_data(THIN_SAMPLES)
     for _ in range(STEPS):
         opt.zero_grad()
         F.cross_entropy(model(x), y).backward()
@@ -227,11 +229,13 @@ def _thin_reference() -> dict:
 @pytest.mark.slow
 @pytest.mark.parametrize("distribute", [False, True], ids=["thin-everywhere", "thin-split"])
 def test_thin_bases_on_two_ranks_equal_one_process(ranks, distribute):
-    """A 160-wide field under refresh="power" (factors of full rank, so their top-128
-    subspaces are well determined): thin bases (128 columns, a tail row/column in ``m``)
-    cross ranks whole (split: packed by the results' own shapes) and match one process, to
-    1e-4: the eigenvalue gap at the 128th of 160 directions amplifies the all-reduce's
-    rounding (measured 6e-6; a wrong packing or tail gives O(1))."""
+    """A field wider than ``EXACT_UP_TO`` under refresh="power" (factors of full rank, so
+    their top-128 subspaces are well determined): thin bases (128 columns, a tail row/column
+    in ``m``) cross ranks whole (split: packed by the results' own shapes) and match one
+    process, to 1e-4: the eigenvalue gap at the 128th direction amplifies the all-reduce's rounding
+    (measured 6e-6 at width 160 with 64 samples; at width 544 64 samples left the factors
+    short of full rank and the runs 4e-4 apart, hence :data:`THIN_SAMPLES`; a wrong packing
+    or tail gives O(1))."""
     states = _load(ranks, f"thin{int(distribute)}")
     _assert_same_ranks(states)
     ref = _thin_reference()

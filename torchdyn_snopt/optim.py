@@ -168,7 +168,7 @@ class SNOptPreconditioner:
         refresh: how a refresh gets the eigenbases (a
             :class:`~torchdyn_snopt.curvature.eigenbasis.Refresh` or its string):
             ``"exact"`` (default) = ``torch.linalg.eigh`` of every factor; ``"power"`` = the
-            same ``eigh`` for factors up to 256 wide (cheap there, and exact bases train
+            same ``eigh`` for factors up to 512 wide (cheap there, and exact bases train
             best), while wider factors keep a *thin* basis warm-started from the layer's
             previous one (one subspace-iteration step; truncated ``eigh`` at a layer's first
             refresh): the top 128 eigenpairs plus a tail value for the complement, applied

@@ -6,9 +6,10 @@ EKFAC (George et al. 2018; the paper's Alg. 2) needs ``F = U diag(λ) Uᵀ`` of 
 
 :attr:`Refresh.POWER` is for wide layers, where ``eigh`` dominates a refresh:
 
-- ``n <= max(rank, exact_up_to)`` (:data:`EXACT_UP_TO` = 256): ``eigh`` as under
-  :attr:`Refresh.EXACT`. It costs no more than a top-128 subspace step there, while
-  approximate bases at these widths cost training quality: with one warm-started step on
+- ``n <= max(rank, exact_up_to)`` (:data:`EXACT_UP_TO` = 512): ``eigh`` as under
+  :attr:`Refresh.EXACT`. Up to 256 it costs no more than a top-128 subspace step, at 512 about
+  12 ms more per factor and refresh (about 1 ms per step at the default refresh interval),
+  while approximate bases at these widths cost training quality: with one warm-started step on
   factors up to 128 wide (SOAP's refresh) and thin bases above, the suite's MNIST runs ended
   at training loss 0.054-0.063 against 0.045-0.050 with ``eigh`` (seeds 0-2, equal
   iterations).
@@ -57,7 +58,7 @@ POWER_RANK = 128
 #: Widest factor :attr:`Refresh.POWER` still decomposes exactly; wider factors get thin bases.
 #: One core, float32: ``eigh`` 0.8 ms at 128, 3.2 ms at 256 against 2.2 ms for a top-128
 #: subspace step, then 16 ms against 3.6 ms at 512 and 106 ms against 8 ms at 1024.
-EXACT_UP_TO = 256
+EXACT_UP_TO = 512
 
 
 class Refresh(str, enum.Enum):
