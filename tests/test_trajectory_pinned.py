@@ -44,20 +44,14 @@ from torchdyn.core import NeuralODE
 from torchdyn.nn import DepthCat
 
 import torchdyn_snopt as tds
+from torchdyn_snopt.bench.provenance import cpu_info
 from torchdyn_snopt.models.ncde import CDEFunc
 from torchdyn_snopt.models.odernn import ODERNN
 
 
 def cpu_vendor() -> str:
     """``vendor_id`` of ``/proc/cpuinfo`` (e.g. ``GenuineIntel``), else ``platform.machine()``."""
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("vendor_id"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.machine() or "unknown"
+    return cpu_info("vendor_id", platform.machine() or "unknown")
 
 
 GOLDEN = Path(__file__).parent / "data" / f"trajectory_golden_{cpu_vendor()}.pt"

@@ -13,15 +13,17 @@ import sys
 from typing import Any
 
 
-def _cpu_model() -> str:
+def cpu_info(field: str, fallback: str) -> str:
+    """The first ``field`` of ``/proc/cpuinfo`` (e.g. ``"model name"``, ``"vendor_id"``), or
+    ``fallback`` where there is none (no such file, other platforms)."""
     try:
         with open("/proc/cpuinfo") as fh:
             for line in fh:
-                if line.startswith("model name"):
+                if line.startswith(field):
                     return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return platform.processor() or "unknown"
+    return fallback
 
 
 def environment(command: str = "") -> dict[str, Any]:
@@ -42,7 +44,7 @@ def environment(command: str = "") -> dict[str, Any]:
         "date": _dt.datetime.now().isoformat(timespec="seconds"),
         "machine": {
             "platform": platform.platform(),
-            "cpu": _cpu_model(),
+            "cpu": cpu_info("model name", platform.processor() or "unknown"),
             "cpu_count": os.cpu_count(),
             "torch_threads": torch.get_num_threads(),
             "load_average_at_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
