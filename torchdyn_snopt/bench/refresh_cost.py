@@ -37,7 +37,7 @@ from torch import Tensor
 from torchdyn.core import NeuralODE
 
 from torchdyn_snopt.bench.outputs import write_json
-from torchdyn_snopt.bench.provenance import environment
+from torchdyn_snopt.bench.provenance import environment, footer
 from torchdyn_snopt.bench.records import format_table, md_table
 from torchdyn_snopt.bench.reporter import Reporter
 from torchdyn_snopt.curvature.eigenbasis import Refresh
@@ -221,7 +221,8 @@ def _table(rows: list[dict[str, Any]]) -> str:
     return format_table(table_rows(rows))
 
 
-#: The issue's targets: (field, width, column, bound); ``width`` None = every width measured.
+#: The cost targets of a cheap refresh, as ratios to Adam: (field, width, kind, bound);
+#: ``width`` None = every width measured. Checked per refresh on the report's page.
 TARGETS: tuple[tuple[str, int | None, str, float], ...] = (
     ("mlp", 2048, "armed", 1.5),
     ("mlp", 4096, "armed", 2.0),
@@ -254,8 +255,6 @@ def target_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def markdown(doc: dict[str, Any], png: str | None, title: str = "# refresh_cost") -> str:
     """The report's page of a ``refresh_cost.json``: targets, the table, the plot, footer."""
-    from torchdyn_snopt.bench.provenance import footer
-
     rows, cfg = doc["summary"], doc.get("config", {})
     lines = [
         title,

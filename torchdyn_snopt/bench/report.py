@@ -4,7 +4,7 @@ Every published number comes from a committed run file through this command, nev
 
 - a run directory holding ``suite.json`` (``bench suite``) becomes ``<name>.md`` with the
   suite's tables (:func:`~torchdyn_snopt.bench.suite_report.suite_markdown`), its PNG copied;
-- a ``refresh_cost.json`` (``bench refresh-cost``) becomes ``<name>.md`` with the issue's
+- a ``refresh_cost.json`` (``bench refresh-cost``) becomes ``<name>.md`` with the cost
   targets and the cost per width (:func:`~torchdyn_snopt.bench.refresh_cost.markdown`);
 - any other bench JSON (``bench image``/``timeseries``/``cnf``: ``{"summary": rows, ...}``)
   becomes ``<name>.md`` with its summary table, its PNG and the run's other
