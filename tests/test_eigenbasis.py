@@ -30,6 +30,11 @@ from torchdyn_snopt.curvature.eigenbasis import (
     pair_shape,
     parse_refresh,
     refresh_eigh,
+    settle,
+    sketchable,
+    tail_share,
+    truncate,
+    warm,
 )
 
 DT = torch.float64
@@ -44,10 +49,11 @@ def _spd(eigenvalues: list[float], seed: int = 0) -> tuple[Tensor, Tensor]:
 
 
 def _random_basis(n: int, seed: int = 1) -> tuple[Tensor, Tensor]:
-    """A prior unrelated to the matrix: random orthonormal columns, eigenvalues 1..n."""
+    """A prior unrelated to the matrix: random orthonormal columns, eigenvalues ``10^-i``
+    (its tail is light, so a wide factor's refresh starts from it: :func:`warm`)."""
     g = torch.Generator().manual_seed(seed)
     U = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=DT))[0]
-    return torch.arange(1.0, n + 1, dtype=DT), U
+    return 0.1 ** torch.arange(n, dtype=DT), U
 
 
 def _residual(M: Tensor, lam: Tensor, U: Tensor) -> float:
@@ -88,17 +94,61 @@ def test_power_decomposes_factors_up_to_exact_up_to_with_eigh(n):
     assert not is_wide(n, Refresh.POWER)
 
 
+def _light_tail(n: int, rank: int) -> list[float]:
+    """``rank`` values 1..rank and a tail of ``1e-4`` (far below TAIL_SHARE of the trace)."""
+    return [1.0 + i for i in range(rank)] + [1e-4] * (n - rank)
+
+
 def test_thin_from_just_above_exact_up_to():
-    """One column wider than ``EXACT_UP_TO``: thin, ``POWER_RANK`` pairs and the tail."""
+    """One column wider than ``EXACT_UP_TO``, a light tail: thin, ``POWER_RANK`` pairs and
+    the tail's mean; the pair shape says so once a warm prior exists."""
     n = EXACT_UP_TO + 1
-    M, _ = _spd([1.0 + i for i in range(n)], seed=11)
+    M, _ = _spd(_light_tail(n, POWER_RANK), seed=11)
     lam, U = refresh_eigh(M, None, Refresh.POWER)
     assert U.shape == (n, POWER_RANK) and lam.shape == (POWER_RANK + 1,)
-    assert pair_shape(n, Refresh.POWER) == (POWER_RANK + 1, POWER_RANK)
-    assert pair_shape(n, Refresh.EXACT) == (n, n) and is_wide(n, Refresh.POWER)
-    top = torch.arange(n - POWER_RANK + 1.0, n + 1.0, dtype=DT)
+    assert pair_shape(n, Refresh.POWER, (lam, U)) == (POWER_RANK + 1, POWER_RANK)
+    assert pair_shape(n, Refresh.POWER) == (n, n)  # no prior: eigh, settled afterwards
+    assert pair_shape(n, Refresh.EXACT, (lam, U)) == (n, n) and is_wide(n, Refresh.POWER)
+    top = torch.arange(1.0, POWER_RANK + 1.0, dtype=DT)
     torch.testing.assert_close(lam[:POWER_RANK].sort().values, top)
-    torch.testing.assert_close(lam[-1], torch.tensor((n - POWER_RANK + 1) / 2, dtype=DT))
+    torch.testing.assert_close(lam[-1], torch.tensor(1e-4, dtype=DT))
+    assert tail_share((lam, U)) < 1e-3
+
+
+def test_heavy_tailed_wide_factor_keeps_eighs_complete_basis():
+    """A flat spectrum (the top 128 of 513 hold 43 % of the trace): ``eigh`` itself without a
+    prior; from a light-tailed prior one thin step (the shape was fixed by the prior), whose
+    heavy tail sends the next refresh back to ``eigh``; a heavy-tailed thin basis is neither
+    warm nor sketched."""
+    n = EXACT_UP_TO + 1
+    M, _ = _spd([1.0 + i for i in range(n)], seed=11)
+    want = eigh_exact(M)
+    top = sum(range(n - POWER_RANK + 1, n + 1)) / sum(range(1, n + 1))
+    assert tail_share(want) == pytest.approx(1 - top)
+    lam, U = refresh_eigh(M, None, Refresh.POWER)
+    assert U.shape == (n, n)
+    torch.testing.assert_close(lam, want[0], rtol=0, atol=0)
+    thin = refresh_eigh(M, _random_basis(n), Refresh.POWER)
+    assert thin[1].shape == (n, POWER_RANK) and tail_share(thin) > 0.5
+    assert not warm(thin, n) and not sketchable(thin)
+    assert pair_shape(n, Refresh.POWER, thin) == (n, n)
+    lam, U = refresh_eigh(M, thin, Refresh.POWER)  # from the heavy thin prior: eigh again
+    torch.testing.assert_close(lam, want[0], rtol=0, atol=0)
+    light = truncate(*eigh_exact(_spd(_light_tail(n, POWER_RANK), seed=3)[0]), POWER_RANK)
+    assert warm(light, n) and sketchable(light) and not sketchable(want)
+
+
+def test_settle_cuts_only_light_tailed_wide_complete_pairs():
+    n = 40
+    light = eigh_exact(_spd(_light_tail(n, 6), seed=1)[0])
+    heavy = eigh_exact(_spd([1.0 + i for i in range(n)], seed=1)[0])
+    kw = {"rank": 6, "exact_up_to": 0}
+    lam, U = settle(light, Refresh.POWER, **kw)
+    assert U.shape == (n, 6) and lam.shape == (7,)
+    assert settle(heavy, Refresh.POWER, **kw) is heavy
+    assert settle(light, Refresh.EXACT, **kw) is light
+    assert settle(light, Refresh.POWER, rank=6, exact_up_to=n) is light  # not wide
+    assert settle((lam, U), Refresh.POWER, **kw)[1] is U  # already thin
 
 
 # --------------------------------------------------------------------------- top subspace
@@ -142,17 +192,20 @@ def test_top_subspace_warm_starts_from_a_thin_prior():
 
 
 def test_first_wide_refresh_truncates_eigh():
-    """No prior, 30 wide, rank 5: eigh's top 5 pairs and the mean of the other 25 values."""
-    eigenvalues = [float(30 - i) for i in range(30)]
+    """No prior, 30 wide, rank 5, a light tail: eigh's top 5 pairs and the mean of the other
+    25 values."""
+    eigenvalues = [float(100 - 10 * i) for i in range(5)] + [0.01 * (25 - i) for i in range(25)]
     M, _ = _spd(eigenvalues, seed=8)
     lam, U = _power(M, None, 1, rank=5)
     exact = torch.linalg.eigh(M)
     torch.testing.assert_close(lam[:5].sort().values, exact.eigenvalues[-5:])
     torch.testing.assert_close(lam[5], torch.tensor(eigenvalues[5:], dtype=DT).mean())
     assert _subspace_sine(U, exact.eigenvectors[:, -5:]) < 1e-10
-    assert pair_shape(30, Refresh.POWER, rank=5, exact_up_to=0) == (6, 5)
-    assert pair_shape(30, Refresh.EXACT, rank=5, exact_up_to=0) == (30, 30)
-    assert pair_shape(5, Refresh.POWER, rank=5, exact_up_to=0) == (5, 5)
+    kw = {"rank": 5, "exact_up_to": 0}
+    assert pair_shape(30, Refresh.POWER, (lam, U), **kw) == (6, 5)
+    assert pair_shape(30, Refresh.POWER, None, **kw) == (30, 30)
+    assert pair_shape(30, Refresh.EXACT, (lam, U), **kw) == (30, 30)
+    assert pair_shape(5, Refresh.POWER, (lam, U), **kw) == (5, 5)
 
 
 def test_diagonal_wide_factor_is_exact_in_one_step():
@@ -165,8 +218,9 @@ def test_diagonal_wide_factor_is_exact_in_one_step():
     R = torch.linalg.qr(torch.randn(4, 4, generator=torch.Generator().manual_seed(3), dtype=DT))[0]
     rotated = torch.eye(20, dtype=DT)
     rotated[:, top] = rotated[:, top] @ R
+    prior_values = torch.where(d >= 16, d, 1e-6 * d)  # d's order, a light tail (warm)
     for U0 in (torch.eye(20, dtype=DT), rotated):
-        lam, U = _power(M, (d, U0), 1, rank=4)
+        lam, U = _power(M, (prior_values, U0), 1, rank=4)
         torch.testing.assert_close(M @ U, U * lam[:4], rtol=0, atol=1e-13)
         want = torch.tensor([16.0, 17.0, 18.0, 19.0], dtype=DT)
         torch.testing.assert_close(lam[:4].sort().values, want, rtol=0, atol=1e-13)

@@ -22,7 +22,15 @@ from tests.helpers.models import OdeClassifier
 from tests.helpers.training import train_steps
 from torchdyn_snopt.config import Damping
 from torchdyn_snopt.curvature.base import second_moment, sketch_moment, sketch_of
-from torchdyn_snopt.curvature.eigenbasis import EXACT_UP_TO, POWER_RANK, from_sketch, refresh_eigh
+from torchdyn_snopt.curvature.eigenbasis import (
+    EXACT_UP_TO,
+    POWER_RANK,
+    TAIL_SHARE,
+    eigh_exact,
+    from_sketch,
+    refresh_eigh,
+    tail_share,
+)
 from torchdyn_snopt.curvature.linear import LinearAdapter
 from torchdyn_snopt.curvature.source import Factors
 from torchdyn_snopt.layer_state import Eigenbasis, Householder, LayerState
@@ -161,7 +169,7 @@ def test_power_keeps_thin_bases_and_small_state():
 
 @pytest.mark.parametrize("saved", [3, 4])
 def test_thin_resume_is_bit_identical(saved):
-    """Refreshes at 0 (truncated eigh), 3 and 6 (from sketches of the saved thin bases):
+    """Refreshes at 0 (eigh, cut to thin), 3 and 6 (from sketches of the saved thin bases):
     saved after 3 steps (armed: the sources sketch with the loaded bases) or 4, continued
     to 9; a fresh optimizer loaded from the save continues the same."""
     x, y = _data()
@@ -199,7 +207,9 @@ def test_thin_state_with_a_wrong_m_shape_is_refused():
 def test_power_with_thin_bases_trains_like_exact(monkeypatch):
     """Hidden width 160 made thin (``exact_up_to`` 128: rank 128 of 160/161): the full-batch
     loss after 9 steps falls as far as with eigh's complete bases (measured 0.6023 vs 0.6022).
-    Wider fields lose more to the tail: 0.480 vs 0.463 at 288, 0.728 vs 0.638 at 544."""
+    At 544 wide power ends at 0.728 against exact's 0.638, but these factors have rank 80
+    (16 samples, 5 nodes), so both bases hold an arbitrary null space, where EKFAC's
+    per-direction moments differ: rotating exact's null space at random gives 0.660-0.767."""
     monkeypatch.setitem(refresh_eigh.__kwdefaults__, "exact_up_to", POWER_RANK)
     x, y = _data()
     losses = {}
@@ -344,3 +354,40 @@ def test_refresh_from_sampled_sketch_equals_refresh_from_the_factor():
     assert not any(
         f.probe_A is not None or f.probe_B is not None for f in complete.last_factors.values()
     )
+
+
+def test_power_keeps_eighs_complete_bases_where_the_tail_is_heavy(monkeypatch):
+    """A 400-d state fed by 400-d Gaussian inputs (256 samples, full batch): the 401-wide
+    input factors of the encoder and the field spread their trace (far more than
+    ``TAIL_SHARE`` outside the top 128), so ``"power"`` keeps ``eigh``'s complete bases for
+    them, while the field's 400-wide output factor (gradients from a 3-class head:
+    numerically low rank) is thin."""
+    monkeypatch.setitem(refresh_eigh.__kwdefaults__, "exact_up_to", POWER_RANK)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(256, 400, generator=g, dtype=DT)
+    y = (x[:, :200].sum(1) > 0).long() + (x[:, 200] > 1).long()
+    torch.manual_seed(0)
+    model = OdeClassifier(d_in=400, dim=400, hidden=8).to(DT)
+    opt = tds.SNOpt(model, **_kw(update_freq=2))
+    complete, thin = [], []
+    for step in range(5):  # refreshes at 0, 2, 4
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+        if step % 2:
+            continue
+        layers = {a.name: s.eigen for a, s in opt.preconditioner.layers.items()}
+        for name, f in opt.preconditioner.last_factors.items():
+            for side, M in (("A", f.A), ("B", f.B)):
+                U = getattr(layers[name], "U" + side)
+                if M.shape[0] > POWER_RANK:  # a sketch (n × 129) of a thin side: its own share
+                    lam = getattr(layers[name], "lam" + side)
+                    share = tail_share(eigh_exact(M) if M.shape[1] == M.shape[0] else (lam, U))
+                    (thin if U.shape[1] < U.shape[0] else complete).append((name, side, share))
+                    if U.shape[1] == U.shape[0]:
+                        assert torch.equal(U, eigh_exact(M)[1])  # eigh's own basis
+    heavy = {(n, s) for n, s, _ in complete}
+    assert {("enc", "A"), ("ode.vf.vf.l1", "A")} <= heavy, complete
+    assert all(share > TAIL_SHARE for *_, share in complete), complete
+    assert ("ode.vf.vf.l2", "B") in {(n, s) for n, s, _ in thin}, thin
+    assert all(share < TAIL_SHARE for *_, share in thin[-1:]), thin

@@ -33,7 +33,13 @@ from torchdyn_snopt.cde import CurvatureTap
 from torchdyn_snopt.config import Damping, Graft, PrecondConfig, StepConfig
 from torchdyn_snopt.curvature.base import LayerAdapter
 from torchdyn_snopt.curvature.capture import Recorder
-from torchdyn_snopt.curvature.eigenbasis import Refresh, is_thin, pair_shape, refresh_eigh
+from torchdyn_snopt.curvature.eigenbasis import (
+    Refresh,
+    pair_shape,
+    refresh_eigh,
+    settle,
+    sketchable,
+)
 from torchdyn_snopt.curvature.eigenbasis import eigh_exact as _eigh  # noqa: F401 (old name)
 from torchdyn_snopt.curvature.outer import OuterFactors
 from torchdyn_snopt.curvature.registry import adapter_for
@@ -169,11 +175,13 @@ class SNOptPreconditioner:
             :class:`~torchdyn_snopt.curvature.eigenbasis.Refresh` or its string):
             ``"exact"`` (default) = ``torch.linalg.eigh`` of every factor; ``"power"`` = the
             same ``eigh`` for factors up to 512 wide (cheap there, and exact bases train
-            best), while wider factors keep a *thin* basis warm-started from the layer's
-            previous one (one subspace-iteration step; truncated ``eigh`` at a layer's first
-            refresh): the top 128 eigenpairs plus a tail value for the complement, applied
-            as a Householder operator (:mod:`~torchdyn_snopt.layer_state`: O(n·128) per step,
-            no ``n × n`` basis), and
+            best), while wider factors that are numerically low-rank (at most 5 % of the
+            trace outside the top 128 eigenvalues, as in MLP fields) keep a *thin* basis
+            warm-started from the layer's previous one (one subspace-iteration step; ``eigh``
+            at a layer's first refresh, and for wide factors with a heavier tail, such as
+            wide convolutions' inputs): the top 128 eigenpairs plus a tail value for the
+            complement, applied as a Householder operator (:mod:`~torchdyn_snopt.layer_state`:
+            O(n·128) per step, no ``n × n`` basis), and
             with one process their next refresh needs only a sketch ``[F Ω, diag F]`` sampled
             in the backward solve (a Nyström refresh, O(rows·n·128) per node instead of
             O(rows·n²)). Factors with low-rank rows always use their exact QR path; with
@@ -351,10 +359,10 @@ class SNOptPreconditioner:
             return {}
         out = {}
         for a, state in self.layers.items():
-            UA, UB = state.eigen.UA, state.eigen.UB
-            pair = (UA if is_thin(UA) else None, UB if is_thin(UB) else None)
-            if pair != (None, None):
-                out[a] = pair
+            (pair_a, pair_b), e = state.eigen.pairs(), state.eigen
+            probes = (e.UA if sketchable(pair_a) else None, e.UB if sketchable(pair_b) else None)
+            if probes != (None, None):
+                out[a] = probes
         return out
 
     def _batch_size(self, adapter: LayerAdapter) -> int:
@@ -409,14 +417,15 @@ class SNOptPreconditioner:
                 for p in factor_pairs(f, refresh, old[a].eigen if a in old else None)
             ]
         else:  # factors averaged over ranks (no rows), decompositions maybe shared out
+            matrices = [m for f in factors.values() for m in (f.A, f.B)]
+            prior = [p for a in factors for p in priors(old[a].eigen if a in old else None)]
             pairs = self.sync.eigh(
-                [m for f in factors.values() for m in (f.A, f.B)],
-                lambda m, prior: refresh_eigh(m, prior, refresh),
-                priors=[p for a in factors for p in priors(old[a].eigen if a in old else None)],
-                shapes=[
-                    pair_shape(m.shape[0], refresh) for f in factors.values() for m in (f.A, f.B)
-                ],
+                matrices,
+                lambda m, prior: refresh_eigh(m, prior, refresh, settled=False),
+                priors=prior,
+                shapes=[pair_shape(m.shape[0], refresh, p) for m, p in zip(matrices, prior)],
             )
+            pairs = [settle(p, refresh) for p in pairs]  # same pairs on every rank: same cut
         fresh = {}
         for i, (a, f) in enumerate(factors.items()):
             eigen = Eigenbasis.from_pairs(f, pairs[2 * i], pairs[2 * i + 1])

@@ -13,10 +13,11 @@ EKFAC (George et al. 2018; the paper's Alg. 2) needs ``F = U diag(λ) Uᵀ`` of 
   factors up to 128 wide (SOAP's refresh) and thin bases above, the suite's MNIST runs ended
   at training loss 0.054-0.063 against 0.045-0.050 with ``eigh`` (seeds 0-2, equal
   iterations).
-- wider: the top-``rank`` subspace only, started from the layer's previous eigenbasis
-  ``(λ₀, U₀)``, which is close to the new one when the factors drift slowly (cost O(n² rank);
-  the factors of wide layers are numerically low-rank: a 32 → 2048 → 32 MLP field's two
-  2048-wide factors keep 97.6 % and 99.3 % of their trace in their top 128 eigenvalues):
+- wider, when the factor is numerically low-rank (its previous eigenvalues leave at most
+  :data:`TAIL_SHARE` of the trace outside the top ``rank``, :func:`warm`; a 32 → 2048 → 32 MLP
+  field's two 2048-wide factors keep 97.6 % and 99.3 % in their top 128): the top-``rank``
+  subspace only, started from the layer's previous eigenbasis ``(λ₀, U₀)``, which is close to
+  the new one when the factors drift slowly (cost O(n² rank)):
   ``V ← qr(F V₀)`` from ``U₀``'s ``rank`` leading columns, Rayleigh-Ritz on ``Vᵀ F V``, and
   the rest of the spectrum one isotropic *tail*: the complement of ``V`` shares the mean
   eigenvalue ``(tr F − Σ μ) / (n − rank)``. The result is *thin* (:func:`is_thin`): ``U = V``
@@ -24,8 +25,13 @@ EKFAC (George et al. 2018; the paper's Alg. 2) needs ``F = U diag(λ) Uᵀ`` of 
   basis is ever formed: :mod:`torchdyn_snopt.layer_state` applies the complete basis as the
   Householder operator of ``V`` in O(n·rank) per side, and EKFAC's running second moment then
   adapts every direction of the tail from the gradients themselves.
-  A first refresh (no usable prior) truncates ``eigh`` the same way, so a wide factor's
-  eigenpairs have one shape under :attr:`Refresh.POWER` (:func:`pair_shape`).
+- wider with a heavy tail (wide convolutions' input factors: a 64-channel conv field on digits
+  leaves 6 % and 13 % of the trace outside the top 128), and at a first refresh: ``eigh``,
+  kept complete unless its own spectrum shows a light tail (:func:`settle` then truncates it).
+  One isotropic value for a heavy tail trains badly (see :data:`TAIL_SHARE`), so these
+  factors pay ``eigh``'s cost; whether a refresh is thin is decided by the previous basis
+  alone, so every rank of a distributed job knows each result's shape in advance
+  (:func:`pair_shape`).
 
 Sketched factors (:func:`from_sketch`): a thin side's next refresh needs only ``F Ω`` for the
 current basis ``Ω = V₀`` and ``tr F``, so the backward solve samples the sketch
@@ -35,9 +41,11 @@ approximation ``F Ω (Ωᵀ F Ω)⁺ Ωᵀ F`` (single pass, Tropp et al. 2017):
 ``span(F Ω)``, the subspace one step of subspace iteration reaches, its eigenpairs come in
 O(n·rank²), and the tail is again ``(tr F − Σ λ) / (n − rank)``.
 
+Sketches are taken only of thin sides that stay warm (:func:`sketchable`); a thin side whose
+tail has grown is sampled completely for the ``eigh`` of its next refresh.
+
 Every result keeps the factor's device and dtype; ``λ[i]`` belongs to ``U[:, i]`` (the order
-is not sorted). Without a usable previous basis (first refresh, other shape) a wide factor's
-refresh is ``eigh`` truncated to the top ``rank`` pairs and the tail.
+is not sorted).
 """
 
 from __future__ import annotations
@@ -59,6 +67,13 @@ POWER_RANK = 128
 #: One core, float32: ``eigh`` 0.8 ms at 128, 3.2 ms at 256 against 2.2 ms for a top-128
 #: subspace step, then 16 ms against 3.6 ms at 512 and 106 ms against 8 ms at 1024.
 EXACT_UP_TO = 512
+#: Largest share of a wide factor's trace that a thin basis may leave to its isotropic tail.
+#: Above it the factor gets ``eigh``'s complete basis: a 64-channel conv field on digits (input
+#: factors 577 wide, 6 % and 13 % of the trace outside the top 128) trained to 0.10 / 0.47
+#: (seeds 0, 1; rank 256: 0.73 / 0.20; exact top 128 plus the tail: 3.3 on seed 1) against
+#: ``eigh``'s 0.052 / 0.021 after 30 iterations, while a 32 → 2048 → 32 MLP field's factors
+#: keep 97.6 % and 99.3 % in their top 128.
+TAIL_SHARE = 0.05
 
 
 class Refresh(str, enum.Enum):
@@ -115,23 +130,68 @@ def refresh_eigh(
     steps: int = POWER_STEPS,
     rank: int = POWER_RANK,
     exact_up_to: int = EXACT_UP_TO,
+    settled: bool = True,
 ) -> Eigenpairs:
     """Eigenpairs of ``matrix`` (``n × n``): ``eigh``, or under :attr:`Refresh.POWER` for
     ``n > max(rank, exact_up_to)`` the thin top-``rank`` pairs and the tail, warm-started from
-    ``prior`` (see module)."""
+    ``prior`` when :func:`warm` allows it (see module). Otherwise ``eigh``, made thin by
+    :func:`settle` when its top ``rank`` directions hold the trace (``settle=False``: left
+    complete, as :func:`pair_shape` predicts; the caller settles later)."""
     n = matrix.shape[0]
     if not is_wide(n, refresh, rank, exact_up_to):
         return eigh_exact(matrix)
-    if prior is None or prior[1].shape[0] != n or prior[1].shape[1] < rank:
-        return truncate(*eigh_exact(matrix), rank)
+    if prior is None or not warm(prior, n, rank):
+        pairs = eigh_exact(matrix)
+        return settle(pairs, refresh, rank=rank, exact_up_to=exact_up_to) if settled else pairs
     lam0, U0 = (t.to(device=matrix.device, dtype=matrix.dtype) for t in prior)
     return top_subspace((matrix + matrix.t()) / 2, lam0, U0, rank, steps)
+
+
+def tail_share(pair: Eigenpairs, rank: int = POWER_RANK) -> float:
+    """Share of the factor's trace outside its top ``rank`` directions: for complete pairs
+    ``1 − (top rank values) / Σλ``; for thin pairs (``k`` columns) the tail value's share,
+    ``λ_tail (n − k) / (Σ μ + λ_tail (n − k))`` (0 for a zero factor)."""
+    lam, U = pair
+    n, k = U.shape
+    if k == n:
+        total = lam.sum()
+        top = torch.topk(lam, min(rank, n)).values.sum()
+    else:
+        top = lam[:k].sum()
+        total = top + lam[k] * (n - k)
+    return float(1.0 - top / total) if float(total) > 0 else 0.0
+
+
+def warm(prior: Eigenpairs, n: int, rank: int = POWER_RANK) -> bool:
+    """Whether a wide factor's refresh may start from ``prior`` and stay thin: the prior fits
+    (``n`` rows, at least ``rank`` columns) and its tail holds at most :data:`TAIL_SHARE` of
+    the trace. A heavier tail means the factor is not numerically low-rank, where one
+    isotropic tail value trains badly, so that factor gets ``eigh`` instead."""
+    U = prior[1]
+    return U.shape[0] == n and U.shape[1] >= rank and tail_share(prior, rank) <= TAIL_SHARE
+
+
+def settle(
+    pairs: Eigenpairs,
+    refresh: Refresh,
+    *,
+    rank: int = POWER_RANK,
+    exact_up_to: int = EXACT_UP_TO,
+) -> Eigenpairs:
+    """A wide factor's complete pairs (from ``eigh``) cut to thin ones (:func:`truncate`)
+    when their top ``rank`` directions hold all but :data:`TAIL_SHARE` of the trace;
+    anything else unchanged. Deterministic, so ranks holding the same pairs settle alike."""
+    lam, U = pairs
+    n = U.shape[0]
+    if is_thin(U) or not is_wide(n, refresh, rank, exact_up_to):
+        return pairs
+    return truncate(lam, U, rank) if tail_share(pairs, rank) <= TAIL_SHARE else pairs
 
 
 def is_wide(
     n: int, refresh: Refresh, rank: int = POWER_RANK, exact_up_to: int = EXACT_UP_TO
 ) -> bool:
-    """Whether an ``n × n`` factor gets thin eigenpairs under ``refresh``."""
+    """Whether an ``n × n`` factor may get thin eigenpairs under ``refresh``."""
     return refresh is Refresh.POWER and n > max(rank, exact_up_to)
 
 
@@ -141,11 +201,23 @@ def is_thin(U: Tensor) -> bool:
     return U.shape[1] < U.shape[0]
 
 
+def sketchable(pair: Eigenpairs | None, rank: int = POWER_RANK) -> bool:
+    """Whether a side's next refresh may come from a sketch of its factor: its current basis
+    is thin and :func:`warm` (otherwise the source samples the complete factor for ``eigh``)."""
+    return pair is not None and is_thin(pair[1]) and warm(pair, pair[1].shape[0], rank)
+
+
 def pair_shape(
-    n: int, refresh: Refresh, rank: int = POWER_RANK, exact_up_to: int = EXACT_UP_TO
+    n: int,
+    refresh: Refresh,
+    prior: Eigenpairs | None = None,
+    rank: int = POWER_RANK,
+    exact_up_to: int = EXACT_UP_TO,
 ) -> tuple[int, int]:
-    """``(len(λ), columns of U)`` of an ``n × n`` factor's refreshed eigenpairs."""
-    return (rank + 1, rank) if is_wide(n, refresh, rank, exact_up_to) else (n, n)
+    """``(len(λ), columns of U)`` of ``refresh_eigh(F, prior, refresh, settled=False)`` for an
+    ``n × n`` factor ``F``: thin only when warm-started from ``prior`` (see :func:`warm`)."""
+    thin = is_wide(n, refresh, rank, exact_up_to) and prior is not None and warm(prior, n, rank)
+    return (rank + 1, rank) if thin else (n, n)
 
 
 def truncate(lam: Tensor, U: Tensor, rank: int) -> Eigenpairs:
