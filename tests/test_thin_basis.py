@@ -15,10 +15,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
+from torchdyn.core import NeuralODE
 
 import torchdyn_snopt as tds
-from tests.helpers.data import classification_data
-from tests.helpers.models import OdeClassifier
+from tests.helpers.data import classification_data, conv_data
+from tests.helpers.models import OdeClassifier, conv_field
 from tests.helpers.training import train_steps
 from torchdyn_snopt.config import Damping
 from torchdyn_snopt.curvature.base import second_moment, sketch_moment, sketch_of
@@ -391,3 +392,25 @@ def test_power_keeps_eighs_complete_bases_where_the_tail_is_heavy(monkeypatch):
     assert all(share > TAIL_SHARE for *_, share in complete), complete
     assert ("ode.vf.vf.l2", "B") in {(n, s) for n, s, _ in thin}, thin
     assert all(share < TAIL_SHARE for *_, share in thin[-1:]), thin
+
+
+def test_power_leaves_wide_convolutions_to_eigh(monkeypatch):
+    """A 16-channel conv field (145-wide input factors, wide once the cut is patched to 128):
+    ``"power"`` keeps ``eigh``'s complete bases for convolutions (``thin_bases`` False) and
+    trains bit for bit like ``"exact"``."""
+    monkeypatch.setitem(refresh_eigh.__kwdefaults__, "exact_up_to", POWER_RANK)
+    x = conv_data(8, 16, 6)
+    target = conv_data(8, 16, 6, seed=5)
+    params = {}
+    for refresh in ("exact", "power"):
+        ode = NeuralODE(conv_field(16), sensitivity="snopt", solver="rk4")
+        opt = tds.SNOpt(ode, lr=0.05, update_freq=2, refresh=refresh)
+        for _ in range(5):  # refreshes at 0, 2, 4
+            opt.zero_grad()
+            ((ode(x, torch.linspace(0, 1, 3))[1][-1] - target) ** 2).mean().backward()
+            opt.step()
+        widths = [s.eigen.UA.shape for s in opt.preconditioner.layers.values()]
+        assert widths == [(145, 145), (145, 145)], widths
+        params[refresh] = [p.detach().clone() for p in ode.parameters()]
+    for p, q in zip(params["exact"], params["power"]):
+        assert torch.equal(p, q)

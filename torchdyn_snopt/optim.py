@@ -409,23 +409,27 @@ class SNOptPreconditioner:
             return {}
         if not _all_finite([t for f in factors.values() for t in (f.A, f.B)]):
             return None
-        refresh, old = self.refresh, self.layers
+        old = self.layers
+        # refresh="power" leaves convolutions (LayerAdapter.thin_bases) to eigh
+        refresh = {a: self.refresh if a.thin_bases else Refresh.EXACT for a in factors}
         if self.sync.world_size() == 1:  # one process: a low-rank Ā's rows are its own
             pairs = [
                 p
                 for a, f in factors.items()
-                for p in factor_pairs(f, refresh, old[a].eigen if a in old else None)
+                for p in factor_pairs(f, refresh[a], old[a].eigen if a in old else None)
             ]
         else:  # factors averaged over ranks (no rows), decompositions maybe shared out
             matrices = [m for f in factors.values() for m in (f.A, f.B)]
+            modes = [refresh[a] for a in factors for _ in range(2)]
             prior = [p for a in factors for p in priors(old[a].eigen if a in old else None)]
             pairs = self.sync.eigh(
                 matrices,
-                lambda m, prior: refresh_eigh(m, prior, refresh, settled=False),
-                priors=prior,
-                shapes=[pair_shape(m.shape[0], refresh, p) for m, p in zip(matrices, prior)],
+                lambda m, job: refresh_eigh(m, job[0], job[1], settled=False),
+                priors=list(zip(prior, modes)),
+                shapes=[pair_shape(m.shape[0], r, p) for m, p, r in zip(matrices, prior, modes)],
             )
-            pairs = [settle(p, refresh) for p in pairs]  # same pairs on every rank: same cut
+            # the same pairs on every rank: the same cut
+            pairs = [settle(p, r) for p, r in zip(pairs, modes)]
         fresh = {}
         for i, (a, f) in enumerate(factors.items()):
             eigen = Eigenbasis.from_pairs(f, pairs[2 * i], pairs[2 * i + 1])

@@ -10,7 +10,7 @@ factors of eq. (13) are then ``A = E[z zᵀ]`` (``d_in × d_in``) and ``B = E[g 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Any, cast
+from typing import Any, ClassVar, cast
 
 import torch
 import torch.nn as nn
@@ -24,6 +24,14 @@ class LayerAdapter(ABC):
     :meth:`set_grad_matrix` and :meth:`param_matrix`; :meth:`locations` is 1 unless a
     weight is shared over spatial positions (convolutions).
     """
+
+    #: Whether ``refresh="power"`` may give this layer's wide, numerically low-rank factors
+    #: thin bases (top 128 eigenpairs and one tail value). Convolutions say no: on a
+    #: 64-channel conv field (digits, 577-wide input factors) thin bases trained far worse
+    #: than ``eigh`` even once their tails held under 3 % of the trace (seed 1, 30
+    #: iterations: 1.35 against 0.021), while a 32 → 2048 → 32 MLP field's thin bases trained
+    #: like ``eigh`` (3 seeds, 15 iterations: 0.2443 against 0.2442).
+    thin_bases: ClassVar[bool] = True
 
     def __init__(self, module: nn.Module, name: str) -> None:
         self.module = module

@@ -54,6 +54,8 @@ def channel_rows(grad_output: Tensor) -> Tensor:
 class Conv2dAdapter(WeightBiasAdapter):
     """KFC factors for a 2-D convolution; weight ``(C_out, C_in, kh, kw)`` flattened per row."""
 
+    thin_bases = False  # see LayerAdapter.thin_bases
+
     module: nn.Conv2d
 
     def __init__(self, module: nn.Conv2d, name: str) -> None:

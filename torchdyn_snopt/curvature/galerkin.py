@@ -97,6 +97,8 @@ class GalLinearAdapter(_GalerkinAdapter):
 class GalConv2dAdapter(_GalerkinAdapter):
     """``GalConv2d``: input ``(N, C_in + 1, H, W)`` whose last channel is ``t``."""
 
+    thin_bases = False  # see LayerAdapter.thin_bases
+
     module: GalConv2d
 
     @property
