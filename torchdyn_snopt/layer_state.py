@@ -224,7 +224,7 @@ class Side:
 
 class Householder(Side):
     """The complete basis ``H = I − W T Wᵀ`` of a thin ``V`` (``n × k``, orthonormal columns):
-    the compact WY form of ``V``'s Householder QR (``T`` by LAPACK's ``larft`` recurrence), so
+    the compact WY form of ``V``'s Householder QR (``T`` as LAPACK's ``larft`` defines it), so
     ``H[:, :k] = V·diag(±1)`` and ``H[:, k:]`` is an orthonormal complement; O(n·k) per column."""
 
     def __init__(self, V: Tensor) -> None:
@@ -233,11 +233,14 @@ class Householder(Side):
         a, tau = torch.geqrf(V)
         W = a.tril(-1)
         W.diagonal().fill_(1.0)
-        G = W.t() @ W
+        # larft's T, solved at once: T⁻¹ = diag(1/τ) + striu(WᵀW) (Joffrain et al. 2006) over
+        # the reflectors with τ ≠ 0; a τ = 0 reflector is the identity (zero row and column)
+        live = (tau != 0).nonzero().squeeze(1)
+        Wl = W[:, live]
+        inv = (Wl.t() @ Wl).triu(1) + torch.diag(1.0 / tau[live])
+        eye = torch.eye(live.numel(), dtype=V.dtype, device=V.device)
         T = torch.zeros(k, k, dtype=V.dtype, device=V.device)
-        for i in range(k):
-            T[:i, i] = -tau[i] * (T[:i, :i] @ G[:i, i])
-            T[i, i] = tau[i]
+        T[live[:, None], live[None, :]] = torch.linalg.solve_triangular(inv, eye, upper=True)
         self.W, self.T = W, T
 
     def t_left(self, X: Tensor) -> Tensor:  # Hᵀ X = X − W Tᵀ Wᵀ X

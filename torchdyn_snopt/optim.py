@@ -175,13 +175,13 @@ class SNOptPreconditioner:
             :class:`~torchdyn_snopt.curvature.eigenbasis.Refresh` or its string):
             ``"exact"`` (default) = ``torch.linalg.eigh`` of every factor; ``"power"`` = the
             same ``eigh`` for factors up to 512 wide (cheap there, and exact bases train
-            best), while wider factors that are numerically low-rank (at most 5 % of the
-            trace outside the top 128 eigenvalues, as in MLP fields) keep a *thin* basis
-            warm-started from the layer's previous one (one subspace-iteration step; ``eigh``
-            at a layer's first refresh, and for wide factors with a heavier tail, such as
-            wide convolutions' inputs): the top 128 eigenpairs plus a tail value for the
-            complement, applied as a Householder operator (:mod:`~torchdyn_snopt.layer_state`:
-            O(n·128) per step, no ``n × n`` basis), and
+            best), while wider factors of dense layers that are numerically low-rank (at
+            most 5 % of the trace outside the top 128 eigenvalues, as in MLP fields) keep a
+            *thin* basis warm-started from the layer's previous one (one subspace-iteration
+            step; ``eigh`` at a layer's first refresh, for heavier tails, and for every
+            convolution, where thin bases train badly): the top 128 eigenpairs plus a tail
+            value for the complement, applied as a Householder operator
+            (:mod:`~torchdyn_snopt.layer_state`: O(n·128) per step, no ``n × n`` basis), and
             with one process their next refresh needs only a sketch ``[F Ω, diag F]`` sampled
             in the backward solve (a Nyström refresh, O(rows·n·128) per node instead of
             O(rows·n²)). Factors with low-rank rows always use their exact QR path; with

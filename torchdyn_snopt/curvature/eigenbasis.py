@@ -25,13 +25,14 @@ EKFAC (George et al. 2018; the paper's Alg. 2) needs ``F = U diag(λ) Uᵀ`` of 
   basis is ever formed: :mod:`torchdyn_snopt.layer_state` applies the complete basis as the
   Householder operator of ``V`` in O(n·rank) per side, and EKFAC's running second moment then
   adapts every direction of the tail from the gradients themselves.
-- wider with a heavy tail (wide convolutions' input factors: a 64-channel conv field on digits
-  leaves 6 % and 13 % of the trace outside the top 128), and at a first refresh: ``eigh``,
+- wider with a heavy tail (a 64-channel conv field on digits leaves 6 % and 13 % of its
+  input factors' trace outside the top 128), and at a first refresh: ``eigh``,
   kept complete unless its own spectrum shows a light tail (:func:`settle` then truncates it).
   One isotropic value for a heavy tail trains badly (see :data:`TAIL_SHARE`), so these
   factors pay ``eigh``'s cost; whether a refresh is thin is decided by the previous basis
   alone, so every rank of a distributed job knows each result's shape in advance
-  (:func:`pair_shape`).
+  (:func:`pair_shape`). Convolutions never get thin bases (the preconditioner asks for
+  :attr:`Refresh.EXACT` for them: :attr:`~torchdyn_snopt.curvature.base.LayerAdapter.thin_bases`).
 
 Sketched factors (:func:`from_sketch`): a thin side's next refresh needs only ``F Ω`` for the
 current basis ``Ω = V₀`` and ``tr F``, so the backward solve samples the sketch
