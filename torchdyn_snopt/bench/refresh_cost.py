@@ -260,12 +260,15 @@ def markdown(doc: dict[str, Any], png: str | None, title: str = "# refresh_cost"
         title,
         "",
         f"Seconds per training iteration, {cfg.get('threads', '?')} thread(s), dopri5 at "
-        f"{cfg.get('tol', '?')}, minimum of {cfg.get('repeats', '?')} timed iteration(s); "
+        f"{cfg.get('tol', '?')}, minimum of {cfg.get('repeats', '?')} timed iteration(s) "
+        "(the variants taking turns); "
         f"MLP field {cfg.get('mlp_field', '?')} (batch {cfg.get('mlp_batch', '?')}), conv field "
         f"{cfg.get('conv_field', '?')} (batch {cfg.get('conv_batch', '?')}). Ratios are to "
         "Adam with torchdyn's adjoint; armed = a refresh at every step, amortized = at the "
         f'default update_freq {cfg.get("update_freq", "?")}. `exact`: `refresh="exact"`, '
-        '`power`: `refresh="power"`. Runs one at a time on an otherwise idle machine.',
+        '`power`: `refresh="power"` (thin bases for wide dense factors that are numerically '
+        "low-rank; convolutions keep `eigh`, whose complete bases they need to train well). "
+        "Runs one at a time on an otherwise idle machine.",
         "",
         "## Targets",
         "",
