@@ -285,6 +285,55 @@ def test_resume_with_graft_state_is_exact():
         assert torch.equal(p, q)
 
 
+@pytest.mark.parametrize("graft", ["adam", "none"])
+def test_warmup_is_the_rate_ramped_by_hand(graft):
+    """``warmup=4`` takes the same steps as no warmup whose rate is set by hand to
+    ``lr·min(1, k/4)`` before the ``k``-th step (k = 1..7), bit for bit, with the graft and
+    with the paper's rule (momentum 0.9); its first step is a quarter of the unramped one.
+
+    Kills: an off-by-one ramp (``(k+1)/4``), a ramp never applied or never ending, a ramp
+    that also scales the momentum buffer or Adam's moments."""
+    x, y = _classes(112, 6)
+    kw = dict(graft=graft, momentum=0.0 if graft == "adam" else 0.9, update_freq=3)
+    warm, hand, plain = _net(6), _net(6), _net(6)
+    opt_w = tds.SNOpt(warm, lr=0.03, warmup=4, **kw)
+    opt_h = tds.SNOpt(hand, lr=0.03, **kw)
+    opt_p = tds.SNOpt(plain, lr=0.03, **kw)
+    first = {}
+    for k in range(1, 8):
+        xb, yb = x[(k - 1) * 16 : k * 16], y[(k - 1) * 16 : k * 16]
+        opt_h.param_groups[0]["lr"] = 0.03 * min(1.0, k / 4)
+        before = [p.detach().clone() for p in warm.parameters()]
+        for model, opt in ((warm, opt_w), (hand, opt_h), (plain, opt_p)):
+            _ce_step(model, xb, yb)
+            opt.step()
+        if k == 1:
+            first = {
+                "warm": [p.detach() - b for p, b in zip(warm.parameters(), before)],
+                "plain": [p.detach() - b for p, b in zip(plain.parameters(), before)],
+            }
+        for p, q in zip(warm.parameters(), hand.parameters()):
+            assert torch.equal(p, q), k
+    for dw, dp in zip(first["warm"], first["plain"]):
+        torch.testing.assert_close(dw, dp / 4, rtol=1e-12, atol=1e-16)
+
+
+def test_resume_inside_the_warmup_is_exact():
+    x, y = _classes(96, 7)
+    model = _net(7)
+    opt = tds.SNOpt(model, update_freq=3, warmup=5)
+    _train(model, opt, x, y, F.cross_entropy, 2, batch=16)
+    saved_model, saved_opt = copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict())
+    _train(model, opt, x[32:], y[32:], F.cross_entropy, 5, batch=16)
+    resumed = _net(98)
+    resumed.load_state_dict(saved_model)
+    opt2 = tds.SNOpt(resumed, update_freq=3, warmup=5)
+    opt2.load_state_dict(saved_opt)
+    _train(resumed, opt2, x[32:], y[32:], F.cross_entropy, 5, batch=16)
+    for p, q in zip(model.parameters(), resumed.parameters()):
+        assert torch.equal(p, q)
+
+
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
@@ -293,6 +342,9 @@ def test_resume_with_graft_state_is_exact():
         ({"betas": (0.9, 1.0)}, r"betas=\(0\.9, 1\.0\)"),
         ({"graft_eps": -1.0}, r"graft_eps=-1\.0"),
         ({"kl_clip": 0.01}, r"kl_clip=0\.01.*graft='none'"),
+        ({"warmup": -1}, r"warmup=-1.*int >= 0"),
+        ({"warmup": 2.5}, r"warmup=2\.5.*int >= 0"),
+        ({"warmup": True}, r"warmup=True.*int >= 0"),
     ],
 )
 def test_bad_step_options_raise_and_change_nothing(kwargs, match):

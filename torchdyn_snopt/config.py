@@ -122,7 +122,8 @@ class PrecondConfig:
 @dataclass(frozen=True)
 class StepConfig:
     """:class:`~torchdyn_snopt.SNOpt`'s own step settings (documented there): ``lr``,
-    ``momentum``, ``graft`` (:class:`Graft`), Adam's ``betas`` and ``graft_eps`` of the graft.
+    ``momentum``, ``graft`` (:class:`Graft`), Adam's ``betas`` and ``graft_eps`` of the graft,
+    and the ``warmup`` steps of the rate.
     """
 
     lr: float = 0.05
@@ -130,6 +131,7 @@ class StepConfig:
     graft: Graft | str = Graft.ADAM
     betas: tuple[float, float] = (0.9, 0.999)
     graft_eps: float = 1e-8
+    warmup: int = 0
 
     def __post_init__(self) -> None:
         check_lr(self.lr)
@@ -149,6 +151,10 @@ class StepConfig:
         if not (_finite_number(self.graft_eps) and self.graft_eps > 0):
             raise ValueError(
                 f"graft_eps={self.graft_eps!r} is invalid; accepted: a finite float > 0"
+            )
+        if isinstance(self.warmup, bool) or not isinstance(self.warmup, int) or self.warmup < 0:
+            raise ValueError(
+                f"warmup={self.warmup!r} is invalid; accepted: an int >= 0 (steps; 0 = none)"
             )
         object.__setattr__(self, "graft", graft)
         object.__setattr__(self, "betas", (float(betas[0]), float(betas[1])))

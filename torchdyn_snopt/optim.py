@@ -579,6 +579,10 @@ class SNOpt(torch.optim.Optimizer):
         graft: ``"adam"`` (default) or ``"none"`` (:class:`~torchdyn_snopt.config.Graft`).
         betas: Adam's ``(β1, β2)`` of the graft (default ``(0.9, 0.999)``; rarely changed).
         graft_eps: Adam's ``ε`` of the graft (default 1e-8; rarely changed).
+        warmup: steps over which the rate ramps up linearly, ``lr·min(1, k/warmup)`` at the
+            ``k``-th committed step, ``k = 1, 2, …`` (default 0: none; 0 in :meth:`paper`).
+            The first steps are the longest relative to the weights (Adam's normalised step
+            is about ``lr`` per entry), and a field they make stiff stays stiff.
         eps: damping (default 0.1), with ``damping`` (default ``"relative"``): see
             :class:`SNOptPreconditioner`, as for ``update_freq`` (default 10), ``alpha``,
             ``full_precond`` (default True), ``grid_size``, ``weight_decay``, ``kl_clip``
@@ -601,6 +605,7 @@ class SNOpt(torch.optim.Optimizer):
         graft: Graft | str = Graft.ADAM,
         betas: tuple[float, float] = (0.9, 0.999),
         graft_eps: float = 1e-8,
+        warmup: int = 0,
         eps: float = 0.1,
         damping: Damping | str = Damping.RELATIVE,
         update_freq: int = 10,
@@ -614,7 +619,12 @@ class SNOpt(torch.optim.Optimizer):
         refresh: Refresh | str = Refresh.EXACT,
     ) -> None:
         settings = StepConfig(
-            lr=lr, momentum=momentum, graft=graft, betas=betas, graft_eps=graft_eps
+            lr=lr,
+            momentum=momentum,
+            graft=graft,
+            betas=betas,
+            graft_eps=graft_eps,
+            warmup=warmup,
         )
         config = PrecondConfig(
             eps=eps,
@@ -662,6 +672,7 @@ class SNOpt(torch.optim.Optimizer):
             "eps": 0.05,
             "update_freq": 100,
             "full_precond": False,
+            "warmup": 0,
             **overrides,
         }
         return cls(model, lr, **settings)
@@ -689,10 +700,17 @@ class SNOpt(torch.optim.Optimizer):
     def _with_grad(self) -> list[Tensor]:
         return [p for group in self.param_groups for p in group["params"] if p.grad is not None]
 
+    def _ramp(self) -> float:
+        """The warmup's factor of the rate, ``min(1, k / warmup)``, called once the
+        preconditioner has committed the ``k``-th step."""
+        warmup = self.settings.warmup
+        return min(1.0, self.preconditioner.steps / warmup) if warmup else 1.0
+
     def _heavy_ball(self) -> None:
         """Alg. 1: ``buf ← μ·buf + d`` (``buf = d`` at first), ``p ← p − lr·buf``."""
+        ramp = self._ramp()
         for group in self.param_groups:
-            lr, mom = group["lr"], group["momentum"]
+            lr, mom = group["lr"] * ramp, group["momentum"]
             for p in group["params"]:
                 if p.grad is None:
                     continue
@@ -728,7 +746,7 @@ class SNOpt(torch.optim.Optimizer):
     def _grafted(self, raw: dict[Tensor, Tensor]) -> None:
         """Each covered layer along its (momentum-averaged) ``P`` with the length of Adam's
         step; uncovered parameters by Adam's step itself."""
-        lr, mom = self.param_groups[0]["lr"], self.param_groups[0]["momentum"]
+        lr, mom = self.param_groups[0]["lr"] * self._ramp(), self.param_groups[0]["momentum"]
         for params in self._layers:
             params = [p for p in params if p in raw]
             if not params:
