@@ -136,7 +136,7 @@ def refresh_eigh(
     """Eigenpairs of ``matrix`` (``n × n``): ``eigh``, or under :attr:`Refresh.POWER` for
     ``n > max(rank, exact_up_to)`` the thin top-``rank`` pairs and the tail, warm-started from
     ``prior`` when :func:`warm` allows it (see module). Otherwise ``eigh``, made thin by
-    :func:`settle` when its top ``rank`` directions hold the trace (``settle=False``: left
+    :func:`settle` when its top ``rank`` directions hold the trace (``settled=False``: left
     complete, as :func:`pair_shape` predicts; the caller settles later)."""
     n = matrix.shape[0]
     if not is_wide(n, refresh, rank, exact_up_to):
