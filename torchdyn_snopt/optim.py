@@ -34,6 +34,7 @@ from torchdyn_snopt.config import Damping, Graft, PrecondConfig, StepConfig
 from torchdyn_snopt.curvature.base import LayerAdapter
 from torchdyn_snopt.curvature.capture import Recorder
 from torchdyn_snopt.curvature.eigenbasis import (
+    Eigenpairs,
     Refresh,
     pair_shape,
     refresh_eigh,
@@ -95,6 +96,11 @@ class _PassCounter:
         """Passes since the last call."""
         count, self.count = self.count, 0
         return count
+
+
+def _probe(pair: Eigenpairs | None) -> Tensor | None:
+    """A side's basis when its next refresh may come from a sketch (see ``sketchable``)."""
+    return pair[1] if pair is not None and sketchable(pair) else None
 
 
 def _all_finite(tensors: list[Tensor]) -> bool:
@@ -359,8 +365,8 @@ class SNOptPreconditioner:
             return {}
         out = {}
         for a, state in self.layers.items():
-            (pair_a, pair_b), e = state.eigen.pairs(), state.eigen
-            probes = (e.UA if sketchable(pair_a) else None, e.UB if sketchable(pair_b) else None)
+            pair_a, pair_b = state.eigen.pairs()
+            probes = (_probe(pair_a), _probe(pair_b))
             if probes != (None, None):
                 out[a] = probes
         return out
