@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import torchdyn_snopt as tds
 from torchdyn_snopt.__main__ import main
 from torchdyn_snopt.bench import loop, optimizers, suite
 from torchdyn_snopt.bench.records import Point, RunResult
@@ -178,6 +179,31 @@ def test_snopt_default_is_snopt_model_at_the_default_rate_and_takes_any_other_ra
     optimizers.make_optimizer("snopt-default", model, 0.2, {"update_freq": 1})
     assert calls[-1] == (0.2, {}) and calls[-1][0] is not own  # SNOpt(model, lr=0.2)
     assert suite.rate_of({}, "flowmap", "snopt-default") == (0.05, "default")
+
+
+def test_tuned_snopt_is_the_paper_rule_whatever_snopts_defaults():
+    """The suite's ``snopt`` (``FIXED_DAMPING`` plus each task's refresh interval and
+    coverage) steps bit for bit like ``SNOpt.paper`` with those two overrides: no warmup, no
+    graft, fixed damping 0.05, momentum 0.9. Kills a default of ``SNOpt`` (the warmup, say)
+    leaking into the row that stands for the published rule."""
+    task = TASKS["flowmap"]
+    data = task.load()
+    x, y = data[0][:32], data[1][:32]
+    models = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        models.append(quiet_build(task, data))
+    options = dict(task.snopt_options)
+    suite_opt = optimizers.make_optimizer("snopt", models[0], 0.01, options)
+    overrides = {k: options[k] for k in ("update_freq", "full_precond") if k in options}
+    paper = tds.SNOpt.paper(models[1], lr=0.01, **overrides)
+    for _ in range(3):
+        for model, opt in zip(models, (suite_opt, paper)):
+            opt.zero_grad()
+            task.loss(model, x, y).backward()
+            opt.step()
+    for p, q in zip(models[0].parameters(), models[1].parameters()):
+        assert torch.equal(p, q)
 
 
 def test_soap_is_built_with_the_given_rate_and_no_weight_decay():

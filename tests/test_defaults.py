@@ -143,7 +143,8 @@ def test_grafted_step_by_hand_over_three_steps(momentum):
     model, twin = _net(1), _net(1)
     lr, betas, geps = 0.02, (0.9, 0.999), 1e-8
     kw = dict(damping="relative", eps=0.1, update_freq=2, full_precond=True)
-    opt = tds.SNOpt(model, lr=lr, momentum=momentum, graft="adam", **kw)
+    # warmup=0: the rate ramp has its own test (test_warmup_is_the_rate_ramped_by_hand)
+    opt = tds.SNOpt(model, lr=lr, momentum=momentum, graft="adam", warmup=0, **kw)
     pre = tds.SNOptPreconditioner(twin, **kw)
     adam: dict[str, dict] = {}
     bufs: dict[str, torch.Tensor] = {}
@@ -189,7 +190,7 @@ def test_uncovered_parameters_take_adams_step():
     model, ref = _net(2), _net(2)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        opt = tds.SNOpt(model, lr=0.03, full_precond=False)
+        opt = tds.SNOpt(model, lr=0.03, full_precond=False, warmup=0)
     outer = [p for n, p in ref.named_parameters() if not n.startswith("ode.")]
     adam = torch.optim.Adam(outer, lr=0.03)
     for step in range(3):
@@ -225,6 +226,7 @@ def test_paper_rule_is_eq14_with_heavy_ball():
             momentum=0.9,
             update_freq=100,
             full_precond=False,
+            warmup=0,
         )
     for step in range(4):
         for m, o in ((a, pa), (b, pb)):
@@ -287,7 +289,7 @@ def test_resume_with_graft_state_is_exact():
 
 @pytest.mark.parametrize("graft", ["adam", "none"])
 def test_warmup_is_the_rate_ramped_by_hand(graft):
-    """``warmup=4`` takes the same steps as no warmup whose rate is set by hand to
+    """``warmup=4`` takes the same steps as ``warmup=0`` whose rate is set by hand to
     ``lr·min(1, k/4)`` before the ``k``-th step (k = 1..7), bit for bit, with the graft and
     with the paper's rule (momentum 0.9); its first step is a quarter of the unramped one.
 
@@ -297,8 +299,8 @@ def test_warmup_is_the_rate_ramped_by_hand(graft):
     kw = dict(graft=graft, momentum=0.0 if graft == "adam" else 0.9, update_freq=3)
     warm, hand, plain = _net(6), _net(6), _net(6)
     opt_w = tds.SNOpt(warm, lr=0.03, warmup=4, **kw)
-    opt_h = tds.SNOpt(hand, lr=0.03, **kw)
-    opt_p = tds.SNOpt(plain, lr=0.03, **kw)
+    opt_h = tds.SNOpt(hand, lr=0.03, warmup=0, **kw)
+    opt_p = tds.SNOpt(plain, lr=0.03, warmup=0, **kw)
     first = {}
     for k in range(1, 8):
         xb, yb = x[(k - 1) * 16 : k * 16], y[(k - 1) * 16 : k * 16]

@@ -131,7 +131,7 @@ class StepConfig:
     graft: Graft | str = Graft.ADAM
     betas: tuple[float, float] = (0.9, 0.999)
     graft_eps: float = 1e-8
-    warmup: int = 0
+    warmup: int = 5
 
     def __post_init__(self) -> None:
         check_lr(self.lr)

@@ -586,9 +586,10 @@ class SNOpt(torch.optim.Optimizer):
         betas: Adam's ``(β1, β2)`` of the graft (default ``(0.9, 0.999)``; rarely changed).
         graft_eps: Adam's ``ε`` of the graft (default 1e-8; rarely changed).
         warmup: steps over which the rate ramps up linearly, ``lr·min(1, k/warmup)`` at the
-            ``k``-th committed step, ``k = 1, 2, …`` (default 0: none; 0 in :meth:`paper`).
+            ``k``-th committed step, ``k = 1, 2, …`` (default 5; 0: none, as in :meth:`paper`).
             The first steps are the longest relative to the weights (Adam's normalised step
-            is about ``lr`` per entry), and a field they make stiff stays stiff.
+            is about ``lr`` per entry), and a field they make stiff stays stiff: raise it
+            (10) if the adaptive solver's steps climb in the first iterations.
         eps: damping (default 0.1), with ``damping`` (default ``"relative"``): see
             :class:`SNOptPreconditioner`, as for ``update_freq`` (default 10), ``alpha``,
             ``full_precond`` (default True), ``grid_size``, ``weight_decay``, ``kl_clip``
@@ -611,7 +612,7 @@ class SNOpt(torch.optim.Optimizer):
         graft: Graft | str = Graft.ADAM,
         betas: tuple[float, float] = (0.9, 0.999),
         graft_eps: float = 1e-8,
-        warmup: int = 0,
+        warmup: int = 5,
         eps: float = 0.1,
         damping: Damping | str = Damping.RELATIVE,
         update_freq: int = 10,

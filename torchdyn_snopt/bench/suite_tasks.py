@@ -31,7 +31,13 @@ __all__ += ["test_metric", "FIXED_DAMPING"]
 #: step is ``lr`` times the preconditioned gradient) and heavy-ball momentum 0.9, so changes
 #: of ``SNOpt``'s defaults move ``snopt-default`` only. Each task sets its own refresh
 #: interval and ``full_precond`` beside it.
-FIXED_DAMPING: dict[str, Any] = {"eps": 0.05, "damping": "fixed", "graft": "none", "momentum": 0.9}
+FIXED_DAMPING: dict[str, Any] = {
+    "eps": 0.05,
+    "damping": "fixed",
+    "graft": "none",
+    "momentum": 0.9,
+    "warmup": 0,
+}
 
 #: The tuned ``snopt``'s refresh interval and layer coverage per kind of task (as tuned when
 #: the suite was built; the bench modules' own options follow ``SNOpt``'s defaults).
