@@ -20,6 +20,8 @@ step: collect -> agree (across ranks) -> refresh -> precondition -> commit.
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
+from types import MappingProxyType
 from typing import Any, cast
 
 import torch
@@ -96,6 +98,22 @@ class _PassCounter:
         """Passes since the last call."""
         count, self.count = self.count, 0
         return count
+
+
+#: The published configuration that :meth:`SNOpt.paper` applies (Alg. 1, eq. 14; the
+#: released experiments' settings): fixed Tikhonov damping 0.05, no graft, heavy-ball momentum
+#: 0.9, no warmup, a refresh every 100 steps, the ODEs' layers only.
+PAPER_RULE: Mapping[str, Any] = MappingProxyType(
+    {
+        "momentum": 0.9,
+        "graft": Graft.NONE,
+        "damping": Damping.FIXED,
+        "eps": 0.05,
+        "warmup": 0,
+        "update_freq": 100,
+        "full_precond": False,
+    }
+)
 
 
 def _probe(pair: Eigenpairs | None) -> Tensor | None:
@@ -672,17 +690,7 @@ class SNOpt(torch.optim.Optimizer):
         Tikhonov damping ``eps=0.05``, no graft (``p ← p − lr·d``), heavy-ball momentum 0.9,
         a curvature refresh every 100 steps, the ODEs' layers only. ``overrides``: any other
         keyword of :class:`SNOpt`, replacing these."""
-        settings: dict[str, Any] = {
-            "momentum": 0.9,
-            "graft": Graft.NONE,
-            "damping": Damping.FIXED,
-            "eps": 0.05,
-            "update_freq": 100,
-            "full_precond": False,
-            "warmup": 0,
-            **overrides,
-        }
-        return cls(model, lr, **settings)
+        return cls(model, lr, **{**PAPER_RULE, **overrides})
 
     @torch.no_grad()
     def step(self, closure: Any = None) -> Any:

@@ -22,21 +22,17 @@ from torchdyn.core import NeuralODE
 
 from torchdyn_snopt.bench.loop import Data
 from torchdyn_snopt.bench.task import Task, cross_entropy, mean_loss, mse, quiet_build, test_metric
+from torchdyn_snopt.optim import PAPER_RULE
 
 __all__ = ["TASKS", "Data", "Task", "cross_entropy", "mean_loss", "mse", "quiet_build"]
 __all__ += ["test_metric", "FIXED_DAMPING"]
 
-#: The tuned ``snopt``'s update rule, pinned to the paper's (``SNOpt.paper``): fixed Tikhonov
-#: damping ``eps`` at the released experiments' value (implementation notes), no graft (the
-#: step is ``lr`` times the preconditioned gradient) and heavy-ball momentum 0.9, so changes
-#: of ``SNOpt``'s defaults move ``snopt-default`` only. Each task sets its own refresh
-#: interval and ``full_precond`` beside it.
+#: The tuned ``snopt``'s update rule: the paper's (``SNOpt.paper``, :data:`PAPER_RULE`: fixed
+#: Tikhonov damping at the released experiments' value, no graft, heavy-ball momentum 0.9, no
+#: warmup), so changes of ``SNOpt``'s defaults move ``snopt-default`` only. Each task sets its
+#: own refresh interval and ``full_precond`` beside it.
 FIXED_DAMPING: dict[str, Any] = {
-    "eps": 0.05,
-    "damping": "fixed",
-    "graft": "none",
-    "momentum": 0.9,
-    "warmup": 0,
+    k: v for k, v in PAPER_RULE.items() if k not in ("update_freq", "full_precond")
 }
 
 #: The tuned ``snopt``'s refresh interval and layer coverage per kind of task (as tuned when
