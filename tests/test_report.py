@@ -46,6 +46,7 @@ def _suite(tmp_path):
         "settings": {
             "budget_s": 12.0,
             "seeds": 3,
+            "n_evals": 24,
             "stall_fraction": 0.9,
             "snopt_default": "SNOpt(model)",
         },

@@ -44,10 +44,11 @@ TUNED: tuple[str, ...] = ("adam", "sgd", "soap", "snopt")
 #: (``SNOpt(model, lr=lr)``, every other argument at its default; never tuned by ``--sweep``).
 SENSITIVITY_OPTIMIZERS: tuple[str, ...] = (*TUNED, "snopt-default")
 #: Training seconds per run. A full run (9 tasks x 5 optimizers x 3 seeds = 135 runs):
-#: 135 x 18 s = 2,430 s of training, plus evaluations and set-up measured at about 360 s in
-#: all on one core (per run: 13 training-loss evaluations and one test evaluation; 4.6-6.9 s
-#: for the image tasks, 0.3-1.8 s for the others): about 47 min, and under 53 min should the
-#: trained ODEs need twice the solver steps to evaluate.
+#: 135 x 18 s = 2,430 s of training, plus evaluations and set-up measured at about 550 s in
+#: all on one core (per run: 25 training-loss evaluations and one test evaluation; 5.4-12 s
+#: for the image tasks, 0.7-2.8 s for the others, 62 s for SGD's diverged Fashion-MNIST run):
+#: about 50 min, and under 60 min should the trained ODEs need twice the solver steps to
+#: evaluate.
 DEFAULT_BUDGET_S = 18.0
 DEFAULT_SEEDS = 3
 #: Training seconds per run of ``--sweep`` / ``--lr-sensitivity`` (one seed; 5 / 11 rates per
@@ -59,8 +60,10 @@ DEFAULT_GRID_BUDGET_S = 5.0
 GRID_RUN_OVERHEAD_S = 3.7
 #: ``--quick``: one seed, this many seconds per run (both kinds of run).
 QUICK_BUDGET_S = 2.0
-#: Evaluations of the training loss per run (plus one at 0 s); fewer in a grid run.
-N_EVALS, GRID_EVALS = 12, 5
+#: Evaluations of the training loss per run (plus one at 0 s); fewer in a grid run. A time
+#: to a loss is resolved to ``budget / N_EVALS`` (with 12, every ratio to Adam's time sat just
+#: above a multiple of 1/12; 24 halves that step for every optimizer alike).
+N_EVALS, GRID_EVALS = 24, 5
 #: A rate is usable when its final training loss is within this factor of the grid's best
 #: (``loss − best <= (USABLE − 1) |best|``, so NLLs below 0 work too) and its run neither
 #: failed nor stalled (the stall rule keeps an NLL's arbitrary offset from making every rate
