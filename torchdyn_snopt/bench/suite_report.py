@@ -247,7 +247,7 @@ def suite_markdown(
         f"{s['seeds']} seed(s); same initial weights and minibatch stream for every optimizer",
         "- time to Adam's loss: per seed, the first logged time whose training loss is <= "
         "tuned Adam's final training loss of that seed, and its ratio to Adam's own first "
-        f"time (median over seeds; inf = never); the training loss is logged at 0 s and every "
+        "time (median over seeds; inf = never); the training loss is logged at 0 s and every "
         f"1/{s['n_evals']} of the budget, so a time is resolved to that step",
         f"- a run is *diverged* when it raised or its loss went non-finite, *stalled* when its "
         f"final training loss is not below {s['stall_fraction']:g}x the initial one (or its ODE "
