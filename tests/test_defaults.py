@@ -144,7 +144,8 @@ def test_grafted_step_by_hand_over_three_steps(momentum):
     lr, betas, geps = 0.02, (0.9, 0.999), 1e-8
     kw = dict(damping="relative", eps=0.1, update_freq=2, full_precond=True)
     # warmup=0: the rate ramp has its own test (test_warmup_is_the_rate_ramped_by_hand)
-    opt = tds.SNOpt(model, lr=lr, momentum=momentum, graft="adam", warmup=0, **kw)
+    # length_cap=None: the cap has its own test (test_length_cap_by_hand)
+    opt = tds.SNOpt(model, lr=lr, momentum=momentum, graft="adam", warmup=0, length_cap=None, **kw)
     pre = tds.SNOptPreconditioner(twin, **kw)
     adam: dict[str, dict] = {}
     bufs: dict[str, torch.Tensor] = {}
@@ -180,6 +181,70 @@ def test_grafted_step_by_hand_over_three_steps(momentum):
         with torch.no_grad():
             for p, q in zip(twin.parameters(), model.parameters()):
                 p.copy_(q)
+
+
+#: (minibatch, loss factor) of test_length_cap_by_hand's steps: one minibatch with alternating
+#: signs keeps Adam's ``m̂`` (and so ``‖u‖``) short, agreeing ones let it grow back, as the
+#: gradients before a late loss spike do
+_STREAM = ((0, 1.0), (0, -1.0), (0, 1.0), (0, -1.0), (1, 1.0), (2, 1.0), (3, 1.0), (4, 1.0))
+
+
+@pytest.mark.parametrize(("full_precond", "warmup"), [(True, 0), (True, 2), (False, 3)])
+def test_length_cap_by_hand(full_precond, warmup):
+    """``length_cap=2``: each covered layer moves by ``lr_k·min(‖u‖, 2·s)/‖d‖·d`` and each
+    uncovered parameter by ``lr_k·min(‖u‖, 2·s)/‖u‖·u``, where ``s`` is the shortest nonzero
+    ``‖u‖`` of that layer (parameter) over the steps after the warmup, ``lr_k`` the ramped
+    rate; computed by hand from Adam's moments and a twin preconditioner's ``P`` over eight
+    steps whose gradients first alternate in sign (``‖u‖`` shrinks) and then agree (it
+    grows back). Measured 1e-17; bound 1e-13. The cap binds on some step of covered layers
+    and of uncovered parameters.
+
+    Kills: no cap; a cap relative to the last (not the shortest) length; the shortest taken
+    over the warmup too; the cap applied to covered layers only; a state that is reset."""
+    x, y = _classes(5 * 16, 11)
+    model, twin = _net(11), _net(11)
+    lr, cap, betas, geps = 0.02, 2.0, (0.9, 0.999), 1e-8
+    kw = dict(damping="relative", eps=0.1, update_freq=2, full_precond=full_precond)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # full_precond=False names the uncovered layers
+        opt = tds.SNOpt(model, lr=lr, warmup=warmup, length_cap=cap, **kw)
+        pre = tds.SNOptPreconditioner(twin, **kw)
+    covered = ("ode.vf.vf.l1", "ode.vf.vf.l2") + (("enc", "head") if full_precond else ())
+    uncovered = () if full_precond else ("enc.weight", "enc.bias", "head.weight", "head.bias")
+    adam: dict[str, dict] = {}
+    shortest: dict[str, float] = {}
+    bound: set[str] = set()
+    for k, (batch, factor) in enumerate(_STREAM, start=1):
+        xb, yb = x[batch * 16 : (batch + 1) * 16], y[batch * 16 : (batch + 1) * 16]
+        for m in (model, twin):
+            m.zero_grad()
+            (factor * F.cross_entropy(m(xb), yb)).backward()
+        raw = {n: p.grad.clone() for n, p in model.named_parameters()}
+        before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        opt.step()
+        assert pre.step()
+        lr_k = lr * min(1.0, k / warmup) if warmup else lr
+        twin_grads = {n: p.grad for n, p in twin.named_parameters()}
+        got = dict(model.named_parameters())
+        groups = [(c, [f"{c}.weight", f"{c}.bias"], True) for c in covered]
+        groups += [(n, [n], False) for n in uncovered]
+        for key, names, is_covered in groups:
+            u = [_adam_direction(raw[n], adam.setdefault(n, {}), betas, geps, k) for n in names]
+            length = float(torch.sqrt(sum((v * v).sum() for v in u)))
+            if k > warmup:
+                shortest[key] = min(shortest.get(key, float("inf")), length)
+                if length > cap * shortest[key]:
+                    bound.add(key)
+                    length = cap * shortest[key]
+            d = [twin_grads[n] for n in names] if is_covered else u
+            d_norm = torch.sqrt(sum((v * v).sum() for v in d))
+            for n, dn in zip(names, d):
+                want = before[n] - lr_k * length / d_norm * dn
+                torch.testing.assert_close(got[n].detach(), want, rtol=0, atol=1e-13)
+        with torch.no_grad():
+            for p, q in zip(twin.parameters(), model.parameters()):
+                p.copy_(q)
+    assert bound & set(covered) and (full_precond or bound & set(uncovered)), bound
 
 
 def test_uncovered_parameters_take_adams_step():
@@ -270,13 +335,14 @@ def test_defaults_beat_adam_at_its_default_rate(task):
 
 
 def test_resume_with_graft_state_is_exact():
-    """state_dict carries Adam's moments of the graft and the preconditioner's state: a
-    resumed run takes bit-identical steps."""
+    """state_dict carries Adam's moments of the graft, the shortest lengths of its cap and
+    the preconditioner's state: a resumed run takes bit-identical steps."""
     x, y = _classes(96, 4)
     model = _net(4)
     opt = tds.SNOpt(model, update_freq=3)
-    _train(model, opt, x, y, F.cross_entropy, 4, batch=16)
+    _train(model, opt, x, y, F.cross_entropy, 7, batch=16)  # past the warmup: capped lengths
     saved_model, saved_opt = copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict())
+    assert sum("shortest" in e for e in saved_opt["state"].values()) == len(LAYERS)
     _train(model, opt, x[64:], y[64:], F.cross_entropy, 3, batch=16)
     resumed = _net(99)
     resumed.load_state_dict(saved_model)
@@ -347,6 +413,9 @@ def test_resume_inside_the_warmup_is_exact():
         ({"warmup": -1}, r"warmup=-1.*int >= 0"),
         ({"warmup": 2.5}, r"warmup=2\.5.*int >= 0"),
         ({"warmup": True}, r"warmup=True.*int >= 0"),
+        ({"length_cap": 0.5}, r"length_cap=0\.5.*None \(off\) or a finite float >= 1"),
+        ({"length_cap": float("inf")}, r"length_cap=inf"),
+        ({"length_cap": True}, r"length_cap=True"),
     ],
 )
 def test_bad_step_options_raise_and_change_nothing(kwargs, match):

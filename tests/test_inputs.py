@@ -169,6 +169,27 @@ def test_load_state_dict_of_other_widths_is_refused_before_changing_anything():
     assert _same(before, _snapshot(opt))
 
 
+def test_load_state_dict_with_a_bad_graft_state_is_refused_before_changing_anything():
+    """The graft's per-layer shortest length (``length_cap``) is a 0-d tensor; one of another
+    shape (a hand-edited or foreign checkpoint) is named and refused before anything changes.
+    """
+    torch.manual_seed(0)
+    model = OdeClassifier().to(DTYPE)
+    opt = tds.SNOpt(model, lr=0.05, update_freq=2, warmup=1)  # steps 2, 3 record a shortest
+    x, y = classification_data(32)
+    for _ in range(3):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    before = _snapshot(opt)
+    state = _snapshot(opt)  # a copy: state_dict() shares the live per-parameter dicts
+    index = next(i for i, e in state["state"].items() if "shortest" in e)
+    state["state"][index]["shortest"] = torch.ones(2, dtype=DTYPE)
+    with pytest.raises(ValueError, match=rf"shortest of parameter {index} has shape \(2,\)"):
+        opt.load_state_dict(state)
+    assert _same(before, _snapshot(opt))
+
+
 def test_preconditioner_state_dict_missing_keys_is_refused():
     _, opt = _trained_opt()
     with pytest.raises(ValueError, match=r"lacks \['steps'\]"):

@@ -123,7 +123,7 @@ class PrecondConfig:
 class StepConfig:
     """:class:`~torchdyn_snopt.SNOpt`'s own step settings (documented there): ``lr``,
     ``momentum``, ``graft`` (:class:`Graft`), Adam's ``betas`` and ``graft_eps`` of the graft,
-    and the ``warmup`` steps of the rate.
+    the ``warmup`` steps of the rate and the graft's ``length_cap`` (None = off).
     """
 
     lr: float = 0.05
@@ -132,9 +132,15 @@ class StepConfig:
     betas: tuple[float, float] = (0.9, 0.999)
     graft_eps: float = 1e-8
     warmup: int = 5
+    length_cap: float | None = 2.0
 
     def __post_init__(self) -> None:
         check_lr(self.lr)
+        cap = self.length_cap
+        if cap is not None and (isinstance(cap, bool) or not (_finite_number(cap) and cap >= 1)):
+            raise ValueError(
+                f"length_cap={cap!r} is invalid; accepted: None (off) or a finite float >= 1"
+            )
         mom = self.momentum
         if not (isinstance(mom, int | float) and 0.0 <= mom < 1.0):
             raise ValueError(f"momentum={mom!r} is invalid; accepted: a float in [0, 1)")
@@ -160,6 +166,8 @@ class StepConfig:
         object.__setattr__(self, "betas", (float(betas[0]), float(betas[1])))
         for name in ("lr", "momentum", "graft_eps"):
             object.__setattr__(self, name, float(getattr(self, name)))
+        if cap is not None:
+            object.__setattr__(self, "length_cap", float(cap))
 
 
 __all__ = [

@@ -102,7 +102,8 @@ class _PassCounter:
 
 #: The published configuration that :meth:`SNOpt.paper` applies (Alg. 1, eq. 14; the
 #: released experiments' settings): fixed Tikhonov damping 0.05, no graft, heavy-ball momentum
-#: 0.9, no warmup, a refresh every 100 steps, the ODEs' layers only.
+#: 0.9, no warmup (and no cap on a graft's length), a refresh every 100 steps, the ODEs' layers
+#: only.
 PAPER_RULE: Mapping[str, Any] = MappingProxyType(
     {
         "momentum": 0.9,
@@ -110,6 +111,7 @@ PAPER_RULE: Mapping[str, Any] = MappingProxyType(
         "damping": Damping.FIXED,
         "eps": 0.05,
         "warmup": 0,
+        "length_cap": None,
         "update_freq": 100,
         "full_precond": False,
     }
@@ -589,9 +591,11 @@ class SNOpt(torch.optim.Optimizer):
     layer's gradient ``G`` into ``P`` (eq. 14, relative damping); with ``graft="adam"`` the
     layer (weight and bias together) then moves by ``−lr·‖u‖/‖d‖·d``, where ``d`` is ``P`` (or
     its heavy-ball average with ``momentum``) and ``u = m̂/(√v̂ + graft_eps)`` is Adam's step
-    on the raw gradient (bias-corrected moments with ``betas``). SNOpt picks the direction,
+    on the raw gradient (bias-corrected moments with ``betas``), ``‖u‖`` capped at
+    ``length_cap`` times the layer's shortest since the warmup. SNOpt picks the direction,
     Adam's statistics the length, so ``lr`` means what it means for Adam. Parameters without
-    Kronecker factors take Adam's step. With ``graft="none"``: ``p ← p − lr·d`` (Alg. 1).
+    Kronecker factors take Adam's step (length capped alike). With ``graft="none"``:
+    ``p ← p − lr·d`` (Alg. 1).
 
     Args:
         model: module holding one or more snopt ``NeuralODE``s (see
@@ -608,6 +612,13 @@ class SNOpt(torch.optim.Optimizer):
             The first steps are the longest relative to the weights (Adam's normalised step
             is about ``lr`` per entry), and a field they make stiff stays stiff: raise it
             (10) if the adaptive solver's steps climb in the first iterations.
+        length_cap: with the graft, each layer's step length ``lr·‖u‖`` may not exceed
+            ``length_cap`` times the shortest it has been since the warmup (default 2.0;
+            None: off). Adam's ``‖u‖`` shrinks while a run converges and grows again when
+            the gradients outgrow their history (heavy-tailed noise, a sharpening loss),
+            which is where late loss spikes come from; the cap keeps the step from growing
+            back. Turn it off (None) or raise it (5) if a run should speed up again after a
+            plateau, e.g. when the loss's scale changes during training.
         eps: damping (default 0.1), with ``damping`` (default ``"relative"``): see
             :class:`SNOptPreconditioner`, as for ``update_freq`` (default 10), ``alpha``,
             ``full_precond`` (default True), ``grid_size``, ``weight_decay``, ``kl_clip``
@@ -631,6 +642,7 @@ class SNOpt(torch.optim.Optimizer):
         betas: tuple[float, float] = (0.9, 0.999),
         graft_eps: float = 1e-8,
         warmup: int = 5,
+        length_cap: float | None = 2.0,
         eps: float = 0.1,
         damping: Damping | str = Damping.RELATIVE,
         update_freq: int = 10,
@@ -650,6 +662,7 @@ class SNOpt(torch.optim.Optimizer):
             betas=betas,
             graft_eps=graft_eps,
             warmup=warmup,
+            length_cap=length_cap,
         )
         config = PrecondConfig(
             eps=eps,
@@ -758,24 +771,45 @@ class SNOpt(torch.optim.Optimizer):
         denom = (state["exp_avg_sq"] / (1 - b2**t)).sqrt_().add_(self.settings.graft_eps)
         return state["exp_avg"] / (1 - b1**t) / denom
 
+    def _capped(self, owner: Tensor, norm: Tensor) -> Tensor:
+        """Adam's step length ``norm`` (0-d) of the layer whose first parameter is ``owner``,
+        at most ``length_cap`` times the shortest nonzero length of that layer since the
+        warmup; the shortest is kept in ``state[owner]["shortest"]`` (inf before any)."""
+        cap = self.settings.length_cap
+        if cap is None or self.preconditioner.steps <= self.settings.warmup:
+            return norm
+        state = self.state[owner]
+        shortest = state.get("shortest")
+        if shortest is None:
+            shortest = torch.full_like(norm, torch.inf)
+        shortest = torch.where(norm > 0, torch.minimum(shortest, norm), shortest)
+        state["shortest"] = shortest
+        return torch.minimum(norm, cap * shortest)
+
     def _grafted(self, raw: dict[Tensor, Tensor]) -> None:
         """Each covered layer along its (momentum-averaged) ``P`` with the length of Adam's
-        step; uncovered parameters by Adam's step itself."""
+        step; uncovered parameters by Adam's step itself; lengths capped by ``length_cap``."""
         lr, mom = self.param_groups[0]["lr"] * self._ramp(), self.param_groups[0]["momentum"]
-        for params in self._layers:
-            params = [p for p in params if p in raw]
+        for layer in self._layers:
+            params = [p for p in layer if p in raw]
             if not params:
                 continue
             u = [self._adam(p, raw[p]) for p in params]
             d = [self._direction(p, mom) for p in params]
             u_norm = torch.stack([x.square().sum() for x in u]).sum().sqrt()
+            u_norm = self._capped(layer[0], u_norm)
             d_norm = torch.stack([x.square().sum() for x in d]).sum().sqrt()
             scale = torch.where(d_norm > 0, u_norm / d_norm, torch.zeros_like(d_norm))
             for p, x in zip(params, d):
                 p.sub_(lr * scale * x)
         for p in self._uncovered:
             if p in raw:
-                p.sub_(lr * self._adam(p, raw[p]))
+                adam = self._adam(p, raw[p])
+                if self.settings.length_cap is not None:
+                    norm = adam.norm()
+                    capped = self._capped(p, norm)
+                    adam = adam * torch.where(norm > 0, capped / norm, torch.ones_like(norm))
+                p.sub_(lr * adam)
 
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()
@@ -799,12 +833,13 @@ class SNOpt(torch.optim.Optimizer):
                     f"state_dict has state for parameter {index!r}; this optimizer has "
                     f"{len(params)} parameters"
                 )
-            for key in ("momentum_buffer", "exp_avg", "exp_avg_sq"):
+            for key in ("momentum_buffer", "exp_avg", "exp_avg_sq", "shortest"):
                 buf = entry.get(key) if isinstance(entry, dict) else None
-                if buf is not None and buf.shape != params[index].shape:
+                want = torch.Size() if key == "shortest" else params[index].shape
+                if buf is not None and buf.shape != want:
                     raise ValueError(
                         f"state_dict's {key} of parameter {index} has shape "
-                        f"{tuple(buf.shape)}, the parameter {tuple(params[index].shape)}"
+                        f"{tuple(buf.shape)}; accepted: {tuple(want)}"
                     )
         super().load_state_dict(state_dict)
         self.preconditioner.load_state_dict(precond)
