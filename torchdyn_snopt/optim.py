@@ -612,7 +612,8 @@ class SNOpt(torch.optim.Optimizer):
             The first steps are the longest relative to the weights (Adam's normalised step
             is about ``lr`` per entry), and a field they make stiff stays stiff: raise it
             (10) if the adaptive solver's steps climb in the first iterations.
-        length_cap: with the graft, each layer's step length ``lr·‖u‖`` may not exceed
+        length_cap: with the graft, each layer's Adam length ``‖u‖`` (its step length
+            before ``lr``, so a rate schedule does not move the cap) may not exceed
             ``length_cap`` times the shortest it has been since the warmup (default 2.0;
             None: off). Adam's ``‖u‖`` shrinks while a run converges and grows again when
             the gradients outgrow their history (heavy-tailed noise, a sharpening loss),
