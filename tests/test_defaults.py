@@ -141,7 +141,7 @@ def test_grafted_step_by_hand_over_three_steps(momentum):
     graft (or not at all)."""
     x, y = _classes(48, 1)
     model, twin = _net(1), _net(1)
-    lr, betas, geps = 0.02, (0.9, 0.999), 1e-8
+    lr, betas, geps = 0.02, (0.9, 0.95), 1e-8
     kw = dict(damping="relative", eps=0.1, update_freq=2, full_precond=True)
     # warmup=0: the rate ramp has its own test (test_warmup_is_the_rate_ramped_by_hand)
     # length_cap=None: the cap has its own test (test_length_cap_by_hand)
@@ -203,7 +203,7 @@ def test_length_cap_by_hand(full_precond, warmup):
     over the warmup too; the cap applied to covered layers only; a state that is reset."""
     x, y = _classes(5 * 16, 11)
     model, twin = _net(11), _net(11)
-    lr, cap, betas, geps = 0.02, 2.0, (0.9, 0.999), 1e-8
+    lr, cap, betas, geps = 0.02, 2.0, (0.9, 0.95), 1e-8
     kw = dict(damping="relative", eps=0.1, update_freq=2, full_precond=full_precond)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # full_precond=False names the uncovered layers
@@ -257,7 +257,7 @@ def test_uncovered_parameters_take_adams_step():
         warnings.simplefilter("ignore")
         opt = tds.SNOpt(model, lr=0.03, full_precond=False, warmup=0)
     outer = [p for n, p in ref.named_parameters() if not n.startswith("ode.")]
-    adam = torch.optim.Adam(outer, lr=0.03)
+    adam = torch.optim.Adam(outer, lr=0.03, betas=(0.9, 0.95))  # the graft's default betas
     for step in range(3):
         xb, yb = x[step * 16 : (step + 1) * 16], y[step * 16 : (step + 1) * 16]
         _ce_step(model, xb, yb)

@@ -640,7 +640,7 @@ class SNOpt(torch.optim.Optimizer):
         *,
         momentum: float = 0.0,
         graft: Graft | str = Graft.ADAM,
-        betas: tuple[float, float] = (0.9, 0.999),
+        betas: tuple[float, float] = (0.9, 0.95),
         graft_eps: float = 1e-8,
         warmup: int = 5,
         length_cap: float | None = 2.0,
