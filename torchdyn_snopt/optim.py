@@ -605,7 +605,10 @@ class SNOpt(torch.optim.Optimizer):
         momentum: heavy-ball momentum on ``P`` in ``[0, 1)`` (default 0: with the graft,
             Adam's moments already average; the paper's runs used 0.9 without it).
         graft: ``"adam"`` (default) or ``"none"`` (:class:`~torchdyn_snopt.config.Graft`).
-        betas: Adam's ``(β1, β2)`` of the graft (default ``(0.9, 0.999)``; rarely changed).
+        betas: Adam's ``(β1, β2)`` of the graft (default ``(0.9, 0.95)``: ``v̂`` follows the
+            last ~20 gradients, so the length does not shrink with the first ones). With
+            ``(0.9, 0.999)`` the length shrinks as the run goes on: steadier late in long
+            minibatch runs, slower to converge.
         graft_eps: Adam's ``ε`` of the graft (default 1e-8; rarely changed).
         warmup: steps over which the rate ramps up linearly, ``lr·min(1, k/warmup)`` at the
             ``k``-th committed step, ``k = 1, 2, …`` (default 5; 0: none, as in :meth:`paper`).
