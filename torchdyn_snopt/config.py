@@ -123,16 +123,18 @@ class PrecondConfig:
 class StepConfig:
     """:class:`~torchdyn_snopt.SNOpt`'s own step settings (documented there): ``lr``,
     ``momentum``, ``graft`` (:class:`Graft`), Adam's ``betas`` and ``graft_eps`` of the graft,
-    the ``warmup`` steps of the rate and the graft's ``length_cap`` (None = off).
+    the ``warmup`` steps of the rate and the graft's ``length_cap`` (None = off). No field has
+    a default: the defaults are :class:`~torchdyn_snopt.SNOpt`'s signature, which passes
+    every field.
     """
 
-    lr: float = 0.05
-    momentum: float = 0.0
-    graft: Graft | str = Graft.ADAM
-    betas: tuple[float, float] = (0.9, 0.95)
-    graft_eps: float = 1e-8
-    warmup: int = 5
-    length_cap: float | None = 2.0
+    lr: float
+    momentum: float
+    graft: Graft | str
+    betas: tuple[float, float]
+    graft_eps: float
+    warmup: int
+    length_cap: float | None
 
     def __post_init__(self) -> None:
         check_lr(self.lr)
