@@ -468,6 +468,45 @@ def test_train_for_keeps_a_failed_runs_points_and_logs_from_zero(how):
     assert r.iterations == (5 if how == "raise" else 6)
 
 
+@pytest.mark.parametrize("train_set", [False, True])
+def test_train_for_logs_the_window_mean_and_the_training_set_loss(train_set):
+    """Every point's ``window_loss`` is the mean of the minibatch losses since the previous
+    point (recorded here as the loss function returns them); ``train_loss`` is that mean, or
+    with ``train_eval_fn`` the loss on the training rows at that point (recomputed here from
+    a copy of the model's weights taken as the point is logged), with a point at 0 s."""
+    model, data = _linear_problem()
+    seen: list[float] = []
+    weights: list[torch.Tensor] = []
+
+    def loss(m: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        value = torch.nn.functional.mse_loss(m(x), y)
+        seen.append(float(value.detach()))
+        return value
+
+    def full(m: torch.nn.Module) -> float:
+        weights.append(torch.cat([p.detach().flatten() for p in m.parameters()]).clone())
+        return float(torch.nn.functional.mse_loss(m(data[0]), data[1]).detach())
+
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    r = loop.train_for(
+        model, opt, data, math.inf, name="sgd", lr=0.05, seed=0, batch_size=16, loss_fn=loss,
+        eval_fn=lambda *_: (math.nan, math.nan), train_eval_fn=full if train_set else None,
+        max_iterations=9, eval_every=3,
+    )  # fmt: skip
+    points = r.points[1:] if train_set else r.points
+    assert [p.iteration for p in points] == [3, 6, 9]
+    for k, p in enumerate(points):
+        assert p.window_loss == pytest.approx(sum(seen[3 * k : 3 * k + 3]) / 3, rel=1e-12)
+    if not train_set:
+        assert all(p.train_loss == p.window_loss for p in points)
+        return
+    assert r.points[0].seconds == 0.0 and math.isnan(r.points[0].window_loss)
+    for p, w in zip(r.points, weights):
+        fitted = data[0] @ w[:3] + w[3]
+        assert p.train_loss == pytest.approx(float(((fitted - data[1][:, 0]) ** 2).mean()))
+    assert points[-1].train_loss != pytest.approx(points[-1].window_loss)
+
+
 def test_train_for_batch_seed_sets_the_minibatch_stream():
     seen: dict[int | None, list[torch.Tensor]] = {}
     for bs in (None, 7, 7):

@@ -8,7 +8,7 @@ import math
 import pytest
 
 from torchdyn_snopt.__main__ import main
-from torchdyn_snopt.bench.report import BEGIN, END, replace_block
+from torchdyn_snopt.bench.report import BEGIN, END, curve_lines, replace_block
 
 ENV = {
     "command": "torchdyn-snopt bench suite --seeds 3",
@@ -268,6 +268,37 @@ def test_committed_pages_and_readme_block_are_what_report_writes(tmp_path):
     assert pages == sorted(p.name for p in results.glob("*.md"))
     for name in pages:
         assert (out / name).read_text() == (results / name).read_text(), name
+
+
+def test_curve_line_counts_the_points_below_adams_by_hand():
+    """Seed 0: snopt below at 2 of 3 evaluations after 0 s (the shared 0-s point is not
+    counted; equal is not below); seed 1 has no Adam run and is left out. The window mean,
+    where it differs from the logged loss, is counted the same way."""
+
+    def run(opt: str, seed: int, losses: list[float], windows: list[float]) -> dict:
+        pts = [
+            {"seconds": float(i), "train_loss": v, "window_loss": w}
+            for i, (v, w) in enumerate(zip(losses, windows))
+        ]
+        return {"optimizer": opt, "seed": seed, "points": pts}
+
+    nan = math.nan
+    runs = [
+        run("adam", 0, [2.0, 1.0, 0.5, 0.2], [nan, 1.5, 0.7, 0.3]),
+        run("snopt", 0, [2.0, 0.5, 0.5, 0.1], [nan, 1.6, 0.6, 0.2]),
+        run("sgd", 0, [2.0, 0.1, 0.1, 0.1], [nan, 0.1, 0.1, 0.1]),
+        run("snopt", 1, [2.0, 0.1, 0.1, 0.1], [nan, 0.1, 0.1, 0.1]),
+    ]
+    (line,) = curve_lines(runs)
+    assert "training-set loss below adam's" in line and "at 2 of 3 evaluations" in line
+    assert line.endswith("below adam's at 2 of 3.")
+    minibatch = [run(r["optimizer"], r["seed"], [2.0, 1.0, 0.4, 0.3], [nan, 1.0, 0.4, 0.3])
+                 for r in runs[:2]]  # fmt: skip
+    minibatch[1]["points"][2]["train_loss"] = minibatch[1]["points"][2]["window_loss"] = 0.3
+    (line,) = curve_lines(minibatch)
+    assert "training loss (minibatch mean) below adam's" in line and "1 of 3" in line
+    assert "mean minibatch loss" not in line
+    assert curve_lines([runs[0], runs[2]]) == []
 
 
 def test_footer_names_the_program_without_its_folder():

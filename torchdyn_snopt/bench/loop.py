@@ -88,7 +88,8 @@ def train_for(
     :func:`evaluate`; a density model returns its test NLL and NaN).
     ``train_eval_fn(model)``: when given, the logged training loss is its value (e.g. the
     loss on the whole training set, untimed) instead of the mean minibatch loss since the
-    previous evaluation, and a first point is logged at 0 s before any step.
+    previous evaluation (kept as ``window_loss``), and a first point is logged at 0 s before
+    any step.
     ``batch_seed``: seed of the minibatch order (default ``seed``). The order is a fresh
     permutation whenever fewer than ``batch_size`` examples are left (so epochs drop the
     remainder).
@@ -122,12 +123,12 @@ def train_for(
 
     def log_point() -> float:
         test_loss, acc = eval_fn(model, x_test, y_test)
-        if train_eval_fn is not None:
-            train_loss = train_eval_fn(model)
-        else:
-            train_loss = sum(window) / len(window) if window else float("nan")
+        window_loss = sum(window) / len(window) if window else math.nan
+        train_loss = window_loss if train_eval_fn is None else train_eval_fn(model)
         _nfe_of(model)  # the evaluations' solves are not the next iteration's
-        result.points.append(Point(spent, result.iterations, train_loss, test_loss, acc))
+        result.points.append(
+            Point(spent, result.iterations, train_loss, test_loss, acc, window_loss)
+        )
         return train_loss
 
     def finish() -> RunResult:

@@ -28,10 +28,11 @@ def write_outputs(
     title: str,
     right: tuple[str, str] = ("test_acc", "test accuracy"),
     settings: dict[str, Any] | None = None,
+    loss_label: str = "training loss (minibatch mean)",
 ) -> list[Path]:
     """JSON (environment, summary, runs, then ``settings``' keys), CSV (every logged point)
     and a PNG of the curves under ``out``; ``right`` is the :class:`Point` field and label of
-    the plot's right panel."""
+    the plot's right panel, ``loss_label`` the label of its training-loss axis."""
     out.mkdir(parents=True, exist_ok=True)
     paths = [out / f"{stem}.json", out / f"{stem}.csv", out / f"{stem}.png"]
     doc = {"environment": environment(), "summary": rows, "runs": [asdict(r) for r in runs]}
@@ -42,7 +43,7 @@ def write_outputs(
         for r in runs:
             for p in r.points:
                 w.writerow([r.optimizer, r.lr, r.seed, *asdict(p).values()])
-    plot_curves(runs, paths[2], title, right)
+    plot_curves(runs, paths[2], title, right, loss_label)
     return paths
 
 
@@ -51,9 +52,11 @@ def plot_curves(
     path: Path,
     title: str,
     right: tuple[str, str] = ("test_acc", "test accuracy"),
+    loss_label: str = "training loss (minibatch mean)",
 ) -> None:
-    """Training loss and ``right`` (default test accuracy) against training wall-clock
-    (Fig. 1/7 analogue). The loss axis is logarithmic when every loss is positive."""
+    """Training loss (axis label ``loss_label``) and ``right`` (default test accuracy)
+    against training wall-clock (Fig. 1/7 analogue). The loss axis is logarithmic when every
+    loss is positive."""
     key, label = right
     import matplotlib
 
@@ -71,7 +74,7 @@ def plot_curves(
     if all(p.train_loss > 0 for r in runs for p in r.points):
         ax_l.set_yscale("log")
     ax_l.set_xlabel("training wall-clock (s)")
-    ax_l.set_ylabel("training loss")
+    ax_l.set_ylabel(loss_label)
     ax_a.set_xlabel("training wall-clock (s)")
     ax_a.set_ylabel(label)
     accs = [p.test_acc for r in runs for p in r.points]

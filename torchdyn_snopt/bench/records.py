@@ -12,13 +12,19 @@ FLAGS: tuple[str, ...] = ("stalled", "diverged")
 
 @dataclass
 class Point:
-    """One logged evaluation: training seconds so far, iterations, losses, accuracy."""
+    """One logged evaluation: training seconds so far, iterations, losses, accuracy.
+
+    ``train_loss`` is what the bench logs as its training loss (see
+    :mod:`torchdyn_snopt.bench.trial`); ``window_loss`` is always the mean minibatch loss of
+    the iterations since the previous evaluation (NaN at a point before any iteration).
+    """
 
     seconds: float
     iteration: int
     train_loss: float
     test_loss: float
     test_acc: float
+    window_loss: float = math.nan
 
 
 @dataclass

@@ -7,8 +7,8 @@ Every published number comes from a committed run file through this command, nev
 - a ``refresh_cost.json`` (``bench refresh-cost``) becomes ``<name>.md`` with the cost
   targets and the cost per width (:func:`~torchdyn_snopt.bench.refresh_cost.markdown`);
 - any other bench JSON (``bench image``/``timeseries``/``cnf``: ``{"summary": rows, ...}``)
-  becomes ``<name>.md`` with its summary table, its PNG and the run's other
-  ``<name>_*.png`` (the CNF's density plot);
+  becomes ``<name>.md`` with its summary table, a line on where SNOpt's training-loss curve
+  lies against Adam's, its PNG and the run's other ``<name>_*.png`` (the CNF's density plot);
 - with ``--readme``, the block between :data:`BEGIN` and :data:`END` in the README is replaced
   by the suite's results table (final training loss per optimizer, time to tuned Adam's final
   loss), a line on SNOpt-at-defaults' s/iter against Adam's, a line on its usable range of
@@ -50,13 +50,59 @@ def _json_files(run_dir: Path) -> list[Path]:
 def bench_markdown(
     doc: dict[str, Any], name: str, png: str | None, extra_pngs: list[str] | None = None
 ) -> str:
-    """Page of an image/timeseries/cnf bench JSON: its summary table, its PNG and the run's
-    other PNGs (e.g. ``cnf_circles_density.png``), and provenance."""
+    """Page of an image/timeseries/cnf bench JSON: its summary table, where SNOpt's training
+    curve lies against Adam's (:func:`curve_lines`), its PNG and the run's other PNGs (e.g.
+    ``cnf_circles_density.png``), and provenance."""
     lines = [f"# {name}", "", *md_table(doc["summary"]), ""]
+    curve = curve_lines(doc.get("runs", []))
+    lines += [*curve, ""] if curve else []
     for image in ([png] if png else []) + (extra_pngs or []):
         lines += [f"![{Path(image).stem}]({image})", ""]
     lines += [footer(doc.get("environment")), ""]
     return "\n".join(lines)
+
+
+def _below(runs: list[dict[str, Any]], key: str) -> tuple[int, int]:
+    """``(points, of)``: at how many of the evaluations after 0 s SNOpt's ``key`` lies below
+    Adam's of the same seed (the k-th evaluation of one against the k-th of the other)."""
+    by = {(r["optimizer"], r["seed"]): r["points"] for r in runs}
+    below = total = 0
+    for (opt, seed), ours in by.items():
+        theirs = by.get(("adam", seed))
+        if opt != "snopt" or theirs is None:
+            continue
+        for a, b in zip(theirs, ours):
+            if a["seconds"] > 0 and b["seconds"] > 0:
+                total += 1
+                below += int(b[key] < a[key])
+    return below, total
+
+
+def curve_lines(runs: list[dict[str, Any]]) -> list[str]:
+    """One line on where SNOpt's training-loss curve lies against Adam's (same seeds), and,
+    where the logged loss is the training set's, also on the minibatch mean since the
+    previous evaluation (``window_loss``); nothing without both optimizers."""
+    below, total = _below(runs, "train_loss")
+    if not total:
+        return []
+    pts = [p for r in runs for p in r["points"] if p["seconds"] > 0]
+    train_set = any(
+        "window_loss" in p and p["window_loss"] == p["window_loss"]
+        and p["window_loss"] != p["train_loss"]
+        for p in pts
+    )  # fmt: skip
+    what = "training-set loss" if train_set else "training loss (minibatch mean)"
+    line = (
+        f"snopt's {what} below adam's (same seed, k-th evaluation against k-th) at {below} of "
+        f"{total} evaluations after 0 s"
+    )
+    if train_set:
+        w_below, w_total = _below(runs, "window_loss")
+        line += (
+            f"; its mean minibatch loss since the previous evaluation below adam's at "
+            f"{w_below} of {w_total}"
+        )
+    return [line + "."]
 
 
 def readme_table(doc: dict[str, Any], sensitivity: dict[str, Any] | None = None) -> str:

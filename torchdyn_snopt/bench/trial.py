@@ -3,8 +3,10 @@
 
 - :data:`TEST_CURVE` (``bench image``, ``timeseries``, ``cnf``, ``second-order``,
   ``horizon``): the logged training loss is the mean minibatch loss since the previous
-  evaluation and the task's test metric is evaluated at every logged point; a solver failure
-  drops the run's points (a warning, ``extra["diverged"] = 1``).
+  evaluation (with ``Trial.train_set_loss``, as ``bench image`` sets it: the task's loss on
+  its training evaluation rows, untimed, first point at 0 s) and the task's test metric is
+  evaluated at every logged point; a solver failure drops the run's points (a warning,
+  ``extra["diverged"] = 1``).
 - :data:`TRAIN_CURVE` (``bench suite``): the logged training loss is the task's loss on its
   training evaluation rows (untimed, first point at 0 s); the test metric is evaluated once,
   on the final model; a failed run keeps what it logged; the minibatch stream is seeded per
@@ -51,7 +53,9 @@ class Trial:
     ``snopt_options`` override the task's; ``sensitivity`` is the backward solver of the
     optimizers other than SNOpt (SNOpt always uses ``"snopt"``); ``n_evals`` (None: the
     task's) evaluations are spread evenly over the budget, plus one every ``eval_every``
-    iterations; ``tag`` is appended to the run's label.
+    iterations; ``train_set_loss``: log the loss on the task's training evaluation rows as the
+    training loss under :data:`TEST_CURVE` too (:data:`TRAIN_CURVE` always does); ``tag`` is
+    appended to the run's label.
     """
 
     task: Task
@@ -66,6 +70,7 @@ class Trial:
     n_evals: int | None = None
     max_iterations: int | None = None
     eval_every: int | None = None
+    train_set_loss: bool = False
     tag: str = ""
 
     def __post_init__(self) -> None:
@@ -164,7 +169,11 @@ def run_trial(
         before_step=getattr(opt, "set_batch", None),
         loss_fn=task.loss,
         eval_fn=(lambda *_: (math.nan, math.nan)) if train_curve else task.test,
-        train_eval_fn=(lambda m: mean_loss(task, m, x_eval, y_eval)) if train_curve else None,
+        train_eval_fn=(
+            (lambda m: mean_loss(task, m, x_eval, y_eval))
+            if train_curve or trial.train_set_loss
+            else None
+        ),
         batch_seed=batch_seed(task.name, trial.seed) if train_curve else None,
         max_nfe=task.max_nfe,
         catch_failures=True,
