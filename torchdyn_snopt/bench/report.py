@@ -63,8 +63,9 @@ def bench_markdown(
 
 
 def _below(runs: list[dict[str, Any]], key: str) -> tuple[int, int]:
-    """``(points, of)``: at how many of the evaluations after 0 s SNOpt's ``key`` lies below
-    Adam's of the same seed (the k-th evaluation of one against the k-th of the other)."""
+    """``(below, total)``: of the ``total`` evaluations after 0 s that SNOpt's and Adam's runs
+    of the same seed both logged (the k-th of one against the k-th of the other), how many
+    have SNOpt's ``key`` strictly below Adam's."""
     by = {(r["optimizer"], r["seed"]): r["points"] for r in runs}
     below = total = 0
     for (opt, seed), ours in by.items():
