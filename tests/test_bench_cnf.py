@@ -45,6 +45,15 @@ def test_cli_bench_cnf_circles_smoke(tmp_path, capsys):
         assert math.isfinite(row["test_nll"]) and row["s_per_iter"] > 0
         assert row["peak_memory_mb"] == row["peak_memory_mb"] and row["nfe_forward"] > 0
     assert set(data["lrs"]) == {"adam", "sgd", "snopt"} and data["lr_check"] == []
+    # training NLL on the training points from 0 s (the same initial weights and Hutchinson
+    # noise: one value for every optimizer), the minibatch mean beside it
+    assert len({run["points"][0]["train_loss"] for run in data["runs"]}) == 1
+    for run in data["runs"]:
+        first, *rest = run["points"]
+        assert first["seconds"] == 0.0 and math.isnan(first["window_loss"])
+        assert rest and all(math.isfinite(p["window_loss"]) for p in rest)
+    last = {run["optimizer"]: run["points"][-1]["train_loss"] for run in data["runs"]}
+    assert {row["optimizer"]: row["train_nll"] for row in data["summary"]} == last
     with open(out / "cnf_circles.csv") as fh:
         assert {r["optimizer"] for r in csv.DictReader(fh)} == {"adam", "sgd", "snopt"}
     assert (out / "cnf_circles.png").read_bytes()[:8] == PNG

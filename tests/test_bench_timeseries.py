@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import warnings
 
 import pytest
@@ -29,9 +30,23 @@ def test_cli_bench_timeseries_smoke(tmp_path, capsys):
     for row in data["summary"]:
         assert 0.0 <= row["final_acc"] <= 1.0 and row["s_per_iter"] > 0
         assert row["nfe_forward"] > 0
+    _check_training_set_curves(data["runs"])
+    last = {run["optimizer"]: run["points"][-1]["train_loss"] for run in data["runs"]}
+    assert {row["optimizer"]: row["final_train_loss"] for row in data["summary"]} == last
     assert (out / f"{stem}.csv").exists()
     assert (out / f"{stem}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert capsys.readouterr().out == ""
+
+
+def _check_training_set_curves(runs: list[dict]) -> None:
+    """Each run logs the training-set loss from a 0-s point (the shared initial weights: the
+    same value for every optimizer), and the minibatch mean since the previous point beside it."""
+    firsts = {run["points"][0]["train_loss"] for run in runs}
+    assert len(firsts) == 1 and all(math.isfinite(v) and v > 0 for v in firsts)
+    for run in runs:
+        first, *rest = run["points"]
+        assert first["seconds"] == 0.0 and math.isnan(first["window_loss"])
+        assert rest and all(p["window_loss"] > 0 and p["train_loss"] > 0 for p in rest)
 
 
 def test_bad_arguments_name_them():

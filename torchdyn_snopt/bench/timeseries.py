@@ -208,7 +208,9 @@ def bench_timeseries(
     def after(trial: Trial, _m: nn.Module, _o: object, result: RunResult) -> None:
         result.extra["weight_decay"] = trial.weight_decay
 
-    base = Trial(spec, "", 0.0, 0, budget_s)
+    # the logged training loss is the loss on the whole training set at each point (untimed,
+    # from 0 s), as bench suite and bench image log it; the minibatch mean stays as window_loss
+    base = Trial(spec, "", 0.0, 0, budget_s, train_set_loss=True)
     stem = f"timeseries_{dataset}_{model}"
     grid_mode = sweep or sweep_wd
     if grid_mode:  # seed 0 over a grid: learning rates without decay, or decays
@@ -245,6 +247,7 @@ def bench_timeseries(
             session.out,
             stem,
             f"{dataset} / {model}: {budget_s:g} s per run, {seeds} seed(s)",
+            loss_label="training loss (training set)",
         )
     session.finish(
         rows,
