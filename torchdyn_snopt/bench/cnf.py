@@ -4,7 +4,9 @@ An :class:`~torchdyn_snopt.models.FFJORD` (Hutchinson trace, dopri5 at 1e-5) is 
 2-D toy (circles on ``t ∈ [0, 10]`` as in Chen et al. 2018, moons, 8 Gaussians) or a tabular
 set (breast cancer, wine, Shuttle) by every optimizer from the same initial weights with the
 same minibatch stream for the same training wall-clock; the metric is the test negative
-log-likelihood in nats (Hutchinson estimate with fixed noise, lower is better). All optimizers
+log-likelihood in nats (Hutchinson estimate with fixed noise, lower is better), the logged
+training loss the NLL on the first :data:`EVAL_POINTS` training points at each evaluation
+(untimed, from 0 s; the minibatch mean kept as ``window_loss``). All optimizers
 share the snopt backward solve (Adam/SGD never arm its curvature sampling); ``--lr-check``
 first runs each optimizer over a small learning-rate grid and keeps the lowest test NLL.
 """

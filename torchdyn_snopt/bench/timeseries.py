@@ -4,7 +4,9 @@ The paper's time-series setting on UEA data shipped with sktime (BasicMotions, J
 official train/test split): the ODE-RNN hybrid (Neural ODE between observations, GRU cell at
 observations, linear head) or a Neural CDE on torchcde's Hermite cubic path, each trained by
 every optimizer from the same initial weights with the same minibatch stream for the same
-training wall-clock. SNOpt preconditions every layer (``full_precond``: the GRU cell and the
+training wall-clock; the logged training loss is the loss on the whole training set at each
+evaluation (untimed, from 0 s), the minibatch mean since the previous one kept beside it
+(``window_loss``). SNOpt preconditions every layer (``full_precond``: the GRU cell and the
 heads with K-FAC, the ODE fields with eq. 13). ``--sweep`` runs the learning-rate check per
 optimizer (seed 0) from which the default learning rates (``DEFAULT_LRS``) were picked;
 ``--sweep-wd`` the weight-decay check (seed 0, each optimizer at its learning rate) behind
