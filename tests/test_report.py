@@ -9,6 +9,7 @@ import pytest
 
 from torchdyn_snopt.__main__ import main
 from torchdyn_snopt.bench.report import BEGIN, END, curve_lines, replace_block
+from torchdyn_snopt.bench.scripts import tap_overhead
 
 ENV = {
     "command": "torchdyn-snopt bench suite --seeds 3",
@@ -195,15 +196,19 @@ def test_report_adds_the_target_lines_and_tables(tmp_path):
     assert "## Usable learning rates" not in page
 
     sens_run, _ = _sensitivity(tmp_path)
-    assert (
-        main(["report", str(run), str(sens_run), "--out", str(out), "--readme", str(readme)]) == 0
-    )
+    tap = tmp_path / "tap_overhead.json"  # the CurvatureTap route: 2.2/2 = 1.1x Adam's
+    times = {"adam": 2.0, "not_armed": 2.1, "armed": 3.0, "amortized": 2.2}
+    tap.write_text(json.dumps(tap_overhead.document(times, {"reps": 3, "threads": 1, "seed": 0})))
+    argv = ["report", str(run), str(sens_run), str(tap), "--out", str(out)]
+    assert main([*argv, "--readme", str(readme)]) == 0
     text = readme.read_text()
     assert (
         "Usable learning-rate range (high/low, final loss within 2× of the best, no failure): "
         "snopt-default 10× to 100×; adam 10× to 10× (target for snopt-default ≥ 30×; missed "
         "on spiral)." in text
     )
+    assert "batch 128): amortized seconds per iteration 1.1× Adam's" in text
+    assert "| amortized | 2.2 | 1.1 |" in (out / "tap_overhead.md").read_text()
     for page in (out / "suite_run.md", out / "sens_run.md"):
         md = page.read_text()
         assert "## Usable learning rates: snopt-default and adam" in md

@@ -24,3 +24,26 @@ def test_amortized_is_the_refresh_weighted_average(monkeypatch):
     k = tap_overhead.UPDATE_FREQ
     assert t["amortized"] == pytest.approx((13.0 + (k - 1) * 3.0) / k)
     assert (t["adam"], t["not_armed"], t["armed"]) == (2.0, 3.0, 13.0)
+
+
+def _doc(amortized: float) -> dict:
+    t = {"adam": 2.0, "not_armed": 2.2, "armed": 4.0, "amortized": amortized}
+    return tap_overhead.document(t, {"reps": 3, "threads": 1, "seed": 0, "json": "x.json"})
+
+
+def test_document_rows_and_target_line_by_hand():
+    doc = _doc(2.38)
+    assert tap_overhead.is_tap_overhead(doc)
+    rows = {r["variant"]: r["x_adam"] for r in doc["summary"]}
+    assert rows == pytest.approx({"adam": 1.0, "not_armed": 1.1, "armed": 2.0, "amortized": 1.19})
+    line = tap_overhead.target_line(doc)
+    assert "1.19× Adam's" in line and line.endswith("target ≤ 1.3×; met).")
+    assert tap_overhead.target_line(_doc(2.8)).endswith("target ≤ 1.3×; missed).")  # 1.4×
+    # the command that reproduces the run, without the output file
+    command = doc["environment"]["command"]
+    assert (
+        command
+        == "python -m torchdyn_snopt.bench.scripts.tap_overhead --reps 3 --threads 1 --seed 0"
+    )
+    page = tap_overhead.markdown(doc, "# tap_overhead")
+    assert "| amortized | 2.38 | 1.19 |" in page and command in page

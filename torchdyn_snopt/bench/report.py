@@ -9,11 +9,15 @@ Every published number comes from a committed run file through this command, nev
 - any other bench JSON (``bench image``/``timeseries``/``cnf``: ``{"summary": rows, ...}``)
   becomes ``<name>.md`` with its summary table, a line on where SNOpt's training-loss curve
   lies against Adam's, its PNG and the run's other ``<name>_*.png`` (the CNF's density plot);
+- a ``tap_overhead.json`` (``python -m torchdyn_snopt.bench.scripts.tap_overhead --json``)
+  becomes ``<name>.md`` with the cost of SNOpt through ``CurvatureTap`` against Adam's
+  (:func:`~torchdyn_snopt.bench.scripts.tap_overhead.markdown`);
 - with ``--readme``, the block between :data:`BEGIN` and :data:`END` in the README is replaced
   by the suite's results table (final training loss per optimizer, time to tuned Adam's final
   loss), a line on SNOpt-at-defaults' s/iter against Adam's, a line on its usable range of
-  rates when an ``--lr-sensitivity`` run with ``snopt-default`` is among the inputs, and the
-  run's command, date, machine and versions.
+  rates when an ``--lr-sensitivity`` run with ``snopt-default`` is among the inputs, a line
+  on the ``CurvatureTap`` route when a ``tap_overhead`` run is, and the suite run's command,
+  date, machine and versions.
 
 The suite's page also holds the per-task tables of those two lines (the range table only with
 such a run; the grid run's own page holds it too).
@@ -106,13 +110,19 @@ def curve_lines(runs: list[dict[str, Any]]) -> list[str]:
     return [line + "."]
 
 
-def readme_table(doc: dict[str, Any], sensitivity: dict[str, Any] | None = None) -> str:
+def readme_table(
+    doc: dict[str, Any],
+    sensitivity: dict[str, Any] | None = None,
+    tap: dict[str, Any] | None = None,
+) -> str:
     """The README's results block from a ``suite.json``: per task the final training loss of
     each optimizer (mean over seeds) with its time to tuned Adam's final loss (× Adam's), the
     test metric of Adam and of SNOpt at its defaults, and the winner; then one line each on
     SNOpt-at-defaults' s/iter against Adam's and, from ``sensitivity`` (an
     ``lr_sensitivity.json`` with a ``snopt-default`` grid), its usable range of rates
-    (:func:`~torchdyn_snopt.bench.suite_report.target_summary`)."""
+    (:func:`~torchdyn_snopt.bench.suite_report.target_summary`) and, from ``tap`` (a
+    ``tap_overhead`` run), the ``CurvatureTap`` route's amortized s/iter."""
+    from torchdyn_snopt.bench.scripts.tap_overhead import target_line
     from torchdyn_snopt.bench.suite_report import target_summary
 
     rows = []
@@ -143,7 +153,7 @@ def readme_table(doc: dict[str, Any], sensitivity: dict[str, Any] | None = None)
         "better; `never` = not within the budget). Winner: first to Adam's final loss. Runs "
         "one at a time on an otherwise idle machine."
     )
-    targets = target_summary(doc, sensitivity)
+    targets = target_summary(doc, sensitivity) + ([target_line(tap)] if tap else [])
     extra = ["", *targets] if targets else []
     return "\n".join([head, "", *md_table(rows), *extra, "", footer(doc)])
 
@@ -170,6 +180,9 @@ def report(run_dirs: list[Path], out: Path, readme: Path | None = None) -> list[
 
     # the first grid run with a snopt-default grid feeds the suite page and the README
     sens = next((d for _, d in docs if "sensitivity" in d and range_rows(d)), None)
+    from torchdyn_snopt.bench.scripts import tap_overhead
+
+    tap = next((d for _, d in docs if tap_overhead.is_tap_overhead(d)), None)
     if readme is not None and not suites:
         raise ValueError("--readme needs a bench suite run (a suite.json) among the run dirs")
     out.mkdir(parents=True, exist_ok=True)
@@ -189,6 +202,8 @@ def report(run_dirs: list[Path], out: Path, readme: Path | None = None) -> list[
             from torchdyn_snopt.bench.suite_report import sensitivity_markdown
 
             text = sensitivity_markdown(doc, png or "")
+        elif tap_overhead.is_tap_overhead(doc):
+            text = tap_overhead.markdown(doc, title=f"# {name}")
         elif "config" in doc and doc["summary"] and "armed_exact_ratio" in doc["summary"][0]:
             from torchdyn_snopt.bench import refresh_cost
 
@@ -206,7 +221,7 @@ def report(run_dirs: list[Path], out: Path, readme: Path | None = None) -> list[
     (out / "index.md").write_text("\n".join(index) + "\n")
     written.append(out / "index.md")
     if readme is not None:
-        block = readme_table(suites[0][1], sens)
+        block = readme_table(suites[0][1], sens, tap)
         readme.write_text(replace_block(readme.read_text(), block))
         written.append(readme)
     return written

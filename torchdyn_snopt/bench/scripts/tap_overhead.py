@@ -14,7 +14,10 @@ restored afterwards so every repetition integrates the same ODE:
   eigenbases are refreshed at every step;
 - ``amortized``: ``(armed + (k − 1)·not armed) / k`` at SNOpt's default ``update_freq`` ``k``.
 
-Medians over ``--reps`` interleaved repetitions, one intra-op thread by default.
+Medians over ``--reps`` interleaved repetitions, one intra-op thread by default. ``--json``
+writes the figures with the run's command, machine and versions; ``torchdyn-snopt report``
+turns that file into a page (:func:`markdown`) and the README's line on the ``CurvatureTap``
+route (:func:`target_line`, target: amortized ≤ :data:`COST_TARGET` × Adam's s/iter).
 
     python -m torchdyn_snopt.bench.scripts.tap_overhead [--reps 10] [--json F]
 """
@@ -23,21 +26,27 @@ from __future__ import annotations
 
 import argparse
 import inspect
-import json
 import statistics
 import time
 import warnings
+from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 import torchdyn_snopt as tds
+from torchdyn_snopt.bench.outputs import write_json
+from torchdyn_snopt.bench.provenance import environment, footer
+from torchdyn_snopt.bench.records import fmt, md_table
+from torchdyn_snopt.bench.suite_report import COST_TARGET
 from torchdyn_snopt.data.uea import load_uea
 from torchdyn_snopt.models.ncde import CDEFunc, NeuralCDE
 
 #: SNOpt's default refresh period, the ``k`` of the amortized cost.
 UPDATE_FREQ: int = inspect.signature(tds.SNOpt).parameters["update_freq"].default
+VARIANTS: tuple[str, ...] = ("adam", "not_armed", "armed", "amortized")
 
 
 class TapCDE(nn.Module):
@@ -102,6 +111,64 @@ def timing(reps: int, seed: int) -> dict[str, float]:
     return out
 
 
+def document(t: dict[str, float], args: dict[str, Any]) -> dict[str, Any]:
+    """The JSON of a run: ``summary`` rows (variant, s/iter, × Adam's), the raw
+    ``seconds_per_iter``, the settings and :func:`~torchdyn_snopt.bench.provenance.environment`
+    with the command that reproduces the run."""
+    flags = " ".join(f"--{k} {v}" for k, v in args.items() if k != "json")
+    command = f"python -m torchdyn_snopt.bench.scripts.tap_overhead {flags}"
+    rows = [{"variant": v, "s_per_iter": t[v], "x_adam": t[v] / t["adam"]} for v in VARIANTS]
+    settings = {**args, "update_freq": UPDATE_FREQ, "batch": 128, "solver": "rk4, step 1"}
+    return {
+        "environment": environment(command),
+        "tap_overhead": settings,
+        "summary": rows,
+        "seconds_per_iter": t,
+    }
+
+
+def is_tap_overhead(doc: dict[str, Any]) -> bool:
+    """Whether ``doc`` is this script's JSON (:func:`document`)."""
+    return "tap_overhead" in doc and "seconds_per_iter" in doc
+
+
+def target_line(doc: dict[str, Any]) -> str:
+    """The README's line on the ``CurvatureTap`` route: amortized s/iter against Adam's."""
+    t = doc["seconds_per_iter"]
+    x = t["amortized"] / t["adam"]
+    verdict = "met" if x <= COST_TARGET else "missed"
+    return (
+        f"SNOpt through `CurvatureTap` on plain torchcde code (JapaneseVowels Neural CDE, "
+        f"batch 128): amortized seconds per iteration {fmt(x)}× Adam's (a refresh every "
+        f"{doc['tap_overhead']['update_freq']} steps; target ≤ {COST_TARGET:g}×; {verdict})."
+    )
+
+
+def markdown(doc: dict[str, Any], title: str) -> str:
+    """Page of a run: what is timed, the table of :func:`document`'s rows, the target line
+    and the run's provenance."""
+    s = doc["tap_overhead"]
+    lines = [
+        title,
+        "",
+        "Seconds per iteration of a torchcde Neural CDE classifier whose vector field is "
+        "wrapped in `tds.CurvatureTap` (JapaneseVowels, Hermite path, rk4 with one step per "
+        f"observation gap, adjoint; batch {s['batch']}), each step from the same weights and "
+        f"batch; medians over {s['reps']} interleaved repetitions, {s['threads']} thread(s). "
+        "`not_armed`: SNOpt between refreshes; `armed`: a refresh at every step (the tap "
+        "records the adjoint solve); `amortized`: `(armed + (k − 1)·not_armed) / k` at "
+        f"`update_freq` k = {s['update_freq']}.",
+        "",
+        *md_table(doc["summary"]),
+        "",
+        target_line(doc),
+        "",
+        footer(doc["environment"]),
+        "",
+    ]
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
     p.add_argument("--reps", type=int, default=10)
@@ -119,8 +186,7 @@ def main(argv: list[str] | None = None) -> dict:
     for name in ("adam", "not_armed", "armed", "amortized"):
         print(f"{name:34s} {t[name]:9.4f} {t[name] / t['adam']:8.2f}")
     if args.json:
-        with open(args.json, "w") as fh:
-            json.dump({"seconds_per_iter": t, "args": vars(args)}, fh, indent=2)
+        write_json(Path(args.json), document(t, vars(args)))
     return t
 
 
