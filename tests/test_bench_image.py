@@ -8,6 +8,7 @@ import math
 
 import pytest
 
+from tests.helpers.bench import check_points_from_zero
 from torchdyn_snopt.__main__ import main
 from torchdyn_snopt.bench.records import Point, RunResult, format_table, summary_rows
 
@@ -51,10 +52,7 @@ def test_cli_bench_image_smoke(tmp_path, capsys):
         assert row["peak_memory_mb"] == row["peak_memory_mb"]  # measured, not NaN
         assert row["reg_total"] > 0 and row["nfe_eval"] > 0  # Table 6 columns
     assert all(row["nfe_forward"] > 0 for row in data["summary"])
-    for run in data["runs"]:  # training-set loss from 0 s; the minibatch mean beside it
-        first, *rest = run["points"]
-        assert first["seconds"] == 0.0 and math.isnan(first["window_loss"])
-        assert rest and all(p["window_loss"] > 0 and p["train_loss"] > 0 for p in rest)
+    check_points_from_zero(data["runs"])  # training-set loss from 0 s; minibatch mean beside it
     with open(out / "image_digits.csv") as fh:
         rows = list(csv.DictReader(fh))
     assert {r["optimizer"] for r in rows} == {"adam", "sgd", "snopt"}

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 import torchdyn_snopt as tds
+from tests.helpers.bench import check_points_from_zero
 from tests.helpers.numerics import single_thread
 from torchdyn_snopt.__main__ import main
 from torchdyn_snopt.bench import optimizers, timeseries
@@ -43,10 +44,7 @@ def _check_training_set_curves(runs: list[dict]) -> None:
     same value for every optimizer), and the minibatch mean since the previous point beside it."""
     firsts = {run["points"][0]["train_loss"] for run in runs}
     assert len(firsts) == 1 and all(math.isfinite(v) and v > 0 for v in firsts)
-    for run in runs:
-        first, *rest = run["points"]
-        assert first["seconds"] == 0.0 and math.isnan(first["window_loss"])
-        assert rest and all(p["window_loss"] > 0 and p["train_loss"] > 0 for p in rest)
+    check_points_from_zero(runs)
 
 
 def test_bad_arguments_name_them():
