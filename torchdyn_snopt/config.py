@@ -123,7 +123,8 @@ class PrecondConfig:
 class StepConfig:
     """:class:`~torchdyn_snopt.SNOpt`'s own step settings (documented there): ``lr``,
     ``momentum``, ``graft`` (:class:`Graft`), Adam's ``betas`` and ``graft_eps`` of the graft,
-    the ``warmup`` steps of the rate and the graft's ``length_cap`` (None = off). No field has
+    the ``warmup`` steps of the rate, the graft's ``length_cap`` (None = off) and the rate's
+    ``backoff`` (0 = off). No field has
     a default: the defaults are :class:`~torchdyn_snopt.SNOpt`'s signature, which passes
     every field.
     """
@@ -135,9 +136,15 @@ class StepConfig:
     graft_eps: float
     warmup: int
     length_cap: float | None
+    backoff: float
 
     def __post_init__(self) -> None:
         check_lr(self.lr)
+        backoff = self.backoff
+        if isinstance(backoff, bool) or not (_finite_number(backoff) and backoff >= 0):
+            raise ValueError(
+                f"backoff={backoff!r} is invalid; accepted: a finite float >= 0 (0 = off)"
+            )
         cap = self.length_cap
         if cap is not None and (isinstance(cap, bool) or not (_finite_number(cap) and cap >= 1)):
             raise ValueError(
@@ -166,7 +173,7 @@ class StepConfig:
             )
         object.__setattr__(self, "graft", graft)
         object.__setattr__(self, "betas", (float(betas[0]), float(betas[1])))
-        for name in ("lr", "momentum", "graft_eps"):
+        for name in ("lr", "momentum", "graft_eps", "backoff"):
             object.__setattr__(self, name, float(getattr(self, name)))
         if cap is not None:
             object.__setattr__(self, "length_cap", float(cap))

@@ -118,6 +118,15 @@ PAPER_RULE: Mapping[str, Any] = MappingProxyType(
 )
 
 
+#: Lowest value of the back-off factor of the rate (``backoff``): the rate never falls below
+#: ``lr / 100``.
+BACKOFF_FLOOR = 1e-2
+#: Per-parameter optimizer state that ``load_state_dict`` checks by shape, and which of it is
+#: one number (0-d) rather than a tensor of the parameter's shape.
+SHAPED_STATE = ("momentum_buffer", "exp_avg", "exp_avg_sq", "last_step", "shortest", "rate_factor")
+SCALAR_STATE = ("shortest", "rate_factor")
+
+
 def _probe(pair: Eigenpairs | None) -> Tensor | None:
     """A side's basis when its next refresh may come from a sketch (see ``sketchable``)."""
     return pair[1] if pair is not None and sketchable(pair) else None
@@ -623,6 +632,15 @@ class SNOpt(torch.optim.Optimizer):
             which is where late loss spikes come from; the cap keeps the step from growing
             back. Turn it off (None) or raise it (5) if a run should speed up again after a
             plateau, e.g. when the loss's scale changes during training.
+        backoff: ``β >= 0`` of the rate's back-off (default 0: off). After the warmup the rate
+            is ``lr·f``, updated before each step as ``f ← min(1, max(0.01, f·exp(−β·c)))``,
+            ``c = cos(g, Δ)`` between the new raw gradient ``g`` and the last step ``Δ`` (a
+            hypergradient rule on the rate, Baydin et al. 2018, kept at or below ``lr``): when
+            the new gradient opposes the last step (``c > 0``: it overshot) the rate shrinks,
+            when it agrees the rate recovers towards ``lr``. Try 0.2 when late in a run the
+            loss stops falling and jumps between evaluations; leave it off for a run that
+            converges cleanly, whose rate it can only lower. Costs one stored step per
+            parameter.
         eps: damping (default 0.1), with ``damping`` (default ``"relative"``): see
             :class:`SNOptPreconditioner`, as for ``update_freq`` (default 10), ``alpha``,
             ``full_precond`` (default True), ``grid_size``, ``weight_decay``, ``kl_clip``
@@ -647,6 +665,7 @@ class SNOpt(torch.optim.Optimizer):
         graft_eps: float = 1e-8,
         warmup: int = 5,
         length_cap: float | None = 2.0,
+        backoff: float = 0.0,
         eps: float = 0.1,
         damping: Damping | str = Damping.RELATIVE,
         update_freq: int = 10,
@@ -667,6 +686,7 @@ class SNOpt(torch.optim.Optimizer):
             graft_eps=graft_eps,
             warmup=warmup,
             length_cap=length_cap,
+            backoff=backoff,
         )
         config = PrecondConfig(
             eps=eps,
@@ -716,18 +736,67 @@ class SNOpt(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         self.preconditioner.lr = self.param_groups[0]["lr"]
-        if self.settings.graft is Graft.NONE:
-            if self.preconditioner.step():
-                self._heavy_ball()
-            return loss
+        grafted = self.settings.graft is Graft.ADAM
         wd = self.preconditioner.weight_decay
         raw = {}  # the raw gradients (with coupled weight decay), before eq. 14 rewrites them
-        for p in self._with_grad():
-            g = cast(Tensor, p.grad)
-            raw[p] = g + wd * p if wd else g.clone()
-        if self.preconditioner.step():
-            self._grafted(raw)
+        if grafted or self.settings.backoff:
+            for p in self._with_grad():
+                g = cast(Tensor, p.grad)
+                raw[p] = g + wd * p if wd else g.clone()
+        factor = self._next_factor(raw)
+        if not self.preconditioner.step():
+            return loss
+        if factor is not None:
+            self.state[self._owner]["rate_factor"] = factor
+            for p in self.preconditioner.params:  # no gradient: it does not move this step
+                if p not in raw:
+                    self.state[p].pop("last_step", None)
+        if grafted:
+            self._grafted(raw, factor)
+        else:
+            self._heavy_ball(factor)
         return loss
+
+    @property
+    def _owner(self) -> Tensor:
+        """The parameter whose state holds the optimizer-wide ``rate_factor``."""
+        return cast(Tensor, self.param_groups[0]["params"][0])
+
+    def _next_factor(self, raw: dict[Tensor, Tensor]) -> Tensor | None:
+        """The back-off factor ``f`` of the step about to be taken (see ``backoff``): the
+        stored one (1 at first) times ``exp(−β·cos(g, Δ))`` over all parameters with a stored
+        last step ``Δ``, clamped to ``[BACKOFF_FLOOR, 1]``; unchanged inside the warmup or
+        without a last step. None when ``backoff`` is 0."""
+        beta = self.settings.backoff
+        if not beta:
+            return None
+        owner = self._owner
+        factor = self.state[owner].get("rate_factor")
+        if factor is None:
+            factor = torch.ones((), dtype=owner.dtype, device=owner.device)
+        if self.preconditioner.steps < self.settings.warmup:  # this step is inside the warmup
+            return factor
+        pairs = [(g, self.state[p]["last_step"]) for p, g in raw.items()
+                 if "last_step" in self.state[p]]  # fmt: skip
+        if not pairs:
+            return factor
+        dot = torch.stack([(g * d).sum() for g, d in pairs]).sum()
+        g_norm = torch.stack([g.square().sum() for g, _ in pairs]).sum().sqrt()
+        d_norm = torch.stack([d.square().sum() for _, d in pairs]).sum().sqrt()
+        if not bool(g_norm > 0 and d_norm > 0):
+            return factor
+        cos = (dot / (g_norm * d_norm)).to(factor)
+        return (factor * torch.exp(-beta * cos)).clamp(BACKOFF_FLOOR, 1.0)
+
+    def _move(self, p: Tensor, delta: Tensor, factor: Tensor | None) -> None:
+        """``p ← p − factor·delta`` (``delta`` already holds the rate); with the back-off on,
+        the step taken is kept as ``state[p]["last_step"]``."""
+        if factor is None:
+            p.sub_(delta)
+            return
+        step = delta * factor
+        p.sub_(step)
+        self.state[p]["last_step"] = step.neg_()
 
     def _with_grad(self) -> list[Tensor]:
         return [p for group in self.param_groups for p in group["params"] if p.grad is not None]
@@ -738,15 +807,19 @@ class SNOpt(torch.optim.Optimizer):
         warmup = self.settings.warmup
         return min(1.0, self.preconditioner.steps / warmup) if warmup else 1.0
 
-    def _heavy_ball(self) -> None:
-        """Alg. 1: ``buf ← μ·buf + d`` (``buf = d`` at first), ``p ← p − lr·buf``."""
+    def _heavy_ball(self, factor: Tensor | None) -> None:
+        """Alg. 1: ``buf ← μ·buf + d`` (``buf = d`` at first), ``p ← p − lr·buf`` (times the
+        back-off ``factor`` when on)."""
         ramp = self._ramp()
         for group in self.param_groups:
             lr, mom = group["lr"] * ramp, group["momentum"]
             for p in group["params"]:
                 if p.grad is None:
                     continue
-                p.add_(self._direction(p, mom), alpha=-lr)
+                if factor is None:
+                    p.add_(self._direction(p, mom), alpha=-lr)
+                else:
+                    self._move(p, lr * self._direction(p, mom), factor)
 
     def _direction(self, p: Tensor, mom: float) -> Tensor:
         """``p``'s preconditioned gradient, or its heavy-ball average with ``mom``."""
@@ -790,9 +863,10 @@ class SNOpt(torch.optim.Optimizer):
         state["shortest"] = shortest
         return torch.minimum(norm, cap * shortest)
 
-    def _grafted(self, raw: dict[Tensor, Tensor]) -> None:
+    def _grafted(self, raw: dict[Tensor, Tensor], factor: Tensor | None) -> None:
         """Each covered layer along its (momentum-averaged) ``P`` with the length of Adam's
-        step; uncovered parameters by Adam's step itself; lengths capped by ``length_cap``."""
+        step; uncovered parameters by Adam's step itself; lengths capped by ``length_cap``;
+        the rate times the back-off ``factor`` when on."""
         lr, mom = self.param_groups[0]["lr"] * self._ramp(), self.param_groups[0]["momentum"]
         for layer in self._layers:
             params = [p for p in layer if p in raw]
@@ -805,7 +879,7 @@ class SNOpt(torch.optim.Optimizer):
             d_norm = torch.stack([x.square().sum() for x in d]).sum().sqrt()
             scale = torch.where(d_norm > 0, u_norm / d_norm, torch.zeros_like(d_norm))
             for p, x in zip(params, d):
-                p.sub_(lr * scale * x)
+                self._move(p, lr * scale * x, factor)
         for p in self._uncovered:
             if p in raw:
                 adam = self._adam(p, raw[p])
@@ -813,7 +887,7 @@ class SNOpt(torch.optim.Optimizer):
                     norm = adam.norm()
                     capped = self._capped(p, norm)
                     adam = adam * torch.where(norm > 0, capped / norm, torch.ones_like(norm))
-                p.sub_(lr * adam)
+                self._move(p, lr * adam, factor)
 
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()
@@ -837,9 +911,9 @@ class SNOpt(torch.optim.Optimizer):
                     f"state_dict has state for parameter {index!r}; this optimizer has "
                     f"{len(params)} parameters"
                 )
-            for key in ("momentum_buffer", "exp_avg", "exp_avg_sq", "shortest"):
+            for key in SHAPED_STATE:
                 buf = entry.get(key) if isinstance(entry, dict) else None
-                want = torch.Size() if key == "shortest" else params[index].shape
+                want = torch.Size() if key in SCALAR_STATE else params[index].shape
                 if buf is not None and buf.shape != want:
                     raise ValueError(
                         f"state_dict's {key} of parameter {index} has shape "
