@@ -7,6 +7,7 @@ import json
 import math
 import shutil
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -466,6 +467,72 @@ def test_train_for_keeps_a_failed_runs_points_and_logs_from_zero(how):
     assert r.points[4].train_loss < r.points[0].train_loss  # it trained before failing
     assert (r.error == "step size underflowed") == (how == "raise")
     assert r.iterations == (5 if how == "raise" else 6)
+
+
+class _PoisonAt(torch.optim.SGD):
+    """SGD whose ``at``-th step leaves a NaN weight behind (as an overflowing step does)."""
+
+    def __init__(self, params, at: int) -> None:
+        super().__init__(params, lr=0.01)
+        self.at, self.calls = at, 0
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        self.calls += 1
+        super().step(closure)
+        if self.calls == self.at:
+            self.param_groups[0]["params"][0][0, 0] = math.nan
+
+
+def _encoded_ode() -> torch.nn.Module:
+    """Linear encoder -> snopt NeuralODE: a non-finite weight makes the solve raise
+    ValueError (the snopt sensitivity refuses a non-finite initial state)."""
+    from torchdyn.core import NeuralODE
+
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torchdyn's notices
+        ode = NeuralODE(torch.nn.Linear(2, 2), sensitivity="snopt", solver="rk4")
+    t = torch.linspace(0, 1, 3)
+
+    class Model(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.enc, self.ode, self.head = torch.nn.Linear(3, 2), ode, torch.nn.Linear(2, 1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(self.ode(self.enc(x), t)[1][-1])
+
+    return Model()
+
+
+def test_train_for_counts_non_finite_weights_as_divergence_and_raises_other_value_errors():
+    """A step that leaves a NaN weight while its minibatch loss was finite: the next solve
+    raises ValueError, and the run ends as diverged with its points so far (the suite's
+    Fashion-MNIST SGD runs ended that way, and the ValueError used to abort the whole
+    suite). A ValueError with finite weights is a bug and propagates."""
+    _, data = _linear_problem()
+    model = _encoded_ode()
+    mse = lambda m, x, y: torch.nn.functional.mse_loss(m(x), y)  # noqa: E731
+    r = loop.train_for(
+        model, _PoisonAt(model.parameters(), 4), data, 60.0, name="sgd", lr=0.01, seed=0,
+        batch_size=16, n_evals=10**6, loss_fn=mse, eval_fn=lambda *_: (math.nan, math.nan),
+        train_eval_fn=lambda m: float(mse(m, data[0], data[1]).detach()),
+        catch_failures=True, keep_partial=True,
+    )  # fmt: skip
+    assert r.extra.get("diverged") == 1.0 and r.iterations == 4
+    assert [p.iteration for p in r.points] == [0, 1, 2, 3]
+    assert "non-finite" in r.error
+
+    def bad_loss(m, x, y):
+        raise ValueError("a bug, not a divergence")
+
+    with pytest.raises(ValueError, match="a bug"):
+        loop.train_for(
+            _encoded_ode(), torch.optim.SGD(model.parameters(), lr=0.01), data, 60.0,
+            name="sgd", lr=0.01, seed=0, batch_size=16, n_evals=10**6, loss_fn=bad_loss,
+            catch_failures=True, keep_partial=True,
+        )  # fmt: skip
 
 
 @pytest.mark.parametrize("train_set", [False, True])

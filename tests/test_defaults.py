@@ -144,8 +144,11 @@ def test_grafted_step_by_hand_over_three_steps(momentum):
     lr, betas, geps = 0.02, (0.9, 0.95), 1e-8
     kw = dict(damping="relative", eps=0.1, update_freq=2, full_precond=True)
     # warmup=0: the rate ramp has its own test (test_warmup_is_the_rate_ramped_by_hand)
-    # length_cap=None: the cap has its own test (test_length_cap_by_hand)
-    opt = tds.SNOpt(model, lr=lr, momentum=momentum, graft="adam", warmup=0, length_cap=None, **kw)
+    # length_cap=None: the cap has its own test (test_length_cap_by_hand); backoff=0: the
+    # back-off has its own (tests/test_backoff.py)
+    opt = tds.SNOpt(
+        model, lr=lr, momentum=momentum, graft="adam", warmup=0, length_cap=None, backoff=0.0, **kw
+    )
     pre = tds.SNOptPreconditioner(twin, **kw)
     adam: dict[str, dict] = {}
     bufs: dict[str, torch.Tensor] = {}
@@ -207,7 +210,7 @@ def test_length_cap_by_hand(full_precond, warmup):
     kw = dict(damping="relative", eps=0.1, update_freq=2, full_precond=full_precond)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # full_precond=False names the uncovered layers
-        opt = tds.SNOpt(model, lr=lr, warmup=warmup, length_cap=cap, **kw)
+        opt = tds.SNOpt(model, lr=lr, warmup=warmup, length_cap=cap, backoff=0.0, **kw)
         pre = tds.SNOptPreconditioner(twin, **kw)
     covered = ("ode.vf.vf.l1", "ode.vf.vf.l2") + (("enc", "head") if full_precond else ())
     uncovered = () if full_precond else ("enc.weight", "enc.bias", "head.weight", "head.bias")
@@ -275,8 +278,8 @@ def test_uncovered_parameters_take_adams_step():
 
 def test_paper_rule_is_eq14_with_heavy_ball():
     """``SNOpt.paper(model, lr)`` is the published configuration (fixed damping 0.05, no
-    graft, momentum 0.9, refresh every 100 steps, ODE layers only) and steps exactly like
-    those arguments passed by hand."""
+    graft, momentum 0.9, no warmup or back-off, refresh every 100 steps, ODE layers only)
+    and steps exactly like those arguments passed by hand."""
     x, y = _classes(64, 3)
     a, b = _net(3), _net(3)
     with warnings.catch_warnings():
@@ -292,6 +295,7 @@ def test_paper_rule_is_eq14_with_heavy_ball():
             update_freq=100,
             full_precond=False,
             warmup=0,
+            backoff=0.0,
         )
     for step in range(4):
         for m, o in ((a, pa), (b, pb)):
@@ -362,7 +366,7 @@ def test_warmup_is_the_rate_ramped_by_hand(graft):
     Kills: an off-by-one ramp (``(k+1)/4``), a ramp never applied or never ending, a ramp
     that also scales the momentum buffer or Adam's moments."""
     x, y = _classes(112, 6)
-    kw = dict(graft=graft, momentum=0.0 if graft == "adam" else 0.9, update_freq=3)
+    kw = dict(graft=graft, momentum=0.0 if graft == "adam" else 0.9, update_freq=3, backoff=0.0)
     warm, hand, plain = _net(6), _net(6), _net(6)
     opt_w = tds.SNOpt(warm, lr=0.03, warmup=4, **kw)
     opt_h = tds.SNOpt(hand, lr=0.03, warmup=0, **kw)

@@ -102,8 +102,8 @@ class _PassCounter:
 
 #: The published configuration that :meth:`SNOpt.paper` applies (Alg. 1, eq. 14; the
 #: released experiments' settings): fixed Tikhonov damping 0.05, no graft, heavy-ball momentum
-#: 0.9, no warmup (and no cap on a graft's length), a refresh every 100 steps, the ODEs' layers
-#: only.
+#: 0.9, no warmup (and no cap on a graft's length), a fixed rate (no back-off), a refresh every
+#: 100 steps, the ODEs' layers only.
 PAPER_RULE: Mapping[str, Any] = MappingProxyType(
     {
         "momentum": 0.9,
@@ -112,6 +112,7 @@ PAPER_RULE: Mapping[str, Any] = MappingProxyType(
         "eps": 0.05,
         "warmup": 0,
         "length_cap": None,
+        "backoff": 0.0,
         "update_freq": 100,
         "full_precond": False,
     }
@@ -637,10 +638,10 @@ class SNOpt(torch.optim.Optimizer):
             ``c = cos(g, Δ)`` between the new raw gradient ``g`` and the last step ``Δ`` (a
             hypergradient rule on the rate, Baydin et al. 2018, kept at or below ``lr``): when
             the new gradient opposes the last step (``c > 0``: it overshot) the rate shrinks,
-            when it agrees the rate recovers towards ``lr``. Try 0.2 when late in a run the
-            loss stops falling and jumps between evaluations; leave it off for a run that
-            converges cleanly, whose rate it can only lower. Costs one stored step per
-            parameter.
+            when it agrees the rate recovers towards ``lr``: late in a run, where the loss
+            stops falling and jumps between evaluations, the steps shrink. Try 0.2 there (0.5
+            if the loss still jumps late); a run that converges cleanly keeps its full rate
+            without it. Costs one stored step per parameter.
         eps: damping (default 0.1), with ``damping`` (default ``"relative"``): see
             :class:`SNOptPreconditioner`, as for ``update_freq`` (default 10), ``alpha``,
             ``full_precond`` (default True), ``grid_size``, ``weight_decay``, ``kl_clip``
@@ -648,10 +649,10 @@ class SNOpt(torch.optim.Optimizer):
             ``distribute_eigh`` and ``refresh``.
 
     Everything after ``lr`` is keyword only. ``model`` may be wrapped in DDP. The paper's
-    configuration (fixed damping 0.05, no graft, momentum 0.9, a refresh every 100 steps,
-    ODE layers only) is :meth:`paper`. Per iteration: ``zero_grad()``, ``loss.backward()``,
-    ``step()`` (a closure, as Lightning passes, works too); the curvature sampling of the
-    backward passes is armed by the optimizer itself.
+    configuration (fixed damping 0.05, no graft, momentum 0.9, no warmup or back-off, a
+    refresh every 100 steps, ODE layers only) is :meth:`paper`. Per iteration:
+    ``zero_grad()``, ``loss.backward()``, ``step()`` (a closure, as Lightning passes, works
+    too); the curvature sampling of the backward passes is armed by the optimizer itself.
     """
 
     def __init__(
@@ -725,8 +726,8 @@ class SNOpt(torch.optim.Optimizer):
     def paper(cls, model: nn.Module, lr: float, **overrides: Any) -> SNOpt:
         """SNOpt as published (Alg. 1, eq. 14; the released experiments' settings): fixed
         Tikhonov damping ``eps=0.05``, no graft (``p ← p − lr·d``), heavy-ball momentum 0.9,
-        a curvature refresh every 100 steps, the ODEs' layers only. ``overrides``: any other
-        keyword of :class:`SNOpt`, replacing these."""
+        no warmup or back-off, a curvature refresh every 100 steps, the ODEs' layers only.
+        ``overrides``: any other keyword of :class:`SNOpt`, replacing these."""
         return cls(model, lr, **{**PAPER_RULE, **overrides})
 
     @torch.no_grad()

@@ -56,6 +56,16 @@ def evaluate(model: nn.Module, x: Tensor, y: Tensor, batch: int = 1000) -> tuple
     return loss / len(x), correct / len(x)
 
 
+def is_failure(err: Exception, model: nn.Module) -> bool:
+    """Whether ``err``, raised while training or evaluating ``model``, means the run diverged:
+    any RuntimeError (the solver gave up), or a ValueError once a weight is non-finite (a
+    solve then refuses the state those weights produce); other errors are bugs to raise."""
+    if isinstance(err, RuntimeError):
+        return True
+    finite = all(bool(torch.isfinite(p).all()) for p in model.parameters())
+    return isinstance(err, ValueError) and not finite
+
+
 def train_for(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -100,8 +110,10 @@ def train_for(
     this has made its ODE too stiff to train in any budget; it is evaluated once more and
     stopped with ``extra["stalled"] = 1`` (default None: never stop). A non-finite minibatch
     loss is evaluated at once and ends the run with ``extra["diverged"] = 1``.
-    ``catch_failures``: a RuntimeError during training (the ODE solve failed) ends the run
-    with a warning, no points and ``extra["diverged"] = 1`` instead of propagating;
+    ``catch_failures``: a RuntimeError during training (the ODE solve failed), or a
+    ValueError once the weights are non-finite (the snopt sensitivity refuses a non-finite
+    state), ends the run with a warning, no points and ``extra["diverged"] = 1`` instead of
+    propagating;
     ``keep_partial`` (with it) keeps instead, without a warning, what the run had logged and
     counted until then, with the message in ``error``.
     """
@@ -176,8 +188,10 @@ def train_for(
                     next_eval += budget_s / n_evals
                 if not math.isfinite(train_loss) or stalled or blown:
                     break
-    except RuntimeError as err:  # the solver gave up: step size underflow, NLL blow-up, ...
-        if not catch_failures:
+    except (RuntimeError, ValueError) as err:
+        # RuntimeError: the solver gave up (step size underflow, NLL blow-up, ...); ValueError:
+        # a step left non-finite weights and the next solve refused the state they produced
+        if not catch_failures or not is_failure(err, model):
             raise
         if keep_partial:
             result.extra["diverged"], result.error = 1.0, str(err)

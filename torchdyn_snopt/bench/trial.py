@@ -27,7 +27,7 @@ import torch
 import torch.nn as nn
 
 from torchdyn_snopt.bench import optimizers
-from torchdyn_snopt.bench.loop import Data, train_for
+from torchdyn_snopt.bench.loop import Data, is_failure, train_for
 from torchdyn_snopt.bench.memory import peak_memory_mb
 from torchdyn_snopt.bench.records import RunResult
 from torchdyn_snopt.bench.task import Task, mean_loss, quiet_build, test_metric
@@ -185,7 +185,9 @@ def run_trial(
         if result.points:
             try:
                 loss, acc = test_metric(task, model, data[2], data[3])
-            except RuntimeError as err:
+            except (RuntimeError, ValueError) as err:
+                if not is_failure(err, model):
+                    raise
                 loss, acc, result.error = math.nan, math.nan, result.error or str(err)
             result.points[-1].test_loss, result.points[-1].test_acc = loss, acc
         flag_run(result)
