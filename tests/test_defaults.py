@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import warnings
+from typing import Any
 
 import pytest
 import torch
@@ -338,23 +339,35 @@ def test_defaults_beat_adam_at_its_default_rate(task):
     assert max(ratios) < 0.5, ratios
 
 
+def resume_is_exact(
+    seed: int, n: int, before: int, cut: int, after: int, **kw: Any
+) -> dict[str, Any]:
+    """Train ``tds.SNOpt(model, **kw)`` for ``before`` steps on ``n`` rows, save the model's
+    and the optimizer's state, train ``after`` more steps on the rows from ``cut``; a fresh
+    model and optimizer loaded from the saved states then take those ``after`` steps bit for
+    bit. Returns the saved optimizer state (for the caller's checks of what it carries)."""
+    x, y = _classes(n, seed)
+    model = _net(seed)
+    opt = tds.SNOpt(model, **kw)
+    _train(model, opt, x, y, F.cross_entropy, before, batch=16)
+    saved_model, saved_opt = copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict())
+    _train(model, opt, x[cut:], y[cut:], F.cross_entropy, after, batch=16)
+    resumed = _net(seed + 90)
+    resumed.load_state_dict(saved_model)
+    opt2 = tds.SNOpt(resumed, **kw)
+    opt2.load_state_dict(copy.deepcopy(saved_opt))
+    _train(resumed, opt2, x[cut:], y[cut:], F.cross_entropy, after, batch=16)
+    for p, q in zip(model.parameters(), resumed.parameters()):
+        assert torch.equal(p, q)
+    return saved_opt
+
+
 def test_resume_with_graft_state_is_exact():
     """state_dict carries Adam's moments of the graft, the shortest lengths of its cap and
     the preconditioner's state: a resumed run takes bit-identical steps."""
-    x, y = _classes(96, 4)
-    model = _net(4)
-    opt = tds.SNOpt(model, update_freq=3)
-    _train(model, opt, x, y, F.cross_entropy, 7, batch=16)  # past the warmup: capped lengths
-    saved_model, saved_opt = copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict())
-    assert sum("shortest" in e for e in saved_opt["state"].values()) == len(LAYERS)
-    _train(model, opt, x[64:], y[64:], F.cross_entropy, 3, batch=16)
-    resumed = _net(99)
-    resumed.load_state_dict(saved_model)
-    opt2 = tds.SNOpt(resumed, update_freq=3)
-    opt2.load_state_dict(saved_opt)
-    _train(resumed, opt2, x[64:], y[64:], F.cross_entropy, 3, batch=16)
-    for p, q in zip(model.parameters(), resumed.parameters()):
-        assert torch.equal(p, q)
+    # 7 steps: past the warmup, so the lengths are capped
+    saved = resume_is_exact(4, 96, before=7, cut=64, after=3, update_freq=3)
+    assert sum("shortest" in e for e in saved["state"].values()) == len(LAYERS)
 
 
 @pytest.mark.parametrize("graft", ["adam", "none"])
@@ -391,19 +404,7 @@ def test_warmup_is_the_rate_ramped_by_hand(graft):
 
 
 def test_resume_inside_the_warmup_is_exact():
-    x, y = _classes(96, 7)
-    model = _net(7)
-    opt = tds.SNOpt(model, update_freq=3, warmup=5)
-    _train(model, opt, x, y, F.cross_entropy, 2, batch=16)
-    saved_model, saved_opt = copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict())
-    _train(model, opt, x[32:], y[32:], F.cross_entropy, 5, batch=16)
-    resumed = _net(98)
-    resumed.load_state_dict(saved_model)
-    opt2 = tds.SNOpt(resumed, update_freq=3, warmup=5)
-    opt2.load_state_dict(saved_opt)
-    _train(resumed, opt2, x[32:], y[32:], F.cross_entropy, 5, batch=16)
-    for p, q in zip(model.parameters(), resumed.parameters()):
-        assert torch.equal(p, q)
+    resume_is_exact(7, 96, before=2, cut=32, after=5, update_freq=3, warmup=5)
 
 
 @pytest.mark.parametrize(
