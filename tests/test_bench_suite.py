@@ -484,7 +484,7 @@ class _PoisonAt(torch.optim.SGD):
             self.param_groups[0]["params"][0][0, 0] = math.nan
 
 
-def _encoded_ode() -> torch.nn.Module:
+def _encoded_ode(solver: str = "rk4") -> torch.nn.Module:
     """Linear encoder -> snopt NeuralODE: a non-finite weight makes the solve raise
     ValueError (the snopt sensitivity refuses a non-finite initial state)."""
     from torchdyn.core import NeuralODE
@@ -492,7 +492,7 @@ def _encoded_ode() -> torch.nn.Module:
     torch.manual_seed(0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torchdyn's notices
-        ode = NeuralODE(torch.nn.Linear(2, 2), sensitivity="snopt", solver="rk4")
+        ode = NeuralODE(torch.nn.Linear(2, 2), sensitivity="snopt", solver=solver)
     t = torch.linspace(0, 1, 3)
 
     class Model(torch.nn.Module):
@@ -533,6 +533,51 @@ def test_train_for_counts_non_finite_weights_as_divergence_and_raises_other_valu
             name="sgd", lr=0.01, seed=0, batch_size=16, n_evals=10**6, loss_fn=bad_loss,
             catch_failures=True, keep_partial=True,
         )  # fmt: skip
+
+
+class _StiffenAt(torch.optim.SGD):
+    """SGD whose ``at``-th step sets the ODE field's weight to ``-1e4·I``: the loss stays
+    finite, but an adaptive solver then needs thousands of field evaluations per solve."""
+
+    def __init__(self, model: torch.nn.Module, at: int) -> None:
+        super().__init__(model.parameters(), lr=0.01)
+        self.field = next(m for m in model.ode.modules() if isinstance(m, torch.nn.Linear))
+        self.at, self.calls = at, 0
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        self.calls += 1
+        super().step(closure)
+        if self.calls == self.at:
+            self.field.weight.copy_(-1e4 * torch.eye(2))
+
+
+def test_train_for_stops_a_run_whose_solve_exceeds_the_cap():
+    """A step that makes the field stiff while the loss stays finite: the evaluation's solve
+    (and the next iteration's) would take about 10^4 field evaluations; with ``max_nfe`` the
+    run ends as stalled once one solve exceeds ``SOLVE_CAP_FACTOR * max_nfe``, keeping its
+    points (a Fashion-MNIST SGD run of the suite sat in one such evaluation for 36 minutes).
+    The hooks are gone afterwards: the same stiff solve then runs to its end."""
+    _, data = _linear_problem()
+    model = _encoded_ode("dopri5")
+    problem = next(m for m in model.modules() if tds.registration.is_snopt_problem(m))
+    calls = [0]
+    model.ode.vf.register_forward_pre_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+    mse = lambda m, x, y: torch.nn.functional.mse_loss(m(x), y)  # noqa: E731
+    max_nfe = 40
+    r = loop.train_for(
+        model, _StiffenAt(model, 3), data, 60.0, name="sgd", lr=0.01, seed=0,
+        batch_size=16, n_evals=10**6, loss_fn=mse, eval_fn=lambda *_: (math.nan, math.nan),
+        train_eval_fn=lambda m: float(mse(m, data[0], data[1]).detach()), max_nfe=max_nfe,
+    )  # fmt: skip
+    assert r.extra.get("stalled") == 1.0 and "field evaluations" in r.error
+    assert r.iterations == 3 and [p.iteration for p in r.points] == [0, 1, 2]
+    cap = loop.SOLVE_CAP_FACTOR * max_nfe
+    before = calls[0]
+    assert not problem._forward_pre_hooks and len(model.ode.vf._forward_pre_hooks) == 1
+    with torch.no_grad():
+        model(data[0][:4])
+    assert calls[0] - before > 10 * cap  # uncapped, the stiff solve takes far longer
 
 
 @pytest.mark.parametrize("train_set", [False, True])

@@ -8,10 +8,12 @@ same minibatch stream (a generator seeded per run).
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -36,6 +38,49 @@ def _nfe_of(model: nn.Module) -> tuple[int, int] | None:
         n = read_nfe(model)
         return n["forward"], n["backward"]
     return None
+
+
+#: A single solve (training or evaluation) of a run with ``max_nfe`` may take at most this many
+#: times ``max_nfe`` field evaluations before the run is stopped as stalled.
+SOLVE_CAP_FACTOR = 5
+
+
+class SolveCapExceeded(RuntimeError):
+    """One solve took more field evaluations than its cap: the weights made the ODE so stiff
+    that an adaptive solver would not finish in any useful time."""
+
+
+@contextlib.contextmanager
+def solve_cap(model: nn.Module, limit: int | None) -> Iterator[None]:
+    """Within the block, a solve of one of ``model``'s snopt problems (its forward call and
+    the field evaluations until the next one) raises :class:`SolveCapExceeded` once it has
+    evaluated its field more than ``limit`` times (None: no cap). Hooks are removed after."""
+    problems = [m for m in model.modules() if is_snopt_problem(m)]
+    if limit is None or not problems:
+        yield
+        return
+    count = [0]
+
+    def reset(module: nn.Module, args: Any) -> None:
+        count[0] = 0
+
+    def tick(module: nn.Module, args: Any) -> None:
+        count[0] += 1
+        if count[0] > limit:
+            raise SolveCapExceeded(
+                f"a solve took more than {limit} field evaluations (the weights made the "
+                "ODE too stiff to solve)"
+            )
+
+    handles = []
+    for problem in problems:
+        handles.append(problem.register_forward_pre_hook(reset))
+        handles.append(problem.vf.register_forward_pre_hook(tick))
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def _cross_entropy(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
@@ -108,7 +153,10 @@ def train_for(
     training seconds so far, or the iterations when ``max_iterations`` is given.
     ``max_nfe``: a run whose forward solve of one iteration takes more field evaluations than
     this has made its ODE too stiff to train in any budget; it is evaluated once more and
-    stopped with ``extra["stalled"] = 1`` (default None: never stop). A non-finite minibatch
+    stopped with ``extra["stalled"] = 1`` (default None: never stop). Any one solve, in
+    training or evaluation, that takes more than ``SOLVE_CAP_FACTOR * max_nfe`` evaluations
+    ends the run at once the same way, with the points logged until then (without the cap
+    a solve on exploded weights can run for hours). A non-finite minibatch
     loss is evaluated at once and ends the run with ``extra["diverged"] = 1``.
     ``catch_failures``: a RuntimeError during training (the ODE solve failed), or a
     ValueError once the weights are non-finite (the snopt sensitivity refuses a non-finite
@@ -151,43 +199,48 @@ def train_for(
         return result
 
     _nfe_of(model)  # reset counters
+    cap = None if max_nfe is None else SOLVE_CAP_FACTOR * max_nfe
     try:
-        if train_eval_fn is not None:
-            log_point()
-        while not done():
-            if cursor + batch_size > len(perm):
-                perm, cursor = torch.randperm(len(x_train), generator=g), 0
-            idx = perm[cursor : cursor + batch_size]
-            cursor += batch_size
-            start = time.perf_counter()
-            optimizer.zero_grad()
-            loss = loss_fn(model, x_train[idx], y_train[idx])
-            loss.backward()
-            if before_step is not None:
-                before_step(x_train[idx], y_train[idx])
-            optimizer.step()
-            spent += time.perf_counter() - start
-            result.iterations += 1
-            window.append(loss.item())
-            counts = _nfe_of(model)
-            if counts is not None:
-                nfe[0], nfe[1] = nfe[0] + counts[0], nfe[1] + counts[1]
-            stalled = max_nfe is not None and counts is not None and counts[0] > max_nfe
-            if stalled:
-                result.extra["stalled"] = 1.0
-            blown = not math.isfinite(window[-1])
-            if blown:
-                result.extra["diverged"] = 1.0
-            if progress is not None:
-                progress(result.iterations if max_iterations else min(spent, budget_s))
-            periodic = eval_every is not None and result.iterations % eval_every == 0
-            if spent >= next_eval or periodic or done() or stalled or blown:
-                train_loss = log_point()
-                window = []
-                if spent >= next_eval:
-                    next_eval += budget_s / n_evals
-                if not math.isfinite(train_loss) or stalled or blown:
-                    break
+        with solve_cap(model, cap):
+            if train_eval_fn is not None:
+                log_point()
+            while not done():
+                if cursor + batch_size > len(perm):
+                    perm, cursor = torch.randperm(len(x_train), generator=g), 0
+                idx = perm[cursor : cursor + batch_size]
+                cursor += batch_size
+                start = time.perf_counter()
+                optimizer.zero_grad()
+                loss = loss_fn(model, x_train[idx], y_train[idx])
+                loss.backward()
+                if before_step is not None:
+                    before_step(x_train[idx], y_train[idx])
+                optimizer.step()
+                spent += time.perf_counter() - start
+                result.iterations += 1
+                window.append(loss.item())
+                counts = _nfe_of(model)
+                if counts is not None:
+                    nfe[0], nfe[1] = nfe[0] + counts[0], nfe[1] + counts[1]
+                stalled = max_nfe is not None and counts is not None and counts[0] > max_nfe
+                if stalled:
+                    result.extra["stalled"] = 1.0
+                blown = not math.isfinite(window[-1])
+                if blown:
+                    result.extra["diverged"] = 1.0
+                if progress is not None:
+                    progress(result.iterations if max_iterations else min(spent, budget_s))
+                periodic = eval_every is not None and result.iterations % eval_every == 0
+                if spent >= next_eval or periodic or done() or stalled or blown:
+                    train_loss = log_point()
+                    window = []
+                    if spent >= next_eval:
+                        next_eval += budget_s / n_evals
+                    if not math.isfinite(train_loss) or stalled or blown:
+                        break
+    except SolveCapExceeded as err:
+        result.extra["stalled"], result.error = 1.0, str(err)
+        return finish()
     except (RuntimeError, ValueError) as err:
         # RuntimeError: the solver gave up (step size underflow, NLL blow-up, ...); ValueError:
         # a step left non-finite weights and the next solve refused the state they produced
