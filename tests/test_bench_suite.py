@@ -3,6 +3,7 @@ checks, the snopt-default construction, and every task's model training a little
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import shutil
@@ -644,3 +645,32 @@ def test_train_for_batch_seed_sets_the_minibatch_stream():
     assert not torch.equal(seen[None][0], seen[7][0])
     assert suite.batch_seed("digits", 0) != suite.batch_seed("mnist", 0)
     assert suite.batch_seed("digits", 0) != suite.batch_seed("digits", 1)
+
+
+def test_run_trial_caps_the_final_test_solve(monkeypatch):
+    """The test metric after a train-curve run is solved under the same cap as the run (an
+    SGD run's final test evaluation on exploded weights sat in one solve for 23 minutes):
+    with ``max_nfe = 1`` the flow map's dopri5 test solve exceeds its cap of 5 evaluations,
+    and the run keeps its points with a NaN test metric and the cap's message."""
+    from dataclasses import replace
+
+    from torchdyn_snopt.bench import trial as trial_mod
+
+    task = replace(TASKS["flowmap"], max_nfe=1)
+    data = task.load()
+
+    def no_training(model, optimizer, data, budget_s, **kw):
+        r = RunResult(kw["name"], kw["lr"], kw["seed"])
+        r.points.append(Point(0.0, 0, 1.0, math.nan, math.nan, math.nan))
+        return r
+
+    monkeypatch.setattr(trial_mod, "train_for", no_training)
+    r = trial_mod.run_trial(
+        trial_mod.Trial(task, "adam", 1e-3, 0, 1.0, protocol=trial_mod.TRAIN_CURVE), data
+    )
+    assert math.isnan(r.points[-1].test_loss) and "field evaluations" in r.error
+    monkeypatch.setattr(trial_mod, "solve_cap", lambda *_: contextlib.nullcontext())
+    r = trial_mod.run_trial(
+        trial_mod.Trial(task, "adam", 1e-3, 0, 1.0, protocol=trial_mod.TRAIN_CURVE), data
+    )
+    assert math.isfinite(r.points[-1].test_loss) and not r.error

@@ -50,6 +50,11 @@ class SolveCapExceeded(RuntimeError):
     that an adaptive solver would not finish in any useful time."""
 
 
+def cap_of(max_nfe: int | None) -> int | None:
+    """The field evaluations one solve may take in a run with ``max_nfe`` (None: no cap)."""
+    return None if max_nfe is None else SOLVE_CAP_FACTOR * max_nfe
+
+
 @contextlib.contextmanager
 def solve_cap(model: nn.Module, limit: int | None) -> Iterator[None]:
     """Within the block, a solve of one of ``model``'s snopt problems (its forward call and
@@ -199,9 +204,8 @@ def train_for(
         return result
 
     _nfe_of(model)  # reset counters
-    cap = None if max_nfe is None else SOLVE_CAP_FACTOR * max_nfe
     try:
-        with solve_cap(model, cap):
+        with solve_cap(model, cap_of(max_nfe)):
             if train_eval_fn is not None:
                 log_point()
             while not done():

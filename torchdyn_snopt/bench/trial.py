@@ -27,7 +27,7 @@ import torch
 import torch.nn as nn
 
 from torchdyn_snopt.bench import optimizers
-from torchdyn_snopt.bench.loop import Data, is_failure, train_for
+from torchdyn_snopt.bench.loop import Data, cap_of, is_failure, solve_cap, train_for
 from torchdyn_snopt.bench.memory import peak_memory_mb
 from torchdyn_snopt.bench.records import RunResult
 from torchdyn_snopt.bench.task import Task, mean_loss, quiet_build, test_metric
@@ -184,7 +184,9 @@ def run_trial(
     if train_curve:
         if result.points:
             try:
-                loss, acc = test_metric(task, model, data[2], data[3])
+                # capped as the run's own solves: exploded weights can stall one for hours
+                with solve_cap(model, cap_of(task.max_nfe)):
+                    loss, acc = test_metric(task, model, data[2], data[3])
             except (RuntimeError, ValueError) as err:
                 if not is_failure(err, model):
                     raise
