@@ -9,6 +9,7 @@ import math
 import shutil
 import sys
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -470,19 +471,20 @@ def test_train_for_keeps_a_failed_runs_points_and_logs_from_zero(how):
     assert r.iterations == (5 if how == "raise" else 6)
 
 
-class _PoisonAt(torch.optim.SGD):
-    """SGD whose ``at``-th step leaves a NaN weight behind (as an overflowing step does)."""
+class _BreakAt(torch.optim.SGD):
+    """SGD (rate 0.01) whose ``at``-th step is followed by ``damage()``: what an overflowing
+    step leaves behind (a NaN weight, a field stiff enough to stall an adaptive solver)."""
 
-    def __init__(self, params, at: int) -> None:
+    def __init__(self, params, at: int, damage: Callable[[], object]) -> None:
         super().__init__(params, lr=0.01)
-        self.at, self.calls = at, 0
+        self.at, self.damage, self.calls = at, damage, 0
 
     @torch.no_grad()
     def step(self, closure=None):
         self.calls += 1
         super().step(closure)
         if self.calls == self.at:
-            self.param_groups[0]["params"][0][0, 0] = math.nan
+            self.damage()
 
 
 def _encoded_ode(solver: str = "rk4") -> torch.nn.Module:
@@ -514,10 +516,12 @@ def test_train_for_counts_non_finite_weights_as_divergence_and_raises_other_valu
     suite). A ValueError with finite weights is a bug and propagates."""
     _, data = _linear_problem()
     model = _encoded_ode()
+    first = next(model.parameters())[0, 0]
     mse = lambda m, x, y: torch.nn.functional.mse_loss(m(x), y)  # noqa: E731
+    poisoned = _BreakAt(model.parameters(), 4, lambda: first.fill_(math.nan))
     r = loop.train_for(
-        model, _PoisonAt(model.parameters(), 4), data, 60.0, name="sgd", lr=0.01, seed=0,
-        batch_size=16, n_evals=10**6, loss_fn=mse, eval_fn=lambda *_: (math.nan, math.nan),
+        model, poisoned, data, 60.0, name="sgd", lr=0.01, seed=0, batch_size=16,
+        n_evals=10**6, loss_fn=mse, eval_fn=lambda *_: (math.nan, math.nan),
         train_eval_fn=lambda m: float(mse(m, data[0], data[1]).detach()),
         catch_failures=True, keep_partial=True,
     )  # fmt: skip
@@ -536,38 +540,24 @@ def test_train_for_counts_non_finite_weights_as_divergence_and_raises_other_valu
         )  # fmt: skip
 
 
-class _StiffenAt(torch.optim.SGD):
-    """SGD whose ``at``-th step sets the ODE field's weight to ``-1e4·I``: the loss stays
-    finite, but an adaptive solver then needs thousands of field evaluations per solve."""
-
-    def __init__(self, model: torch.nn.Module, at: int) -> None:
-        super().__init__(model.parameters(), lr=0.01)
-        self.field = next(m for m in model.ode.modules() if isinstance(m, torch.nn.Linear))
-        self.at, self.calls = at, 0
-
-    @torch.no_grad()
-    def step(self, closure=None):
-        self.calls += 1
-        super().step(closure)
-        if self.calls == self.at:
-            self.field.weight.copy_(-1e4 * torch.eye(2))
-
-
 def test_train_for_stops_a_run_whose_solve_exceeds_the_cap():
-    """A step that makes the field stiff while the loss stays finite: the evaluation's solve
-    (and the next iteration's) would take about 10^4 field evaluations; with ``max_nfe`` the
-    run ends as stalled once one solve exceeds ``SOLVE_CAP_FACTOR * max_nfe``, keeping its
-    points (a Fashion-MNIST SGD run of the suite sat in one such evaluation for 36 minutes).
+    """A step that makes the field stiff (weight ``-1e4·I``) while the loss stays finite: the
+    evaluation's solve (and the next iteration's) would take about 10^4 field evaluations;
+    with ``max_nfe`` the run ends as stalled once one solve exceeds ``SOLVE_CAP_FACTOR *
+    max_nfe``, keeping its points (a Fashion-MNIST SGD run of the suite sat in one such
+    evaluation for 36 minutes).
     The hooks are gone afterwards: the same stiff solve then runs to its end."""
     _, data = _linear_problem()
     model = _encoded_ode("dopri5")
     problem = next(m for m in model.modules() if tds.registration.is_snopt_problem(m))
     calls = [0]
     model.ode.vf.register_forward_pre_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+    field = next(m for m in model.ode.modules() if isinstance(m, torch.nn.Linear))
+    stiffen = lambda: field.weight.copy_(-1e4 * torch.eye(2))  # noqa: E731
     mse = lambda m, x, y: torch.nn.functional.mse_loss(m(x), y)  # noqa: E731
     max_nfe = 40
     r = loop.train_for(
-        model, _StiffenAt(model, 3), data, 60.0, name="sgd", lr=0.01, seed=0,
+        model, _BreakAt(model.parameters(), 3, stiffen), data, 60.0, name="sgd", lr=0.01, seed=0,
         batch_size=16, n_evals=10**6, loss_fn=mse, eval_fn=lambda *_: (math.nan, math.nan),
         train_eval_fn=lambda m: float(mse(m, data[0], data[1]).detach()), max_nfe=max_nfe,
     )  # fmt: skip
