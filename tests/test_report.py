@@ -106,14 +106,16 @@ def test_report_refuses_a_readme_without_the_block_and_missing_runs(tmp_path):
 
 
 def _suite_with_costs(tmp_path):
-    """Two tasks: snopt-default at 1.2x Adam's s/iter on flowmap, 1.5x on spiral."""
+    """Two tasks: snopt-default at 1.2x Adam's s/iter on flowmap (the same evaluation counts),
+    1.5x on spiral, where its solves take 250 field evaluations per iteration to Adam's 200, so
+    1.5 * 200 / 250 = 1.2x per evaluation."""
     run = _suite(tmp_path)
     doc = json.loads((run / "suite.json").read_text())
     rows = doc["summary"]["flowmap"]
     rows[0]["s_per_iter"], rows[1]["s_per_iter"] = 0.02, 0.024
     doc["summary"]["spiral"] = [_row("adam", 0.3, 1.0), _row("snopt-default", 0.2, 0.5)]
-    doc["summary"]["spiral"][0]["s_per_iter"] = 0.1
-    doc["summary"]["spiral"][1]["s_per_iter"] = 0.15
+    doc["summary"]["spiral"][0] |= {"s_per_iter": 0.1, "nfe_forward": 110, "nfe_backward": 90}
+    doc["summary"]["spiral"][1] |= {"s_per_iter": 0.15, "nfe_forward": 130, "nfe_backward": 120}
     doc["tasks"]["spiral"] = {"description": "two spirals", "metric": "mse"}
     doc["overall"]["winners"]["spiral"] = "snopt-default"
     (run / "suite.json").write_text(json.dumps(doc))
@@ -159,6 +161,11 @@ def test_cost_and_range_tables_from_the_json(tmp_path):
     assert [r["task"] for r in cost] == ["flowmap", "spiral"]
     assert [r["x adam"] for r in cost] == [pytest.approx(1.2), pytest.approx(1.5)]
     assert [r["<= 1.3x"] for r in cost] == ["yes", "NO"]
+    # per field evaluation: flowmap's solves take 50 evaluations for both, spiral's 250 to 200
+    assert [r["x adam per evaluation"] for r in cost] == [pytest.approx(1.2)] * 2
+    for row in suite_doc["summary"]["flowmap"]:  # a run file without the counts
+        del row["nfe_forward"], row["nfe_backward"]
+    assert math.isnan(sr.cost_rows(suite_doc)[0]["x adam per evaluation"])
     _, sens = _sensitivity(tmp_path)
     rows = {r["task"]: r for r in sr.range_rows(sens)}
     flow, spiral = rows["flowmap"], rows["spiral"]
@@ -187,12 +194,13 @@ def test_report_adds_the_target_lines_and_tables(tmp_path):
     text = readme.read_text()
     assert (
         "snopt-default's seconds per iteration: 1.2× to 1.5× adam's over 2 tasks "
-        "(target ≤ 1.3×; above it on spiral 1.5×)." in text
+        "(target ≤ 1.3×; above it on spiral 1.5×). Per field evaluation (the solves' NFE "
+        "divided out): spiral 1.2×." in text
     )
     assert "Usable learning-rate range" not in text  # no sensitivity run: no line, no table
     page = (out / "suite_run.md").read_text()
     assert "## Cost per iteration: snopt-default against adam" in page
-    assert "| spiral | 0.1 | 0.15 | 1.5 | NO |" in page
+    assert "| spiral | 0.1 | 0.15 | 1.5 | NO | 1.2 |" in page
     assert "## Usable learning rates" not in page
 
     sens_run, _ = _sensitivity(tmp_path)
@@ -315,5 +323,10 @@ def test_footer_names_the_program_without_its_folder():
     assert short_command("python -m torchdyn_snopt.bench.scripts.x") == (
         "python -m torchdyn_snopt.bench.scripts.x"
     )
+    # `python -m torchdyn_snopt bench ...`: sys.argv[0] is the package's __main__.py
+    assert short_command("/w/src/torchdyn_snopt/__main__.py bench image --quiet") == (
+        "python -m torchdyn_snopt bench image --quiet"
+    )
+    assert short_command("__main__.py bench cnf") == "python -m torchdyn_snopt bench cnf"
     line = footer({**ENV, "command": "/usr/local/bin/torchdyn-snopt bench image"})
     assert line.startswith("_`torchdyn-snopt bench image` on 2026-01-01")

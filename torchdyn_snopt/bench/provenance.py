@@ -70,9 +70,16 @@ def _dist_version(name: str) -> str | None:
 
 def short_command(command: str) -> str:
     """``command`` with its program named without its folder (``/x/.venv/bin/torchdyn-snopt
-    bench ...`` → ``torchdyn-snopt bench ...``): the line a reader types."""
+    bench ...`` → ``torchdyn-snopt bench ...``): the line a reader types. A package run with
+    ``python -m`` has its ``__main__.py`` as program (``sys.argv[0]``); it is named as
+    ``python -m <package>`` (``torchdyn_snopt`` when the folder is gone, as in records that
+    were shortened before this rule)."""
     program, _, rest = command.partition(" ")
-    return f"{os.path.basename(program)} {rest}".strip()
+    name = os.path.basename(program)
+    if name == "__main__.py":
+        package = os.path.basename(os.path.dirname(program)) or "torchdyn_snopt"
+        name = f"python -m {package}"
+    return f"{name} {rest}".strip()
 
 
 def footer(env: dict[str, Any] | None) -> str:
