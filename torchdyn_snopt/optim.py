@@ -633,15 +633,15 @@ class SNOpt(torch.optim.Optimizer):
             which is where late loss spikes come from; the cap keeps the step from growing
             back. Turn it off (None) or raise it (5) if a run should speed up again after a
             plateau, e.g. when the loss's scale changes during training.
-        backoff: ``β >= 0`` of the rate's back-off (default 0: off). After the warmup the rate
+        backoff: ``β >= 0`` of the rate's back-off (default 0.1; 0: off). After the warmup the rate
             is ``lr·f``, updated before each step as ``f ← min(1, max(0.01, f·exp(−β·c)))``,
             ``c = cos(g, Δ)`` between the new raw gradient ``g`` and the last step ``Δ`` (a
             hypergradient rule on the rate, Baydin et al. 2018, kept at or below ``lr``): when
             the new gradient opposes the last step (``c > 0``: it overshot) the rate shrinks,
             when it agrees the rate recovers towards ``lr``: late in a run, where the loss
-            stops falling and jumps between evaluations, the steps shrink. Try 0.2 there (0.5
-            if the loss still jumps late); a run that converges cleanly keeps its full rate
-            without it. Costs one stored step per parameter.
+            stops falling and jumps between evaluations, the steps shrink. Raise it to 0.2
+            (0.5) if the loss still jumps late; 0 gives a fixed rate. Costs one stored step
+            per parameter.
         eps: damping (default 0.1), with ``damping`` (default ``"relative"``): see
             :class:`SNOptPreconditioner`, as for ``update_freq`` (default 10), ``alpha``,
             ``full_precond`` (default True), ``grid_size``, ``weight_decay``, ``kl_clip``
@@ -666,7 +666,7 @@ class SNOpt(torch.optim.Optimizer):
         graft_eps: float = 1e-8,
         warmup: int = 5,
         length_cap: float | None = 2.0,
-        backoff: float = 0.0,
+        backoff: float = 0.1,
         eps: float = 0.1,
         damping: Damping | str = Damping.RELATIVE,
         update_freq: int = 10,
