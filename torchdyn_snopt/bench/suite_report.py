@@ -39,7 +39,8 @@ def cost_rows(doc: dict[str, Any]) -> list[dict[str, Any]]:
     """Per task of a ``suite.json``: Adam's and :data:`TARGET`'s seconds per iteration (the
     summary's mean over seeds), their ratio and whether it is <= :data:`COST_TARGET`
     (``yes`` / ``NO``; ``-`` when a time is missing), then the same ratio per field evaluation
-    (seconds per iteration over the forward and backward solves' evaluations per iteration):
+    (seconds per iteration over the forward and backward solves' evaluations per iteration,
+    counted alike):
     an adaptive solver takes more steps on a field that training has made harder to solve,
     whatever the optimizer's own cost, and this column separates the two. The target is on
     seconds per iteration. Empty when either optimizer is absent."""
@@ -117,7 +118,8 @@ def target_sections(suite: dict[str, Any] | None, sens: dict[str, Any] | None) -
             f"Seconds per training iteration (mean over seeds, the runs of the per-task tables) "
             f"and their ratio; target: at most {COST_TARGET:g}x {REFERENCE}'s on every task. "
             "The last column divides each time by the field evaluations per iteration (forward "
-            "and backward solves, the NFE columns above) first: an adaptive solver takes more "
+            "and backward solves, the NFE columns above, counted alike although a backward "
+            "evaluation costs more) first: an adaptive solver takes more "
             "steps on a field that training has made harder to solve, and this ratio compares "
             "what one evaluation costs, the optimizer's own work per iteration spread over "
             "them.",
