@@ -40,10 +40,9 @@ def cost_rows(doc: dict[str, Any]) -> list[dict[str, Any]]:
     summary's mean over seeds), their ratio and whether it is <= :data:`COST_TARGET`
     (``yes`` / ``NO``; ``-`` when a time is missing), then the same ratio per field evaluation
     (seconds per iteration over the forward and backward solves' evaluations per iteration,
-    counted alike):
-    an adaptive solver takes more steps on a field that training has made harder to solve,
-    whatever the optimizer's own cost, and this column separates the two. The target is on
-    seconds per iteration. Empty when either optimizer is absent."""
+    counted alike): an adaptive solver takes more steps on a field that training has made
+    harder to solve, whatever the optimizer's own cost, and this column separates the two.
+    The target is on seconds per iteration. Empty when either optimizer is absent."""
     rows = []
     for task, summary in doc["summary"].items():
         by = {r["optimizer"]: r for r in summary}
