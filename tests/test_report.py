@@ -314,6 +314,16 @@ def test_curve_line_counts_the_points_below_adams_by_hand():
     assert curve_lines([runs[0], runs[2]]) == []
 
 
+def test_table_cells_keep_four_digits_or_a_whole_number():
+    from torchdyn_snopt.bench.records import fmt
+
+    assert [fmt(v) for v in (0.000123456, 1.23456, 9999.4, 12345.6, 9999999.0)] == [
+        "0.0001235", "1.235", "9999", "12346", "9999999"]  # fmt: skip
+    # a diverged run's loss: exponent notation, not a 30-digit integer
+    assert fmt(8.88394e29) == "8.884e+29" and fmt(-2.5e12) == "-2.5e+12"
+    assert (fmt(math.nan), fmt(math.inf), fmt(3)) == ("-", "never", "3")
+
+
 def test_footer_names_the_program_without_its_folder():
     from torchdyn_snopt.bench.provenance import footer, short_command
 

@@ -145,13 +145,15 @@ def grid_rows(runs: list[RunResult]) -> list[dict[str, Any]]:
 
 
 def fmt(v: Any) -> str:
-    """A table cell: floats to 4 significant digits, NaN as ``-``, inf as ``never``."""
+    """A table cell: floats to 4 significant digits (whole numbers from 10,000 to below 10
+    million, e.g. ``12345``; beyond, exponent notation, e.g. a diverged loss ``8.884e+29``),
+    NaN as ``-``, inf as ``never``."""
     if isinstance(v, float):
         if math.isnan(v):
             return "-"
         if math.isinf(v):
             return "never"
-        return f"{v:.4g}" if abs(v) < 1e4 else f"{v:.0f}"
+        return f"{v:.0f}" if 1e4 <= abs(v) < 1e7 else f"{v:.4g}"
     return str(v)
 
 
