@@ -123,8 +123,8 @@ class PrecondConfig:
 class StepConfig:
     """:class:`~torchdyn_snopt.SNOpt`'s own step settings (documented there): ``lr``,
     ``momentum``, ``graft`` (:class:`Graft`), Adam's ``betas`` and ``graft_eps`` of the graft,
-    the ``warmup`` steps of the rate, the graft's ``length_cap`` (None = off) and the rate's
-    ``backoff`` (0 = off). No field has
+    the ``warmup`` steps of the rate, the graft's ``length_cap`` (None = off), the rate's
+    ``backoff`` (0 = off) and the graft's ``spike_ratio`` (None = off). No field has
     a default: the defaults are :class:`~torchdyn_snopt.SNOpt`'s signature, which passes
     every field.
     """
@@ -137,6 +137,7 @@ class StepConfig:
     warmup: int
     length_cap: float | None
     backoff: float
+    spike_ratio: float | None
 
     def __post_init__(self) -> None:
         check_lr(self.lr)
@@ -149,6 +150,13 @@ class StepConfig:
         if cap is not None and (isinstance(cap, bool) or not (_finite_number(cap) and cap >= 1)):
             raise ValueError(
                 f"length_cap={cap!r} is invalid; accepted: None (off) or a finite float >= 1"
+            )
+        spike = self.spike_ratio
+        if spike is not None and (
+            isinstance(spike, bool) or not (_finite_number(spike) and spike > 1)
+        ):
+            raise ValueError(
+                f"spike_ratio={spike!r} is invalid; accepted: None (off) or a finite float > 1"
             )
         mom = self.momentum
         if not (isinstance(mom, int | float) and 0.0 <= mom < 1.0):
@@ -177,6 +185,8 @@ class StepConfig:
             object.__setattr__(self, name, float(getattr(self, name)))
         if cap is not None:
             object.__setattr__(self, "length_cap", float(cap))
+        if spike is not None:
+            object.__setattr__(self, "spike_ratio", float(spike))
 
 
 __all__ = [

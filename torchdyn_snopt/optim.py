@@ -102,8 +102,8 @@ class _PassCounter:
 
 #: The published configuration that :meth:`SNOpt.paper` applies (Alg. 1, eq. 14; the
 #: released experiments' settings): fixed Tikhonov damping 0.05, no graft, heavy-ball momentum
-#: 0.9, no warmup (and no cap on a graft's length), a fixed rate (no back-off), a refresh every
-#: 100 steps, the ODEs' layers only.
+#: 0.9, no warmup (and no cap on a graft's length), a fixed rate (no back-off, no spike
+#: rejection), a refresh every 100 steps, the ODEs' layers only.
 PAPER_RULE: Mapping[str, Any] = MappingProxyType(
     {
         "momentum": 0.9,
@@ -113,6 +113,7 @@ PAPER_RULE: Mapping[str, Any] = MappingProxyType(
         "warmup": 0,
         "length_cap": None,
         "backoff": 0.0,
+        "spike_ratio": None,
         "update_freq": 100,
         "full_precond": False,
     }
@@ -122,10 +123,23 @@ PAPER_RULE: Mapping[str, Any] = MappingProxyType(
 #: Lowest value of the back-off factor of the rate (``backoff``): the rate never falls below
 #: ``lr / 100``.
 BACKOFF_FLOOR = 1e-2
+#: ``spike_ratio``'s rule: a rejected step multiplies the rate by ``SPIKE_CUT``, every
+#: accepted one by ``SPIKE_RECOVERY`` (up to 1, so 14 accepted steps undo one cut); the
+#: factor never falls below :data:`BACKOFF_FLOOR`.
+SPIKE_CUT = 0.5
+SPIKE_RECOVERY = 1.05
 #: Per-parameter optimizer state that ``load_state_dict`` checks by shape, and which of it is
 #: one number (0-d) rather than a tensor of the parameter's shape.
-SHAPED_STATE = ("momentum_buffer", "exp_avg", "exp_avg_sq", "last_step", "shortest", "rate_factor")
-SCALAR_STATE = ("shortest", "rate_factor")
+SHAPED_STATE = (
+    "momentum_buffer",
+    "exp_avg",
+    "exp_avg_sq",
+    "last_step",
+    "shortest",
+    "rate_factor",
+    "spike_factor",
+)
+SCALAR_STATE = ("shortest", "rate_factor", "spike_factor")
 
 
 def _probe(pair: Eigenpairs | None) -> Tensor | None:
@@ -642,6 +656,15 @@ class SNOpt(torch.optim.Optimizer):
             stops falling and jumps between evaluations, the steps shrink. Raise it to 0.2
             (0.5) if the loss still jumps late; 0 gives a fixed rate. Costs one stored step
             per parameter.
+        spike_ratio: with the graft, a raw gradient ``g`` longer than ``spike_ratio`` times
+            the length Adam's second moment expects (``‖g‖² > spike_ratio²·Σv̂``, over all
+            parameters) says the last step overshot into a steeper region: that step is
+            undone, none is taken, and the rate is halved; each accepted step then raises it
+            by 5% until it is back at ``lr`` (default 8.0; None: off). A rate several times too
+            high then costs a few rejected steps instead of a field made stiff for the rest of
+            the run. Lower it (4) if the loss still jumps; turn it off if the gradients are
+            heavy-tailed by design (each rejection costs an iteration). Costs one stored step
+            per parameter and one sum per parameter.
         eps: damping (default 0.1), with ``damping`` (default ``"relative"``): see
             :class:`SNOptPreconditioner`, as for ``update_freq`` (default 10), ``alpha``,
             ``full_precond`` (default True), ``grid_size``, ``weight_decay``, ``kl_clip``
@@ -667,6 +690,7 @@ class SNOpt(torch.optim.Optimizer):
         warmup: int = 5,
         length_cap: float | None = 2.0,
         backoff: float = 0.1,
+        spike_ratio: float | None = 8.0,
         eps: float = 0.1,
         damping: Damping | str = Damping.RELATIVE,
         update_freq: int = 10,
@@ -688,6 +712,7 @@ class SNOpt(torch.optim.Optimizer):
             warmup=warmup,
             length_cap=length_cap,
             backoff=backoff,
+            spike_ratio=spike_ratio,
         )
         config = PrecondConfig(
             eps=eps,
@@ -745,10 +770,21 @@ class SNOpt(torch.optim.Optimizer):
                 g = cast(Tensor, p.grad)
                 raw[p] = g + wd * p if wd else g.clone()
         factor = self._next_factor(raw)
+        spiked = self._spiked(raw)
         if not self.preconditioner.step():
             return loss
+        spike = self._next_spike_factor(spiked)
+        owner = self.state[self._owner]
+        if spike is not None:
+            owner["spike_factor"] = spike
+        if spiked and self._undo():
+            _log.debug("gradient spike: the last step was undone and none taken")
+            return loss
         if factor is not None:
-            self.state[self._owner]["rate_factor"] = factor
+            owner["rate_factor"] = factor
+        if spike is not None:
+            factor = spike if factor is None else factor * spike
+        if factor is not None:
             for p in self.preconditioner.params:  # no gradient: it does not move this step
                 if p not in raw:
                     self.state[p].pop("last_step", None)
@@ -788,6 +824,48 @@ class SNOpt(torch.optim.Optimizer):
             return factor
         cos = (dot / (g_norm * d_norm)).to(factor)
         return (factor * torch.exp(-beta * cos)).clamp(BACKOFF_FLOOR, 1.0)
+
+    def _spiked(self, raw: dict[Tensor, Tensor]) -> bool:
+        """Whether the raw gradients are a spike (see ``spike_ratio``): ``Σ‖g‖² >
+        spike_ratio²·Σv̂`` over the parameters with Adam moments, ``v̂`` the bias-corrected
+        second moment before this step. False when the rule is off, without the graft, or
+        before any moment exists."""
+        ratio = self.settings.spike_ratio
+        if ratio is None or self.settings.graft is not Graft.ADAM:
+            return False
+        beta2 = self.settings.betas[1]
+        sums, expected = [], []
+        for p, g in raw.items():
+            state = self.state[p]
+            if "exp_avg_sq" in state:
+                sums.append(g.square().sum())
+                expected.append(state["exp_avg_sq"].sum() / (1 - beta2 ** state["step"]))
+        if not sums:
+            return False
+        total, baseline = torch.stack(sums).sum(), torch.stack(expected).sum()
+        return bool(baseline > 0 and total > ratio**2 * baseline)
+
+    def _next_spike_factor(self, spiked: bool) -> Tensor | None:
+        """The spike factor of this step: the stored one (1 at first) times
+        :data:`SPIKE_CUT` after a spike, else times :data:`SPIKE_RECOVERY`, within
+        ``[BACKOFF_FLOOR, 1]``. None when the rule is off or without the graft."""
+        if self.settings.spike_ratio is None or self.settings.graft is not Graft.ADAM:
+            return None
+        owner = self._owner
+        factor = self.state[owner].get("spike_factor")
+        if factor is None:
+            factor = torch.ones((), dtype=owner.dtype, device=owner.device)
+        if spiked:
+            return (factor * SPIKE_CUT).clamp(BACKOFF_FLOOR, 1.0)
+        return (factor * SPIKE_RECOVERY).clamp(BACKOFF_FLOOR, 1.0)
+
+    def _undo(self) -> bool:
+        """Take back the last step of every parameter that keeps one (``p ← p − Δ``) and
+        forget it; False (nothing changed) when none does, e.g. right after an undo."""
+        moved = [p for p in self.preconditioner.params if "last_step" in self.state[p]]
+        for p in moved:
+            p.sub_(self.state[p].pop("last_step"))
+        return bool(moved)
 
     def _move(self, p: Tensor, delta: Tensor, factor: Tensor | None) -> None:
         """``p ← p − factor·delta`` (``delta`` already holds the rate); with the back-off on,
