@@ -165,12 +165,31 @@ def test_resume_with_backoff_is_exact():
     [(-0.1, r"backoff=-0\.1"), (float("nan"), r"backoff=nan"), (True, r"backoff=True")],
 )
 def test_bad_backoff_raises_and_changes_nothing(value, match):
+    refused_untouched(match + r".*finite float >= 0 \(0 = off\)", backoff=value)
+
+
+def refused_untouched(match: str, **kw) -> None:
+    """``tds.SNOpt(model, **kw)`` raises a ValueError matching ``match`` and leaves the
+    model's weights as they were."""
     model = _net(5)
     before = copy.deepcopy(model.state_dict())
-    with pytest.raises(ValueError, match=match + r".*finite float >= 0 \(0 = off\)"):
-        tds.SNOpt(model, backoff=value)
+    with pytest.raises(ValueError, match=match):
+        tds.SNOpt(model, **kw)
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k])
+
+
+def load_refused_untouched(opt, state, match: str) -> None:
+    """``opt.load_state_dict(state)`` raises a ValueError matching ``match`` and every
+    tensor of the optimizer's state is as it was."""
+    kept = copy.deepcopy(opt.state_dict())
+    with pytest.raises(ValueError, match=match):
+        opt.load_state_dict(state)
+    now = opt.state_dict()
+    for index, entry in kept["state"].items():
+        for key, value in entry.items():
+            if isinstance(value, torch.Tensor):
+                assert torch.equal(now["state"][index][key], value)
 
 
 def test_backoff_state_of_the_wrong_shape_is_refused_and_changes_nothing():
@@ -180,13 +199,6 @@ def test_backoff_state_of_the_wrong_shape_is_refused_and_changes_nothing():
     _train(model, opt, x, y, F.cross_entropy, 2, batch=16)
     state = copy.deepcopy(opt.state_dict())
     state["state"][0]["last_step"] = torch.zeros(3)
-    kept = copy.deepcopy(opt.state_dict())
-    with pytest.raises(ValueError, match=r"last_step of parameter 0 has shape \(3,\)"):
-        opt.load_state_dict(state)
-    now = opt.state_dict()
-    for index, entry in kept["state"].items():
-        for key, value in entry.items():
-            if isinstance(value, torch.Tensor):
-                assert torch.equal(now["state"][index][key], value)
+    load_refused_untouched(opt, state, r"last_step of parameter 0 has shape \(3,\)")
     _ce_step(model, x[:16], y[:16])
     opt.step()
