@@ -825,13 +825,18 @@ class SNOpt(torch.optim.Optimizer):
         cos = (dot / (g_norm * d_norm)).to(factor)
         return (factor * torch.exp(-beta * cos)).clamp(BACKOFF_FLOOR, 1.0)
 
+    @property
+    def _spike_rule(self) -> bool:
+        """Whether ``spike_ratio``'s rule acts: set, and with the graft (Adam's ``v̂``)."""
+        return self.settings.spike_ratio is not None and self.settings.graft is Graft.ADAM
+
     def _spiked(self, raw: dict[Tensor, Tensor]) -> bool:
         """Whether the raw gradients are a spike (see ``spike_ratio``): ``Σ‖g‖² >
         spike_ratio²·Σv̂`` over the parameters with Adam moments, ``v̂`` the bias-corrected
         second moment before this step. False when the rule is off, without the graft, or
         before any moment exists."""
         ratio = self.settings.spike_ratio
-        if ratio is None or self.settings.graft is not Graft.ADAM:
+        if ratio is None or not self._spike_rule:
             return False
         beta2 = self.settings.betas[1]
         sums, expected = [], []
@@ -849,7 +854,7 @@ class SNOpt(torch.optim.Optimizer):
         """The spike factor of this step: the stored one (1 at first) times
         :data:`SPIKE_CUT` after a spike, else times :data:`SPIKE_RECOVERY`, within
         ``[BACKOFF_FLOOR, 1]``. None when the rule is off or without the graft."""
-        if self.settings.spike_ratio is None or self.settings.graft is not Graft.ADAM:
+        if not self._spike_rule:
             return None
         owner = self._owner
         factor = self.state[owner].get("spike_factor")
